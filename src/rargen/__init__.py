@@ -3,8 +3,10 @@
 Importing rargen has no side effects: no network, no global torch flags, no patching.
 """
 
-from rargen.checkpoint import load, save
-
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "save"]
+from rargen.checkpoint import load, save  # noqa: E402
+from rargen.model import RAR, ModelConfig  # noqa: E402
+from rargen.orders import random_order_prob, sample_orders  # noqa: E402
+
+__all__ = ["RAR", "ModelConfig", "__version__", "load", "random_order_prob", "sample_orders", "save"]

@@ -47,3 +47,60 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands. Each builder adds its parser; each runner imports the library lazily.
+
+
+@command("convert")
+def _convert_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("convert", help="convert official weights to rargen checkpoints and back")
+    kinds = parser.add_subparsers(dest="conversion", required=True, metavar="CONVERSION")
+    rar = kinds.add_parser("official-rar", help="an official rar_*.bin generator file -> checkpoint folder")
+    rar.add_argument("file", help="rar_b.bin ... rar_xxl.bin (torch.save state dict) or .safetensors")
+    rar.add_argument("--out", required=True, help="output checkpoint folder")
+    rar.add_argument("--preset", default=None, help="check the inferred architecture against this preset")
+    rar.set_defaults(run=_run_convert_official_rar)
+    vqgan = kinds.add_parser("official-vqgan", help="maskgit-vqgan-imagenet-f16-256.bin -> tokenizer folder")
+    vqgan.add_argument("file")
+    vqgan.add_argument("--out", required=True, help="output tokenizer folder")
+    vqgan.set_defaults(run=_run_convert_official_vqgan)
+    back = kinds.add_parser("to-official", help="a rargen generator folder -> official-layout .safetensors")
+    back.add_argument("checkpoint", help="rargen generator checkpoint folder")
+    back.add_argument("--out", required=True, help="output .safetensors file")
+    back.set_defaults(run=_run_convert_to_official)
+
+
+def _run_convert_official_rar(args: argparse.Namespace) -> None:
+    from rargen.checkpoint import save
+    from rargen.convert import convert_official_rar
+
+    model = convert_official_rar(args.file, preset=args.preset)
+    save(model, args.out, extra={"converted_from": str(args.file)})
+    cfg = model.config
+    print(
+        f"converted {args.file} -> {args.out}: {model.num_params():,} parameters, dim {cfg.dim}, "
+        f"depth {cfg.depth}, heads {cfg.num_heads}, {cfg.num_image_tokens} tokens, {cfg.num_classes} classes"
+    )
+
+
+def _run_convert_official_vqgan(args: argparse.Namespace) -> None:
+    from rargen.checkpoint import save
+    from rargen.vqgan import convert_official_vqgan
+
+    tokenizer = convert_official_vqgan(args.file)
+    save(tokenizer, args.out, extra={"converted_from": str(args.file)})
+    print(f"converted {args.file} -> {args.out}")
+
+
+def _run_convert_to_official(args: argparse.Namespace) -> None:
+    from rargen.checkpoint import load
+    from rargen.convert import save_official
+    from rargen.model import RAR
+
+    model = load(args.checkpoint)
+    if not isinstance(model, RAR):
+        raise ValueError(f"{args.checkpoint!r} is a {type(model).__name__} checkpoint, not a RAR generator")
+    save_official(model, args.out)
+    print(f"wrote the official layout of {args.checkpoint} to {args.out}")

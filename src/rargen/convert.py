@@ -1,0 +1,253 @@
+"""Conversion between the official RAR checkpoint layout and rargen's.
+
+The official generator files (``rar_b.bin`` ... ``rar_xxl.bin``) are ``torch.save`` state dicts
+of ``modeling/rar.py::RAR`` (spec Sec. 6). The whole layout mapping lives in this one table:
+
+=============================================  ===========================  =====================
+official key (shape)                           rargen key (shape)           rows kept
+=============================================  ===========================  =====================
+``cls_token`` (1, 1, D)                        ``cls_token`` (D)            all
+``pos_embed`` (1, L+1024, D)                   ``pos_embed`` (L+2, D)       0 .. L+1
+``target_aware_pos_embed`` (1, L+1024, D)      ``target_pos_embed`` (L, D)  2 .. L+1
+``timesteps_embeddings`` (1, L+100, D)         ``step_embed`` (L+2, D)      0 .. L+1
+``embeddings.weight`` (V+C+2, D)               ``token_embed.weight`` (V)   0 .. V-1
+                                               ``class_embed.weight`` (C+1) V+1 .. V+C+1
+``blocks.i.adaLN_modulation.1.*``              ``blocks.i.adaln.*``         all
+``adaln_before_head.adaLN_modulation.1.*``     ``final_adaln.*``            all
+``lm_head.*``                                  ``head.*``                   all
+``blocks.i.{norm1,norm2,attn.*,mlp.fc1,fc2}``  same names                   all
+=============================================  ===========================  =====================
+
+Dropped rows are never read by any computation: the MaskGIT mask-token row ``V`` of the
+embedding table, positional rows beyond ``L+1``, target-aware rows 0, 1 and beyond ``L+1``, and
+timestep rows beyond ``L+1``. ``to_official`` writes them back as zeros, so weights trained with
+rargen load (strictly) into the official code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from rargen.checkpoint import check_state_dict
+from rargen.model import RAR, ModelConfig
+
+# The official tables carry a fixed number of spare rows (``image_seq_len + 1024`` positions,
+# ``image_seq_len + 100`` timesteps).
+OFFICIAL_EXTRA_POS_ROWS = 1024
+OFFICIAL_EXTRA_STEP_ROWS = 100
+ARCHITECTURE_FIELDS = (
+    "codebook_size",
+    "num_classes",
+    "num_image_tokens",
+    "dim",
+    "depth",
+    "num_heads",
+    "mlp_dim",
+)
+
+_RENAMES = [
+    (re.compile(r"^blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)$"), r"blocks.\1.adaln.\2"),
+    (re.compile(r"^adaln_before_head\.adaLN_modulation\.1\.(weight|bias)$"), r"final_adaln.\1"),
+    (re.compile(r"^lm_head\.(weight|bias)$"), r"head.\1"),
+]
+_BLOCK_KEY = re.compile(
+    r"^blocks\.(\d+)\.(norm1|norm2|attn\.(qkv|q_norm|k_norm|proj)|mlp\.(fc1|fc2))\.(weight|bias)$"
+)
+_TABLE_KEYS = (
+    "cls_token",
+    "pos_embed",
+    "target_aware_pos_embed",
+    "timesteps_embeddings",
+    "embeddings.weight",
+)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a ``.bin``/``.pt``/``.pth`` (torch.save, weights only) or ``.safetensors`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no file at {str(path)!r}; the official RAR weights (rar_b.bin ... rar_xxl.bin) are in the "
+            "Hugging Face repo yucornetto/RAR, the MaskGIT-VQGAN tokenizer "
+            "(maskgit-vqgan-imagenet-f16-256.bin) in fun-research/TiTok; download them and pass the "
+            "local path"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    # weights_only: never unpickle arbitrary objects from a downloaded file.
+    state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _describe(state: dict[str, Tensor], limit: int = 6) -> str:
+    keys = list(state)
+    shown = ", ".join(f"{k} {tuple(getattr(state[k], 'shape', ()))}" for k in keys[:limit])
+    return f"{len(keys)} entries ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def is_official_rar_state_dict(state: dict[str, Tensor]) -> bool:
+    return all(key in state for key in _TABLE_KEYS) and "lm_head.weight" in state
+
+
+def infer_official_config(state: dict[str, Tensor]) -> ModelConfig:
+    """The rargen ModelConfig of an official RAR state dict, from the tensor shapes alone."""
+    if not is_official_rar_state_dict(state):
+        hint = ""
+        if any(k.startswith("module.") for k in state) or any(k in state for k in ("model", "state_dict")):
+            hint = (
+                " (it looks wrapped: strip the 'module.' prefix or take the inner 'model'/'state_dict' entry)"
+            )
+        raise ValueError(
+            f"not an official RAR generator state dict: expected keys {list(_TABLE_KEYS)} and "
+            f"'lm_head.weight', found {_describe(state)}{hint}"
+        )
+    dim = state["cls_token"].shape[-1]
+    depth = len({int(m.group(1)) for k in state if (m := re.match(r"^blocks\.(\d+)\.norm1\.weight$", k))})
+    head_dim = state["blocks.0.attn.q_norm.weight"].shape[0]
+    codebook_size = state["lm_head.weight"].shape[0]
+    num_image_tokens = state["pos_embed"].shape[1] - OFFICIAL_EXTRA_POS_ROWS
+    num_classes = state["embeddings.weight"].shape[0] - codebook_size - 2
+    step_rows = state["timesteps_embeddings"].shape[1]
+    if dim % head_dim or num_image_tokens < 1 or num_classes < 0 or step_rows != num_image_tokens + 100:
+        raise ValueError(
+            f"inconsistent official RAR shapes: width {dim}, head dim {head_dim}, {num_image_tokens} image "
+            f"tokens, {num_classes} classes, {step_rows} timestep rows; found {_describe(state)}"
+        )
+    return ModelConfig(
+        codebook_size=codebook_size,
+        num_classes=num_classes,
+        num_image_tokens=num_image_tokens,
+        dim=dim,
+        depth=depth,
+        num_heads=dim // head_dim,
+        mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0],
+    )
+
+
+def check_against_preset(config: ModelConfig, preset: str) -> None:
+    expected = ModelConfig.from_name(preset)
+    diffs = [
+        f"{f}: file {getattr(config, f)} vs preset {getattr(expected, f)}"
+        for f in ARCHITECTURE_FIELDS
+        if getattr(config, f) != getattr(expected, f)
+    ]
+    if diffs:
+        raise ValueError(f"the file does not match preset {preset!r}: " + "; ".join(diffs))
+
+
+def from_official(state: dict[str, Tensor]) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Map an official RAR state dict to (rargen config, rargen state dict)."""
+    config = infer_official_config(state)
+    V, C, L = config.codebook_size, config.num_classes, config.num_image_tokens
+    ours: dict[str, Tensor] = {
+        "cls_token": state["cls_token"].reshape(-1),
+        "pos_embed": state["pos_embed"][0, : L + 2],
+        "target_pos_embed": state["target_aware_pos_embed"][0, 2 : L + 2],
+        "step_embed": state["timesteps_embeddings"][0, : L + 2],
+        "token_embed.weight": state["embeddings.weight"][:V],
+        "class_embed.weight": state["embeddings.weight"][V + 1 : V + C + 2],
+    }
+    leftover = []
+    for key, value in state.items():
+        if key in _TABLE_KEYS:
+            continue
+        for pattern, replacement in _RENAMES:
+            if pattern.match(key):
+                ours[pattern.sub(replacement, key)] = value
+                break
+        else:
+            if _BLOCK_KEY.match(key):
+                ours[key] = value
+            else:
+                leftover.append(key)
+    if leftover:
+        raise ValueError(f"unexpected tensors in the official RAR state dict: {leftover}")
+    ours = {k: v.contiguous().clone() for k, v in ours.items()}
+    with torch.device("meta"):
+        expected = RAR(config).state_dict()
+    check_state_dict(expected, ours, "the converted official state dict")
+    return config, ours
+
+
+def to_official(model: RAR) -> dict[str, Tensor]:
+    """The official state dict of a rargen model (never-used rows written as zeros)."""
+    cfg = model.config
+    V, C, L, D = cfg.codebook_size, cfg.num_classes, cfg.num_image_tokens, cfg.dim
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    dtype = state["cls_token"].dtype
+
+    def padded(rows: Tensor, total: int, offset: int = 0) -> Tensor:
+        table = torch.zeros(1, total, D, dtype=dtype)
+        table[0, offset : offset + rows.shape[0]] = rows
+        return table
+
+    embeddings = torch.zeros(V + C + 2, D, dtype=dtype)
+    embeddings[:V] = state.pop("token_embed.weight")
+    embeddings[V + 1 :] = state.pop("class_embed.weight")
+    official = {
+        "cls_token": state.pop("cls_token").reshape(1, 1, D),
+        "pos_embed": padded(state.pop("pos_embed"), L + OFFICIAL_EXTRA_POS_ROWS),
+        "target_aware_pos_embed": padded(
+            state.pop("target_pos_embed"), L + OFFICIAL_EXTRA_POS_ROWS, offset=2
+        ),
+        "timesteps_embeddings": padded(state.pop("step_embed"), L + OFFICIAL_EXTRA_STEP_ROWS),
+    }
+    for key, value in state.items():
+        key = re.sub(r"^blocks\.(\d+)\.adaln\.", r"blocks.\1.adaLN_modulation.1.", key)
+        key = re.sub(r"^final_adaln\.", "adaln_before_head.adaLN_modulation.1.", key)
+        key = re.sub(r"^head\.", "lm_head.", key)
+        official[key] = value.contiguous()
+    official["embeddings.weight"] = embeddings
+    return official
+
+
+def convert_official_rar(path: str | os.PathLike, preset: str | None = None) -> RAR:
+    """Build a rargen RAR (eval mode) from an official generator file."""
+    from rargen.checkpoint import build
+
+    state = read_state_dict(path)
+    config, ours = from_official(state)
+    if preset is not None:
+        check_against_preset(config, preset)
+    return build("rar", config, ours, str(path))
+
+
+def load_official(path: str | os.PathLike) -> torch.nn.Module:
+    """Convert an official RAR generator or MaskGIT-VQGAN file on the fly (used by rargen.load)."""
+    state = read_state_dict(path)
+    if is_official_rar_state_dict(state):
+        from rargen.checkpoint import build
+
+        config, ours = from_official(state)
+        return build("rar", config, ours, str(path))
+    from rargen.vqgan import convert_official_vqgan, is_official_vqgan_state_dict
+
+    if is_official_vqgan_state_dict(state):
+        return convert_official_vqgan(state)
+    raise ValueError(
+        f"{str(path)!r} is neither an official RAR generator nor an official MaskGIT-VQGAN state dict; "
+        f"found {_describe(state)}"
+    )
+
+
+def save_official(model: RAR, path: str | os.PathLike) -> Path:
+    """Write ``to_official(model)`` as a ``.safetensors`` file (atomically)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"the output must be a .safetensors file, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(to_official(model), str(tmp))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,407 @@
+"""The RAR generator: a class-conditional GPT over VQ codes with target-aware positions.
+
+Paper: Yu et al., "Randomized Autoregressive Visual Generation" (arXiv 2411.00776), Sec. 3.
+Numerically identical to the official ``modeling/rar.py`` (see ``shared/spec/official-rar.md``
+Sec. 1 and ``rargen.convert`` for the weight mapping).
+
+Dimensions: B batch, L image tokens (16x16 = 256), V codebook size, C classes, D width,
+H heads, N = L + 2 sequence positions.
+
+Sequence layout (one position per row, ``s`` = sequence index)::
+
+    s = 0      cls token        pos[0]                     target: none
+    s = 1      class token      pos[1]                     target: pos of the 1st token in order
+    s = 2 + i  i-th token in    pos[2 + orders[i]]         target: pos of the (i+1)-th token
+               generation order                            (none for the last token)
+
+Every position's adaLN conditioning is ``class_embed[label] + step_embed[s]``. The output at
+``s = 1 + i`` is the distribution of the ``i``-th token in generation order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rargen.orders import check_orders
+
+LN_EPS = 1e-6
+INIT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a RAR generator (no training or sampling settings)."""
+
+    codebook_size: int = 1024  # V: VQ codes the head predicts
+    num_classes: int = 1000  # C: class labels 0..C-1; label C is the null (unconditional) label
+    num_image_tokens: int = 256  # L: tokens per image (16x16 for MaskGIT-VQGAN at 256x256)
+    dim: int = 768  # D
+    depth: int = 24
+    num_heads: int = 16
+    mlp_dim: int = 3072  # hidden width of the MLP (4 * D for all paper sizes but XXL)
+    dropout: float = 0.1  # attention-output and MLP dropout (training only)
+    attn_dropout: float = 0.1  # dropout on attention probabilities (training only)
+
+    def __post_init__(self) -> None:
+        for name in ("codebook_size", "num_image_tokens", "dim", "depth", "num_heads", "mlp_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ValueError(f"ModelConfig.num_classes must be >= 0, got {self.num_classes}")
+        if self.dim % self.num_heads:
+            raise ValueError(
+                f"ModelConfig.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def null_label(self) -> int:
+        """The label of the unconditional (classifier-free guidance) branch."""
+        return self.num_classes
+
+    @property
+    def seq_len(self) -> int:
+        """N: cls + class + L image tokens."""
+        return self.num_image_tokens + 2
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named preset (see ``PRESETS``) with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Paper Table 1; all with 16 heads, MaskGIT-VQGAN (V = 1024, L = 256) and ImageNet (C = 1000).
+    "rar-b": ModelConfig(dim=768, depth=24, num_heads=16, mlp_dim=3072),
+    "rar-l": ModelConfig(dim=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "rar-xl": ModelConfig(dim=1280, depth=32, num_heads=16, mlp_dim=5120),
+    "rar-xxl": ModelConfig(dim=1408, depth=40, num_heads=16, mlp_dim=6144),
+    # Small presets for CPUs and tests. Training sets V, L and C from the token store.
+    "rar-mini": ModelConfig(dim=256, depth=6, num_heads=8, mlp_dim=1024),
+    "rar-digits": ModelConfig(
+        codebook_size=128, num_classes=10, num_image_tokens=64, dim=192, depth=6, num_heads=6, mlp_dim=768
+    ),
+    "rar-tiny": ModelConfig(
+        codebook_size=32, num_classes=10, num_image_tokens=16, dim=64, depth=2, num_heads=4, mlp_dim=256
+    ),
+}
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class KVCache(nn.Module):
+    """Static key/value buffers for one attention layer, written in place at given positions.
+
+    Non-persistent: a cache never ends up in a checkpoint.
+    """
+
+    def __init__(self, batch_size: int, num_heads: int, max_len: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (batch_size, num_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H, n, hd) at ``positions`` (n,) and return the whole cache."""
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.dim, 3 * config.dim)
+        # QK-norm: one LayerNorm over the head dimension, shared by all heads.
+        self.q_norm = nn.LayerNorm(config.head_dim, eps=LN_EPS)
+        self.k_norm = nn.LayerNorm(config.head_dim, eps=LN_EPS)
+        self.proj = nn.Linear(config.dim, config.dim)
+        self.attn_dropout = config.attn_dropout
+        self.proj_dropout = nn.Dropout(config.dropout)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """Causal self-attention over x (B, n, D).
+
+        Without ``positions`` the n rows are a whole sequence (causal). With ``positions`` (n,)
+        they are written into the KV cache and attend to the cache under ``mask`` (n, max_len).
+        """
+        B, n, D = x.shape
+        qkv = self.qkv(x).view(B, n, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, n, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if positions is None:
+            dropout = self.attn_dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            assert self.kv_cache is not None, "call model.setup_cache() before decoding"
+            k, v = self.kv_cache.update(positions, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, n, D)
+        return self.proj_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.dim, config.mlp_dim)
+        self.fc2 = nn.Linear(config.mlp_dim, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Exact (erf) GELU, dropout after the activation and after fc2, as the official Mlp.
+        return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-zero modulation from the per-position condition."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        # Unlike DiT the norms keep their affine parameters *and* are modulated.
+        self.norm1 = nn.LayerNorm(config.dim, eps=LN_EPS)
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm(config.dim, eps=LN_EPS)
+        self.mlp = MLP(config)
+        self.adaln = nn.Linear(config.dim, 6 * config.dim)
+
+    def forward(
+        self,
+        x: Tensor,
+        cond: Tensor,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+        cond_index: Tensor | None = None,
+    ) -> Tensor:
+        """x (B, n, D); cond (Bc, n, D), one row per batch row unless ``cond_index`` (B,)
+        maps batch rows to the (fewer, shared) condition rows."""
+        modulation = self.adaln(F.silu(cond))  # (Bc, n, 6D)
+        if cond_index is not None:
+            modulation = modulation[cond_index]  # (B, n, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), positions, mask)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class RAR(nn.Module):
+    """The RAR generator. ``forward(tokens, labels, orders) -> logits``; see the module docstring."""
+
+    checkpoint_kind: ClassVar[str] = "rar"
+    config_class: ClassVar[type] = ModelConfig
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        D, L = config.dim, config.num_image_tokens
+        self.cls_token = nn.Parameter(torch.empty(D))
+        self.token_embed = nn.Embedding(config.codebook_size, D)
+        self.class_embed = nn.Embedding(config.num_classes + 1, D)  # + the null label
+        self.pos_embed = nn.Parameter(torch.empty(L + 2, D))  # rows: cls, class, image positions
+        self.target_pos_embed = nn.Parameter(torch.empty(L, D))  # by image position of the target
+        # Per sequence-index conditioning, added to the class embedding (the official code calls
+        # it "timesteps_embeddings").
+        self.step_embed = nn.Parameter(torch.empty(L + 2, D))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.final_norm = nn.LayerNorm(D, eps=LN_EPS, elementwise_affine=False)
+        self.final_adaln = nn.Linear(D, 2 * D)
+        self.head = nn.Linear(D, config.codebook_size)
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------------------
+    # Initialisation
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """The official initialisation: N(0, 0.02) (truncated at +-2, i.e. practically not),
+        zero biases, unit LayerNorms, zero cls token, and adaLN-zero (every block starts as
+        the identity, the head sees ``LN(x)``)."""
+        if self.cls_token.is_meta:
+            return
+
+        def normal_(t: Tensor) -> None:
+            t.copy_(torch.randn(t.shape, generator=generator).mul_(INIT_STD).clamp_(-2.0, 2.0))
+
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                normal_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                normal_(module.weight)
+            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for table in (self.pos_embed, self.target_pos_embed, self.step_embed):
+            normal_(table)
+        nn.init.zeros_(self.cls_token)
+        for linear in [block.adaln for block in self.blocks] + [self.final_adaln]:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    # ----------------------------------------------------------------------------------------
+    # Training / scoring: the whole sequence at once
+
+    def check_inputs(self, tokens: Tensor, labels: Tensor, orders: Tensor | None) -> None:
+        """Raise ValueError for malformed tokens, labels or orders (this syncs with the host)."""
+        cfg = self.config
+        if tokens.dim() != 2 or tokens.shape[1] != cfg.num_image_tokens:
+            raise ValueError(f"tokens must have shape (B, {cfg.num_image_tokens}), got {tuple(tokens.shape)}")
+        if tokens.dtype != torch.int64 or labels.dtype != torch.int64:
+            raise ValueError(f"tokens and labels must be int64, got {tokens.dtype} and {labels.dtype}")
+        if labels.shape != (tokens.shape[0],):
+            raise ValueError(f"labels must have shape ({tokens.shape[0]},), got {tuple(labels.shape)}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.codebook_size):
+            raise ValueError(f"tokens must be codes in [0, {cfg.codebook_size - 1}]")
+        if labels.numel() and (labels.min() < 0 or labels.max() > cfg.num_classes):
+            bad = labels[(labels < 0) | (labels > cfg.num_classes)].tolist()
+            raise ValueError(
+                f"labels must be in [0, {cfg.num_classes}] ({cfg.num_classes} = the null label), got {bad}"
+            )
+        if orders is not None:
+            check_orders(orders, tokens.shape[0], cfg.num_image_tokens)
+
+    def forward(
+        self, tokens: Tensor, labels: Tensor, orders: Tensor | None = None, *, check: bool = True
+    ) -> Tensor:
+        """Teacher-forced logits of every token in its generation order.
+
+        tokens (B, L) int64 codes in raster positions; labels (B,) int64 in [0, C] (C = null);
+        orders (B, L) int64 permutations (None = raster). Returns logits (B, L, V) where
+        ``logits[b, i]`` is the distribution of ``tokens[b, orders[b, i]]`` given the label and
+        ``tokens[b, orders[b, :i]]``. ``check=False`` skips input validation (no host sync).
+        """
+        if check:
+            self.check_inputs(tokens, labels, orders)
+        B, L = tokens.shape
+        if orders is not None:
+            tokens = tokens.gather(1, orders)
+            positions = orders  # (B, L) image position of the i-th token in order
+        else:
+            positions = torch.arange(L, device=tokens.device).expand(B, L)
+        class_emb = self.class_embed(labels)  # (B, D)
+        target = self.target_pos_embed[positions]  # (B, L, D), what position i predicts = i-th
+        x_tokens = self.token_embed(tokens) + self.pos_embed[2 + positions]  # (B, L, D)
+        # Token i carries the target of token i+1; the last token has none.
+        x_tokens = x_tokens + F.pad(target[:, 1:], (0, 0, 0, 1))
+        x_cls = (self.cls_token + self.pos_embed[0]).expand(B, 1, -1)  # (B, 1, D)
+        x_class = (class_emb + self.pos_embed[1] + target[:, 0])[:, None]  # (B, 1, D)
+        x = torch.cat([x_cls, x_class, x_tokens], dim=1)  # (B, N, D)
+        cond = class_emb[:, None] + self.step_embed  # (B, N, D)
+        for block in self.blocks:
+            x = block(x, cond)
+        # Drop the cls position and the last token (it has no target): outputs s = 1 .. L.
+        return self.head_logits(x[:, 1 : L + 1], cond[:, 1 : L + 1])  # (B, L, V)
+
+    def head_logits(self, x: Tensor, cond: Tensor, cond_index: Tensor | None = None) -> Tensor:
+        """Final adaLN layer (split as scale, then shift: the reverse of DiT) and the head."""
+        modulation = self.final_adaln(F.silu(cond))
+        if cond_index is not None:
+            modulation = modulation[cond_index]
+        scale, shift = modulation.chunk(2, dim=-1)
+        return self.head(modulate(self.final_norm(x), shift, scale))
+
+    # ----------------------------------------------------------------------------------------
+    # Sampling: raster order with a static KV cache (see rargen.sampling)
+
+    def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a static KV cache for ``batch_size`` rows (positions 0 .. L)."""
+        param = self.head.weight
+        dtype = dtype or param.dtype
+        cfg = self.config
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(
+                batch_size, cfg.num_heads, cfg.num_image_tokens + 1, cfg.head_dim, dtype, param.device
+            )
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    def _cache_mask(self, positions: Tensor) -> Tensor:
+        """(n, L+1) bool: query at sequence index ``positions[j]`` sees cache slots <= it."""
+        slots = torch.arange(self.config.num_image_tokens + 1, device=positions.device)
+        return slots[None, :] <= positions[:, None]
+
+    def prefill(
+        self, labels: Tensor, cond_labels: Tensor | None = None, cond_index: Tensor | None = None
+    ) -> Tensor:
+        """Run the cls and class positions (s = 0, 1) into the cache; logits (B, V) of token 0.
+
+        ``cond_labels``/``cond_index`` optionally give the distinct labels (Bc,) and each row's
+        index into them, so rows with the same label share one adaLN computation.
+        """
+        if cond_labels is None:
+            cond_labels, cond_index = labels, None
+        B = labels.shape[0]
+        x_cls = (self.cls_token + self.pos_embed[0]).expand(B, 1, -1)
+        x_class = (self.class_embed(labels) + self.pos_embed[1] + self.target_pos_embed[0])[:, None]
+        x = torch.cat([x_cls, x_class], dim=1)  # (B, 2, D)
+        cond = self.class_embed(cond_labels)[:, None] + self.step_embed[:2]  # (Bc, 2, D)
+        positions = torch.arange(2, device=labels.device)
+        mask = self._cache_mask(positions)
+        for block in self.blocks:
+            x = block(x, cond, positions, mask, cond_index)
+        return self.head_logits(x[:, 1:], cond[:, 1:], cond_index)[:, 0]  # (B, V)
+
+    def decode_step(
+        self,
+        tokens: Tensor,
+        step: Tensor,
+        cond_labels: Tensor,
+        cond_index: Tensor | None = None,
+    ) -> Tensor:
+        """Feed token ``step - 1`` (raster position), return logits (B, V) of token ``step``.
+
+        tokens (B,) int64; step: 0-d int64 tensor in [1, L-1] (a tensor, so a compiled step
+        never recompiles); cond_labels (Bc,) and cond_index (B,) as in ``prefill``. Shapes are
+        identical for every step.
+        """
+        s = (step + 1).reshape(1)  # sequence index of the fed token
+        x = self.token_embed(tokens) + self.pos_embed[s] + self.target_pos_embed[step.reshape(1)]  # (B, D)
+        cond = self.class_embed(cond_labels) + self.step_embed[s]  # (Bc, D)
+        x, cond = x[:, None], cond[:, None]
+        mask = self._cache_mask(s)
+        for block in self.blocks:
+            x = block(x, cond, s, mask, cond_index)
+        return self.head_logits(x, cond, cond_index)[:, 0]  # (B, V)
+
+    # ----------------------------------------------------------------------------------------
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> float:
+        """Forward matmul FLOPs per token (2 per multiply-add), attention scores included."""
+        cfg = self.config
+        D, N = cfg.dim, cfg.seq_len
+        per_block = 2 * (3 * D * D + D * D + 2 * D * cfg.mlp_dim + 6 * D * D) + 2 * 2 * N * D
+        return cfg.depth * per_block + 2 * (2 * D * D + D * cfg.codebook_size)
+
+
+def count_params_official(config: ModelConfig) -> int:
+    """Parameter count of the official model of the same size (it keeps never-used rows)."""
+    D, L = config.dim, config.num_image_tokens
+    unused = D * (1 + (L + 1024 - (L + 2)) + (L + 1024 - L) + (L + 100 - (L + 2)))
+    with torch.device("meta"):
+        ours = RAR(config).num_params()
+    return ours + unused
+
+
+__all__ = ["RAR", "ModelConfig", "PRESETS", "KVCache", "count_params_official"]

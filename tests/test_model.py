@@ -1,0 +1,147 @@
+"""The RAR generator: parameter counts, order semantics, causality, KV-cache decoding, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rargen.model import RAR, ModelConfig, count_params_official
+from rargen.orders import raster_orders, sample_orders
+
+# Official totals (spec Sec. 1.7) minus exactly the never-used rows (MaskGIT mask-token row,
+# 1024 extra position rows, 1024 extra target-aware rows, 98 extra timestep rows).
+PAPER_PARAMS = {
+    "rar-b": (260_923_648, 259_276_288),
+    "rar-l": (461_668_352, 459_471_872),
+    "rar-xl": (955_425_024, 952_679_424),
+    "rar-xxl": (1_498_520_704, 1_495_500_544),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_paper_preset_parameter_counts(name: str) -> None:
+    official, ours = PAPER_PARAMS[name]
+    config = ModelConfig.from_name(name)
+    with torch.device("meta"):
+        model = RAR(config)
+    assert model.num_params() == ours
+    assert count_params_official(config) == official
+
+
+def test_raster_orders_equal_no_orders(tiny_model: RAR) -> None:
+    tokens = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 10, 4])
+    torch.testing.assert_close(tiny_model(tokens, labels), tiny_model(tokens, labels, raster_orders(3, 16)))
+
+
+def test_causal_in_any_order(tiny_model: RAR) -> None:
+    generator = torch.Generator().manual_seed(2)
+    B, L, V = 4, 16, 32
+    tokens = torch.randint(0, V, (B, L), generator=generator)
+    labels = torch.tensor([1, 2, 10, 3])
+    orders = sample_orders(B, L, 1.0, generator)
+    base = tiny_model(tokens, labels, orders)
+    for j in (0, 5, L - 1):
+        changed = tokens.clone()
+        rows = torch.arange(B)
+        changed[rows, orders[:, j]] = (changed[rows, orders[:, j]] + 1) % V
+        out = tiny_model(changed, labels, orders)
+        # Positions <= j never see the changed token (position j predicts it); later ones do.
+        assert torch.equal(out[:, : j + 1], base[:, : j + 1])
+        if j < L - 1:
+            assert (out[:, j + 1 :] - base[:, j + 1 :]).abs().amax() > 1e-3
+
+
+def test_order_semantics(tiny_model: RAR) -> None:
+    """logits[b, i] predicts tokens[b, orders[b, i]]: permuting a raster sequence's positions
+    with a matching order is the same factorisation as the raster order of the permuted image."""
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 32, (2, 16), generator=generator)
+    labels = torch.tensor([5, 6])
+    orders = sample_orders(2, 16, 1.0, generator)
+    out = tiny_model(tokens, labels, orders)
+    # The first output sees only the label and the target position orders[:, 0]: its logits
+    # are those of the raster model for the image whose first token is orders[:, 0].
+    # Changing which position comes first changes the first prediction (target-aware embedding).
+    swapped = orders.clone()
+    swapped[:, [0, 1]] = swapped[:, [1, 0]]
+    assert (tiny_model(tokens, labels, swapped)[:, 0] - out[:, 0]).abs().amax() > 1e-3
+
+
+def test_fresh_model_blocks_are_identity(tiny_config: ModelConfig) -> None:
+    model = RAR(tiny_config).eval()
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0], output)))
+    model(torch.randint(0, 32, (2, 16)), torch.tensor([0, 10]))
+    assert len(seen) == tiny_config.depth
+    for block_input, block_output in seen:
+        assert torch.equal(block_input, block_output)
+    assert torch.count_nonzero(model.cls_token) == 0
+
+
+def test_kv_cache_decode_equals_full_forward(tiny_model: RAR) -> None:
+    generator = torch.Generator().manual_seed(4)
+    B, L = 3, 16
+    tokens = torch.randint(0, 32, (B, L), generator=generator)
+    labels = torch.tensor([0, 9, 10])
+    full = tiny_model(tokens, labels)
+    tiny_model.setup_cache(B)
+    with torch.no_grad():
+        steps = [tiny_model.prefill(labels)]
+        for t in range(1, L):
+            steps.append(tiny_model.decode_step(tokens[:, t - 1], torch.tensor(t), labels))
+    tiny_model.clear_cache()
+    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=0, atol=1e-12)
+
+
+def test_shared_conditions_equal_per_row(tiny_model: RAR) -> None:
+    labels = torch.tensor([3, 10, 3, 10])
+    cond_labels, cond_index = labels.unique(return_inverse=True)
+    tokens = torch.randint(0, 32, (4,), generator=torch.Generator().manual_seed(5))
+    outputs = []
+    for shared in (False, True):
+        tiny_model.setup_cache(4)
+        kwargs = {"cond_labels": cond_labels, "cond_index": cond_index} if shared else {}
+        first = tiny_model.prefill(labels, **kwargs)
+        args = (cond_labels, cond_index) if shared else (labels,)
+        second = tiny_model.decode_step(tokens, torch.tensor(1), *args)
+        outputs.append(torch.cat([first, second]))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("labels", "orders", "message"),
+    [
+        (torch.tensor([0, 11]), None, "labels must be in"),
+        (torch.tensor([-1, 0]), None, "labels must be in"),
+        (torch.tensor([0, 1]), torch.zeros(2, 16, dtype=torch.int64), "permutation"),
+        (torch.tensor([0, 1]), torch.arange(15).expand(2, 15), "shape"),
+        (torch.tensor([0, 1]), torch.arange(16).expand(2, 16).int(), "int64"),
+        (torch.tensor([0.0, 1.0]), None, "int64"),
+    ],
+)
+def test_bad_inputs_raise(tiny_model: RAR, labels, orders, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny_model(torch.zeros(2, 16, dtype=torch.int64), labels, orders)
+
+
+def test_bad_tokens_raise(tiny_model: RAR) -> None:
+    with pytest.raises(ValueError, match="codes in"):
+        tiny_model(torch.full((2, 16), 32), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="shape"):
+        tiny_model(torch.zeros(2, 15, dtype=torch.int64), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"dim": 65}, "divisible"), ({"depth": 0}, "positive"), ({"dropout": 1.0}, "dropout")],
+)
+def test_bad_config_raises(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_name("rar-tiny", **overrides)
+
+
+def test_unknown_preset_lists_choices() -> None:
+    with pytest.raises(ValueError, match="rar-b"):
+        ModelConfig.from_name("rar-huge")

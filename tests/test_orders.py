@@ -1,0 +1,44 @@
+"""Randomness annealing and order sampling (spec Sec. 2.3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rargen.orders import check_orders, random_order_prob, sample_orders
+
+
+def test_random_order_prob_matches_official_schedule() -> None:
+    start, end = 125_000, 187_500
+    assert random_order_prob(0, start, end) == 1.0
+    assert random_order_prob(start - 1, start, end) == 1.0
+    assert random_order_prob(start, start, end) == 1.0
+    assert random_order_prob((start + end) // 2, start, end) == pytest.approx(0.5, abs=1e-5)
+    assert random_order_prob(end, start, end) == 0.0
+    assert random_order_prob(end + 1, start, end) == 0.0
+    assert random_order_prob(150_000, start, end) == pytest.approx(1 - 25_000 / 62_500)
+
+
+def test_random_order_prob_validates() -> None:
+    with pytest.raises(ValueError, match="start"):
+        random_order_prob(0, 10, 5)
+
+
+@pytest.mark.parametrize("prob", [0.0, 0.25, 1.0])
+def test_sample_orders_fraction_and_permutations(prob: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    orders = sample_orders(4000, 16, prob, generator)
+    check_orders(orders, 4000, 16)
+    permuted = (orders != torch.arange(16)).any(dim=1).float().mean().item()
+    # A uniform permutation of 16 is the identity with probability 1/16!, so the permuted
+    # fraction estimates prob (binomial standard error <= 0.008).
+    assert permuted == pytest.approx(prob, abs=0.03)
+
+
+def test_sample_orders_deterministic_and_uniform() -> None:
+    a = sample_orders(8, 16, 0.5, torch.Generator().manual_seed(7))
+    b = sample_orders(8, 16, 0.5, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    first = sample_orders(20000, 4, 1.0, torch.Generator().manual_seed(1))[:, 0]
+    counts = torch.bincount(first, minlength=4).float() / 20000
+    assert torch.allclose(counts, torch.full((4,), 0.25), atol=0.015)
