@@ -1,0 +1,5 @@
+"""``python -m rargen`` = the ``rargen`` command (torchrun launches it this way)."""
+
+from rargen.cli import main
+
+raise SystemExit(main())
