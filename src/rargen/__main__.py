@@ -1,0 +1,5 @@
+"""``python -m rargen ...`` (and ``torchrun -m rargen train ...``): the ``rargen`` command."""
+
+from rargen.cli import main
+
+raise SystemExit(main())
