@@ -1,0 +1,202 @@
+"""Image sources for pre-tokenization: the embedded digits, a class-per-folder tree, an ``.npz`` array.
+
+A source is a random-access list of (PIL image, label) with class names. Unconditional data has no
+class names (``num_classes == 0``) and every label is 0, which is then also the generator's null
+label (``num_classes``), so a store of unconditional data trains an unconditional model as is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class ImageSource:
+    """A random-access image list: ``len``, ``load(i)``, ``label(i)``, ``name(i)``, ``class_names``."""
+
+    class_names: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int) -> Image.Image:
+        """The RGB image at ``index``; raises (OSError, ValueError, ...) if it cannot be read."""
+        raise NotImplementedError
+
+    def label(self, index: int) -> int:
+        raise NotImplementedError
+
+    def name(self, index: int) -> str:
+        """A human-readable name of item ``index`` (a file path where there is one), for reports."""
+        return f"#{index}"
+
+    def describe(self) -> dict[str, Any]:
+        """What this source is, for the store's ``meta.json``."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _uint8_images(array: np.ndarray, what: str) -> np.ndarray:
+    """(N, H, W[, C]) uint8 or float in [0, 1] -> (N, H, W, 3) uint8 (floats are rounded)."""
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise ValueError(f"{what}: expected images (N, H, W, 3) or (N, H, W), got shape {array.shape}")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f"{what}: images must be uint8 or float in [0, 1], got dtype {array.dtype}")
+        low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"{what}: float images must lie in [0, 1], found [{low:.3g}, {high:.3g}]")
+        array = np.round(array * 255.0).astype(np.uint8)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return array
+
+
+class ArraySource(ImageSource):
+    """Images held in memory: (N, H, W, 3) uint8 (or float in [0, 1]) plus optional labels."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray | None = None,
+        class_names: tuple[str, ...] | None = None,
+        description: dict[str, Any] | None = None,
+    ) -> None:
+        self.images = _uint8_images(np.asarray(images), "images")
+        if labels is None:
+            self.labels = np.zeros(len(self.images), dtype=np.int64)
+            self.class_names = tuple(class_names or ())
+        else:
+            self.labels = np.asarray(labels).astype(np.int64).reshape(-1)
+            if len(self.labels) != len(self.images):
+                raise ValueError(f"{len(self.labels)} labels for {len(self.images)} images")
+            if self.labels.size and self.labels.min() < 0:
+                raise ValueError(f"labels must be >= 0, found {int(self.labels.min())}")
+            num_classes = int(self.labels.max()) + 1 if self.labels.size else 0
+            default_names = tuple(str(i) for i in range(num_classes))
+            self.class_names = tuple(class_names) if class_names else default_names
+            if len(self.class_names) < num_classes:
+                raise ValueError(f"{len(self.class_names)} class names for labels up to {num_classes - 1}")
+        self.description = description or {"type": "array"}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index], mode="RGB")
+
+    def label(self, index: int) -> int:
+        return int(self.labels[index])
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.description, "num_images": len(self)}
+
+
+def digit_source(split: str = "train", image_size: int = 32) -> ArraySource:
+    """The embedded digits (classes "0".."9"), upscaled to ``image_size`` by rargen.digits (bicubic)."""
+    from rargen.digits import DIGIT_CLASS_NAMES, load_digit_images
+
+    images, labels = load_digit_images(split, image_size=image_size)  # (N, 3, S, S) float in [0, 1]
+    array = images.permute(0, 2, 3, 1).numpy()
+    return ArraySource(
+        array,
+        labels.numpy(),
+        DIGIT_CLASS_NAMES,
+        {"type": "digits", "split": split, "image_size": image_size},
+    )
+
+
+def npz_source(path: str | os.PathLike) -> ArraySource:
+    """An ``.npz`` with ``arr_0`` (N, H, W, 3) uint8 or float in [0, 1], optional ``labels`` (N,)
+    and optional ``class_names`` (strings); without ``labels`` the data is unconditional."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no .npz file at {str(path)!r}")
+    with np.load(path, allow_pickle=False) as data:
+        if "arr_0" not in data:
+            raise ValueError(f"{path}: an image .npz needs the images under 'arr_0'; found keys {list(data)}")
+        labels = data["labels"] if "labels" in data else None
+        names = tuple(str(n) for n in data["class_names"]) if "class_names" in data else None
+        return ArraySource(data["arr_0"], labels, names, {"type": "npz", "path": str(path.resolve())})
+
+
+class FolderSource(ImageSource):
+    """``root/<class>/<image>`` (class index = sorted folder order), or ``root/<image>`` unconditional.
+
+    Files are found by extension and sorted, so the order (and therefore the store) is reproducible.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"no image folder at {str(self.root)!r}")
+        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.files: list[Path] = []
+        labels: list[int] = []
+        if folders:
+            self.class_names = tuple(folders)
+            for index, folder in enumerate(folders):
+                found = self._images_in(self.root / folder, recursive=True)
+                self.files += found
+                labels += [index] * len(found)
+        else:
+            self.class_names = ()
+            self.files = self._images_in(self.root, recursive=False)
+            labels = [0] * len(self.files)
+        if not self.files:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(self.root)!r}")
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    @staticmethod
+    def _images_in(folder: Path, recursive: bool) -> list[Path]:
+        candidates = folder.rglob("*") if recursive else folder.iterdir()
+        return sorted(
+            p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.files[index]) as image:
+            return image.convert("RGB")  # convert() forces the full decode, so corrupt files raise here
+
+    def label(self, index: int) -> int:
+        return int(self.labels[index])
+
+    def name(self, index: int) -> str:
+        return str(self.files[index].relative_to(self.root))
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "folder", "path": str(self.root.resolve()), "num_images": len(self)}
+
+
+def open_source(spec: str | os.PathLike, image_size: int = 256) -> ImageSource:
+    """``"digits"`` / ``"digits:train|heldout|all"``, a folder of images, or an ``.npz`` file.
+
+    ``image_size`` only matters for the digits, which are upscaled straight to the target size.
+    """
+    text = str(spec)
+    if text == "digits" or text.startswith("digits:"):
+        split = text.partition(":")[2] or "train"
+        return digit_source(split, image_size=image_size)
+    path = Path(text)
+    if path.is_dir():
+        return FolderSource(path)
+    if path.suffix == ".npz":
+        return npz_source(path)
+    choices = "pass 'digits[:split]', a folder of images or an .npz file"
+    if not path.exists():
+        raise FileNotFoundError(f"no image source at {text!r}; {choices}")
+    raise ValueError(f"cannot read images from {text!r}; {choices}")
