@@ -347,3 +347,70 @@ def test_cli_rejects_typos():
         ]
     )
     assert args.anneal_start == 0.5 and isinstance(args.warmup, int) and args.betas == [0.9, 0.95]
+
+
+# --------------------------------------------------------------------------------------------
+# With a real token store and the command line
+
+
+def _write_store(path: Path, codebook_size: int = 64, tokenizer_sha: str | None = None) -> Path:
+    import numpy as np
+
+    from rargen.store import write_store
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, codebook_size, size=(24, 4, 4))
+    write_store(
+        path, tokens, rng.integers(0, 3, size=24), codebook_size=codebook_size, class_names=["a", "b", "c"]
+    )
+    if tokenizer_sha is not None:  # as if pretokenize had made it with that tokenizer
+        meta = json.loads((path / "meta.json").read_text())
+        meta["tokenizer"] = {"kind": "test-pool-tokenizer", "state_sha256": tokenizer_sha}
+        (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def test_cli_trains_on_a_token_store(tmp_path):
+    from rargen.cli import main
+
+    store = _write_store(tmp_path / "store")
+    argv = ["train", "--data", str(store), "--out", str(tmp_path / "run"), "--preset", "rar-tiny",
+            "--steps", "4", "--batch-size", "8", "--grad-accum", "2", "--warmup", "1",
+            "--checkpoint-every", "2",
+            "--model", "depth=1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    model = rargen.load(tmp_path / "run" / "final")
+    cfg = model.config
+    assert (cfg.codebook_size, cfg.num_image_tokens, cfg.num_classes, cfg.depth) == (64, 16, 3, 1)
+    state_file = tmp_path / "run" / "checkpoints" / "step-0000004" / "train_state.pt"
+    # 4 steps x 2 micro-batches of 4 images = 8 batches; 24 images = 6 batches per epoch
+    assert torch.load(state_file, weights_only=True)["loader"] == {"epoch": 1, "step": 2}
+    assert main([*argv[:-1], "--model", "codebook_size=32"]) == 2  # mismatch: a clear error, exit code 2
+
+
+def test_sample_grid_hook_checks_the_tokenizer_and_never_stops_training(tmp_path):
+    from rargen.checkpoint import register_kind, save
+    from rargen.store import _state_sha256
+    from tiny_tokenizer import PoolTokenizer, PoolTokenizerConfig
+
+    register_kind("test-pool-tokenizer", "tiny_tokenizer:PoolTokenizer")
+    right, wrong = PoolTokenizer(PoolTokenizerConfig(seed=0)), PoolTokenizer(PoolTokenizerConfig(seed=1))
+    save(right, tmp_path / "right")
+    save(wrong, tmp_path / "wrong")
+    store = _write_store(tmp_path / "store", tokenizer_sha=_state_sha256(right))
+    cfg = tiny(steps=2, batch_size=4, sample_every=1)
+    with pytest.raises(ValueError, match="not the one the token store was made with"):
+        train(cfg, store, tmp_path / "a", tokenizer=tmp_path / "wrong", progress=False)
+    assert not (tmp_path / "a" / "checkpoints").exists()
+
+    drawn = []
+    train(cfg, store, tmp_path / "b", sample_hook=lambda m, step, path: drawn.append((step, m.training)),
+          progress=False)  # fmt: skip
+    assert drawn == [(1, False), (2, False)]  # in eval mode, at every sample_every step
+
+    def broken(model, step, path):
+        raise RuntimeError("no sampler here")
+
+    with pytest.warns(UserWarning, match="sample grid at step 1 failed"):
+        final = train(cfg, store, tmp_path / "c", sample_hook=broken, progress=False)
+    assert (final / "model.safetensors").is_file()
