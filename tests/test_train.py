@@ -155,7 +155,7 @@ def test_accumulation_equals_the_large_batch(tmp_path):
     )
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, sharding: str) -> None:
     sys.path.insert(0, str(TESTS))
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -164,13 +164,20 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
     common = dict(steps=3, batch_size=16, label_dropout=0.3, model_overrides=NO_DROPOUT, checkpoint_every=3)
     try:
-        train(tiny(**common), data_factory(make_store()), out, progress=False, device="cpu")
+        train(
+            tiny(**common, sharding=sharding, ema_decay=0.5),
+            data_factory(make_store()),
+            out,
+            progress=False,
+            device="cpu",
+        )
     finally:
         distributed.teardown()
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process(tmp_path, sharding):
     import socket
 
     import torch.multiprocessing as mp
@@ -178,11 +185,14 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp"), sharding), nprocs=2, join=True)
     common = dict(steps=3, batch_size=16, label_dropout=0.3, model_overrides=NO_DROPOUT, checkpoint_every=3)
-    single = train(tiny(**common), data_factory(make_store()), tmp_path / "one", progress=False)
-    wa, wb = weights(single), weights(tmp_path / "ddp" / "final")
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 2e-6
+    single = train(
+        tiny(**common, ema_decay=0.5), data_factory(make_store()), tmp_path / "one", progress=False
+    )
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = weights(single, name), weights(tmp_path / "ddp" / "final", name)
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 2e-6
     state = torch.load(
         tmp_path / "ddp" / "checkpoints" / "step-0000003" / "train_state.pt", weights_only=True
     )

@@ -50,7 +50,10 @@ from rargen.model import RAR, ModelConfig
 from rargen.orders import random_order_prob, sample_orders
 
 # Fields that only change logistics (not the trajectory); a resumed run may change them.
-LOGISTICS = ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "compile")
+LOGISTICS = (
+    "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "compile", "sharding",
+    "activation_checkpointing",
+)  # fmt: skip
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
