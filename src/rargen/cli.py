@@ -102,6 +102,89 @@ def _run_convert_to_official(args: argparse.Namespace) -> None:
     print(f"wrote the official layout of {args.checkpoint} to {args.out}")
 
 
+@command("train")
+def _train_parser(subparsers: argparse._SubParsersAction) -> None:
+    import dataclasses
+
+    from rargen.train import TrainConfig
+
+    parser = subparsers.add_parser(
+        "train",
+        help="train a RAR generator on a token store (torchrun for many GPUs; see docs/training.md)",
+        description="Every TrainConfig field is a flag (--batch-size 2048, --anneal-start 0.5 ...). "
+        "warmup/anneal-start/anneal-end: an integer is optimizer steps, a decimal a fraction of --steps.",
+    )
+    parser.add_argument("--data", required=True, help="token store folder (rargen pretokenize)")
+    parser.add_argument("--out", required=True, help="run folder: checkpoints/, final/, metrics.jsonl")
+    parser.add_argument("--config", default=None, help="JSON file of TrainConfig fields (flags override it)")
+    parser.add_argument(
+        "--model", action="append", default=[], metavar="KEY=VALUE", help="ModelConfig override, repeatable"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder: draw labelled sample grids")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "model_overrides":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif field.name == "betas":
+            parser.add_argument(flag, type=float, nargs=2, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str, "int | float": _step_or_fraction}[field.type]
+            parser.add_argument(flag, type=kind, default=None, help=f"default {field.default!r}")
+    parser.set_defaults(run=_run_train)
+
+
+def _step_or_fraction(text: str) -> int | float:
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def _parse_value(text: str) -> int | float | str | bool:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from rargen import distributed
+    from rargen.train import TrainConfig, train
+
+    values = json.loads(open(args.config).read()) if args.config else {}
+    for field in dataclasses.fields(TrainConfig):
+        given = getattr(args, field.name, None)
+        if given is not None:
+            values[field.name] = tuple(given) if field.name == "betas" else given
+    overrides = dict(values.get("model_overrides", ()))
+    for item in args.model:
+        if "=" not in item:
+            raise ValueError(f"--model {item!r}: expected KEY=VALUE, e.g. --model depth=12")
+        key, value = item.split("=", 1)
+        overrides[key] = _parse_value(value)
+    values["model_overrides"] = tuple(overrides.items())
+    config = TrainConfig.from_dict(values)
+    try:
+        final = train(
+            config, args.data, args.out, resume=args.resume, device=args.device,
+            tokenizer=args.tokenizer, progress=not args.no_progress,
+        )  # fmt: skip
+    except FloatingPointError as error:
+        print(f"rargen train: stopped: {error}", file=sys.stderr)
+        return 3
+    finally:
+        distributed.teardown()
+    print(f"trained {config.preset} for {config.steps} steps; final weights in {final}")
+    return 0
+
+
 @command("pretokenize")
 def _pretokenize_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
