@@ -19,6 +19,12 @@ def test_random_order_prob_matches_official_schedule() -> None:
     assert random_order_prob(150_000, start, end) == pytest.approx(1 - 25_000 / 62_500)
 
 
+def test_random_order_prob_degenerate_windows() -> None:
+    # start == end: a step from random to raster at `start` (pure raster when both are 0).
+    assert [random_order_prob(s, 0, 0) for s in range(3)] == [0.0, 0.0, 0.0]
+    assert [random_order_prob(s, 5, 5) for s in (4, 5, 6)] == [1.0, 0.0, 0.0]
+
+
 def test_random_order_prob_validates() -> None:
     with pytest.raises(ValueError, match="start"):
         random_order_prob(0, 10, 5)

@@ -17,16 +17,16 @@ def random_order_prob(step: int, start: int, end: int) -> float:
 
     ``r = 1`` before ``start``, ``0`` after ``end`` and linear in between, exactly as the
     official schedule (steps are 0-based counts of optimizer steps already taken). With
-    ``start == end`` the schedule is a step from 1 to 0 (at ``step == start`` it is 1).
+    ``start == end`` the schedule is a step from 1 to 0 at ``start`` (where the official formula
+    divides by zero), so ``start = end = 0`` is raster-only training and ``start = end = steps``
+    is random-order training throughout (paper Table 2, "0/0" and "400/400").
     """
     if start < 0 or end < start:
         raise ValueError(f"need 0 <= start <= end, got start={start}, end={end}")
     if step < start:
         return 1.0
-    if step > end:
+    if step > end or end == start:
         return 0.0
-    if end == start:
-        return 1.0
     return 1.0 - (step - start) / (end - start)
 
 
