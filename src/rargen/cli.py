@@ -129,6 +129,8 @@ def _sample_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_sample(args: argparse.Namespace) -> None:
+    import os
+
     from rargen.checkpoint import read_record
     from rargen.sample_images import class_balanced_labels, sample_to_folder
     from rargen.sampling import SampleConfig
@@ -144,4 +146,5 @@ def _run_sample(args: argparse.Namespace) -> None:
         args.checkpoint, args.tokenizer, labels, config, args.out,
         seed=args.seed, batch_size=args.batch_size, bf16=args.bf16, compile=args.compile,
     )  # fmt: skip
-    print(f"wrote {len(labels)} samples to {args.out} ({npz.name}, grid.png, meta.json)")
+    if os.environ.get("RANK", "0") == "0":  # one line per run under torchrun, not per rank
+        print(f"wrote {len(labels)} samples to {args.out} ({npz.name}, grid.png, meta.json)")
