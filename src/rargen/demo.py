@@ -264,7 +264,9 @@ def run_demo(
     results: dict[str, dict[str, Any]] = {}
     runs: dict[str, Path] = {}
     for name, (short, window) in variants:
-        anneal = (config.anneal_start, config.anneal_end) if window is None else window(config.generator_steps)
+        anneal = (
+            (config.anneal_start, config.anneal_end) if window is None else window(config.generator_steps)
+        )
         run = out / "runs" / short
         final = timer.section(
             f"4/6 train RAR ({name}, {config.generator_steps} steps)",
@@ -276,7 +278,9 @@ def run_demo(
             f"5/6 sample {config.eval_per_class} digits per class ({name})",
             lambda generator=generator: sample_digits(generator, tokenizer, config.eval_per_class, config),
         )
-        results[name] = timer.section("6/6 score", lambda images=images, labels=labels: score(classifier, images, labels))
+        results[name] = timer.section(
+            "6/6 score", lambda images=images, labels=labels: score(classifier, images, labels)
+        )
         log(
             f"   {name}: class accuracy {results[name]['class_accuracy']:.1%}, Fréchet distance "
             f"{results[name]['frechet_distance']:.2f} (real vs real {real['real_vs_real_frechet']:.2f})"
