@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +124,19 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+class CacheAt(NamedTuple):
+    """Where decoded rows go in the KV cache and what they may attend to.
+
+    ``positions`` (n,): the sequence indices written. Either ``length``: attend to cache slots
+    ``0 .. length-1`` (a Python int: shapes change every step, the cheapest eager path), or
+    ``mask`` (n, L+1) bool over the whole cache (fixed shapes: compiled / CUDA-graph decoding).
+    """
+
+    positions: Tensor
+    mask: Tensor | None = None
+    length: int | None = None
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -137,23 +150,25 @@ class Attention(nn.Module):
         self.proj_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, at: CacheAt | None = None) -> Tensor:
         """Causal self-attention over x (B, n, D).
 
-        Without ``positions`` the n rows are a whole sequence (causal). With ``positions`` (n,)
-        they are written into the KV cache and attend to the cache under ``mask`` (n, max_len).
+        Without ``at`` the n rows are a whole sequence (causal). With ``at`` they are written into
+        the KV cache at ``at.positions`` and attend to the cache (see ``CacheAt``).
         """
         B, n, D = x.shape
         qkv = self.qkv(x).view(B, n, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, n, hd)
         q, k = self.q_norm(q), self.k_norm(k)
-        if positions is None:
+        if at is None:
             dropout = self.attn_dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
             assert self.kv_cache is not None, "call model.setup_cache() before decoding"
-            k, v = self.kv_cache.update(positions, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            k, v = self.kv_cache.update(at.positions, k, v)
+            if at.length is not None:  # read only the filled prefix (eager decoding)
+                k, v = k[:, :, : at.length], v[:, :, : at.length]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask)
         y = y.transpose(1, 2).reshape(B, n, D)
         return self.proj_dropout(self.proj(y))
 
@@ -186,8 +201,7 @@ class Block(nn.Module):
         self,
         x: Tensor,
         cond: Tensor,
-        positions: Tensor | None = None,
-        mask: Tensor | None = None,
+        at: CacheAt | None = None,
         cond_index: Tensor | None = None,
     ) -> Tensor:
         """x (B, n, D); cond (Bc, n, D), one row per batch row unless ``cond_index`` (B,)
@@ -196,7 +210,7 @@ class Block(nn.Module):
         if cond_index is not None:
             modulation = modulation[cond_index]  # (B, n, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), positions, mask)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), at)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -355,31 +369,37 @@ class RAR(nn.Module):
         x = torch.cat([x_cls, x_class], dim=1)  # (B, 2, D)
         cond = self.class_embed(cond_labels)[:, None] + self.step_embed[:2]  # (Bc, 2, D)
         positions = torch.arange(2, device=labels.device)
-        mask = self._cache_mask(positions)
+        at = CacheAt(positions, mask=self._cache_mask(positions))  # causal between cls and class
         for block in self.blocks:
-            x = block(x, cond, positions, mask, cond_index)
+            x = block(x, cond, at, cond_index)
         return self.head_logits(x[:, 1:], cond[:, 1:], cond_index)[:, 0]  # (B, V)
 
     def decode_step(
         self,
         tokens: Tensor,
-        step: Tensor,
+        step: Tensor | int,
         cond_labels: Tensor,
         cond_index: Tensor | None = None,
     ) -> Tensor:
         """Feed token ``step - 1`` (raster position), return logits (B, V) of token ``step``.
 
-        tokens (B,) int64; step: 0-d int64 tensor in [1, L-1] (a tensor, so a compiled step
-        never recompiles); cond_labels (Bc,) and cond_index (B,) as in ``prefill``. Shapes are
-        identical for every step.
+        tokens (B,) int64; step in [1, L-1]: a Python int (eager: attention reads only the
+        filled part of the cache) or a 0-d int64 tensor (every shape identical at every step,
+        so a compiled step never recompiles); cond_labels (Bc,) and cond_index (B,) as in
+        ``prefill``.
         """
-        s = (step + 1).reshape(1)  # sequence index of the fed token
-        x = self.token_embed(tokens) + self.pos_embed[s] + self.target_pos_embed[step.reshape(1)]  # (B, D)
+        if isinstance(step, int):
+            s = torch.tensor([step + 1], device=tokens.device)  # sequence index of the fed token
+            target = torch.tensor([step], device=tokens.device)
+            at = CacheAt(s, length=step + 2)
+        else:
+            s, target = (step + 1).reshape(1), step.reshape(1)
+            at = CacheAt(s, mask=self._cache_mask(s))
+        x = self.token_embed(tokens) + self.pos_embed[s] + self.target_pos_embed[target]  # (B, D)
         cond = self.class_embed(cond_labels) + self.step_embed[s]  # (Bc, D)
         x, cond = x[:, None], cond[:, None]
-        mask = self._cache_mask(s)
         for block in self.blocks:
-            x = block(x, cond, s, mask, cond_index)
+            x = block(x, cond, at, cond_index)
         return self.head_logits(x, cond, cond_index)[:, 0]  # (B, V)
 
     # ----------------------------------------------------------------------------------------
@@ -404,4 +424,4 @@ def count_params_official(config: ModelConfig) -> int:
     return ours + unused
 
 
-__all__ = ["RAR", "ModelConfig", "PRESETS", "KVCache", "count_params_official"]
+__all__ = ["RAR", "CacheAt", "ModelConfig", "PRESETS", "KVCache", "count_params_official"]

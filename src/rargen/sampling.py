@@ -152,7 +152,9 @@ def prefill(model: RAR, rows: Tensor, cond_labels: Tensor, cond_index: Tensor, w
     return guided_logits(model.prefill(rows, cond_labels, cond_index), weight, guided)
 
 
-def decode(model: RAR, tokens: Tensor, step: Tensor, cond_labels: Tensor, cond_index: Tensor, weight, guided):
+def decode(
+    model: RAR, tokens: Tensor, step: Tensor | int, cond_labels: Tensor, cond_index: Tensor, weight, guided
+):
     """Guided logits (B, V) of token ``step`` after feeding ``tokens`` (rows, repeated for CFG)."""
     return guided_logits(model.decode_step(tokens, step, cond_labels, cond_index), weight, guided)
 
@@ -201,7 +203,10 @@ def _run(
         token = choose(0, prefill(model, rows, cond_labels, cond_index, weights[0], guided))
         for t in range(1, steps or cfg.num_image_tokens):
             fed = torch.cat([token, token]) if guided else token
-            token = choose(t, step_fn(model, fed, step_ids[t], cond_labels, cond_index, weights[t], guided))
+            # Eager steps take a Python int (attention reads only the filled cache); a compiled
+            # step takes a tensor so that every call has the same shapes.
+            step = step_ids[t] if compile else t
+            token = choose(t, step_fn(model, fed, step, cond_labels, cond_index, weights[t], guided))
     if not compile:
         model.clear_cache()
 
