@@ -37,10 +37,6 @@ class TinyTokenizer(nn.Module):
         self.config = config
         self.colours = nn.Parameter(torch.randn(config.codebook_size, 3))
 
-    @property
-    def grid_shape(self) -> tuple[int, int]:
-        return (self.config.grid, self.config.grid)
-
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         images = torch.sigmoid(self.colours[codes]).permute(0, 3, 1, 2)
         return images.repeat_interleave(self.config.patch, 2).repeat_interleave(self.config.patch, 3)

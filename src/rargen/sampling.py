@@ -287,9 +287,9 @@ def generate_images(
     """Sample and decode: images (B, 3, H, W) float in [0, 1]. ``kwargs`` go to ``generate``."""
     tokens = generate(model, labels, config, generator, **kwargs)
     L = tokens.shape[1]
-    h, w = getattr(tokenizer, "grid_shape", None) or (math.isqrt(L), math.isqrt(L))
+    h = w = math.isqrt(L)  # RAR's token grids are square (16x16 for 256x256 MaskGIT-VQGAN images)
     if h * w != L:
-        raise ValueError(f"the tokenizer's grid {h}x{w} does not hold the model's {L} tokens")
+        raise ValueError(f"the model's {L} tokens do not form a square grid; decode tokens yourself")
     with torch.inference_mode():
         images = tokenizer.decode(tokens.view(-1, h, w))
     return images.float().clamp(0, 1)
