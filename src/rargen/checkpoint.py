@@ -142,9 +142,7 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     record = json.loads(config_file.read_text())
     version = record.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{config_file}: format_version {version!r} is not supported (expected {FORMAT_VERSION})"
-        )
+        raise ValueError(f"{config_file}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
     return record
 
 
