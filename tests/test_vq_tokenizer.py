@@ -175,3 +175,22 @@ def test_resume_is_bit_exact(tmp_path):
         assert torch.equal(full[key], split[key]), key
     with pytest.raises(ValueError, match="--resume"):
         train_tokenizer(tmp_path / "full", data, train_config=config6, progress=False)
+
+
+def test_cli_trains_on_an_npz_and_resumes(tmp_path, capsys):
+    import numpy as np
+
+    from rargen.cli import main
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "imgs.npz", rng.integers(0, 256, size=(20, 12, 12, 3), dtype=np.uint8))
+    args = ["train-tokenizer", "--data", str(tmp_path / "imgs.npz"), "--out", str(tmp_path / "run")]
+    args += ["--preset", "vq-tiny", "--image-size", "16", "--batch-size", "4", "--no-progress"]
+    assert main([*args, "--steps", "2"]) == 0
+    assert main([*args, "--steps", "2"]) == 2  # refuses to overwrite a run without --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--steps", "4", "--resume"]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["steps"] == 4 and report["heldout"]["num_images"] == 2  # last 10% held out
+    assert rargen.load(tmp_path / "run" / "tokenizer").config.image_size == 16
+    assert main(["train-tokenizer", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x")]) == 2

@@ -237,13 +237,17 @@ class VQTokenizer(nn.Module):
         return VQOutput(self.decoder(decoder_input), codes, vq_loss, latents)
 
     @torch.inference_mode()
-    def encode(self, images: Tensor) -> Tensor:
+    def encode(self, images: Tensor, *, channels_last: bool = True) -> Tensor:
         """Images (B, 3, H, W) float in [0, 1] -> codes (B, H/f, W/f) int64."""
         x = check_images(images, self.downsample_factor, self._dtype())
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.quantizer.nearest(self.quantizer.project(self.encoder(x)))
 
     @torch.inference_mode()
-    def decode(self, codes: Tensor) -> Tensor:
+    def decode(self, codes: Tensor, *, channels_last: bool = True) -> Tensor:
         """Codes (B, h, w) (or (B, h*w) for a square grid) -> images (B, 3, h*f, w*f) in [0, 1]."""
         codes = check_codes(codes, self.codebook_size).to(self.quantizer.embedding.weight.device)
-        return self.decoder(self.quantizer.lookup(codes)).clamp(0.0, 1.0)
+        z = self.quantizer.lookup(codes)
+        z = z.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return self.decoder(z).clamp(0.0, 1.0).contiguous()
