@@ -211,6 +211,8 @@ def train_tokenizer(
                 f"{model_config}; drop the model flags or train into a new --out"
             )
         start_step = int(state["step"])
+        # The loop draws nothing from the global generator; restored for code that wraps it.
+        torch.set_rng_state(state["torch_rng"])
     else:
         if ckpt_path.exists():
             raise ValueError(
@@ -292,8 +294,6 @@ def train_tokenizer(
             _save_checkpoint(ckpt_path, model, optimizer, done, train_config)
 
     model.eval()
-    if start_step >= train_config.steps and not ckpt_path.exists():
-        _save_checkpoint(ckpt_path, model, optimizer, start_step, train_config)
     report = {
         "heldout": evaluate_tokenizer(model, heldout_images),
         "train_subset": evaluate_tokenizer(model, train_images[:512]),
