@@ -62,7 +62,7 @@ def _train_tokenizer_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", default="vq-digits", help="VQTokenizerConfig preset (vq-digits, vq-tiny)")
     parser.add_argument("--image-size", type=int, default=None, help="square training size (default: preset)")
     parser.add_argument("--codebook-size", type=int, default=None, help="codes (default: preset)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default 64)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate (default 2e-3)")
     parser.add_argument(

@@ -35,7 +35,7 @@ REPORT_NAME = "report.json"
 
 @dataclass(frozen=True)
 class TokenizerTrainConfig:
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -46,8 +46,8 @@ class TokenizerTrainConfig:
     restart_every: int = 25  # check for dead codes every this many steps ...
     restart_until: float = 0.9  # ... during this fraction of training (let the last codes settle)
     log_every: int = 25
-    sample_every: int = 200  # reconstruction grid PNG (0: only at the end)
-    checkpoint_every: int = 200  # (0: only at the end)
+    sample_every: int = 100  # reconstruction grid PNG (0: only at the end)
+    checkpoint_every: int = 100  # (0: only at the end)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "restart_every", "log_every"):
