@@ -1,0 +1,101 @@
+"""The tokenizer interface shared by the MaskGIT-VQGAN (``vqgan.py``) and the trainable VQ tokenizer.
+
+A tokenizer maps images to a grid of discrete codes and back:
+
+* ``encode(images) -> codes``: images float (B, 3, H, W) in [0, 1], H and W divisible by
+  ``downsample_factor``; codes (B, h, w) int64 in [0, codebook_size), row-major grid.
+* ``decode(codes) -> images``: codes (B, h, w) (or (B, h*w) for a square grid, the generator's
+  token layout) -> images float (B, 3, h*f, w*f) clamped to [0, 1].
+* ``codebook_size``, ``downsample_factor`` and ``grid_shape(H, W) -> (h, w)`` describe the mapping.
+
+Both run batched under ``torch.inference_mode()``; both are checkpoint modules, saved with
+``rargen.checkpoint.save`` and rebuilt with ``rargen.load``. The input checks live here so both
+tokenizers reject bad inputs with the same messages.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Images in [0, 1] <-> (B, h, w) int64 codes. See the module docstring for the contract."""
+
+    @property
+    def codebook_size(self) -> int: ...
+
+    @property
+    def downsample_factor(self) -> int: ...
+
+    def grid_shape(self, height: int, width: int) -> tuple[int, int]: ...
+
+    def encode(self, images: Tensor) -> Tensor: ...
+
+    def decode(self, codes: Tensor) -> Tensor: ...
+
+
+def grid_shape(height: int, width: int, downsample_factor: int) -> tuple[int, int]:
+    """(h, w) code grid of an H x W image; ValueError when a side is not divisible by the factor."""
+    for name, size in (("height", height), ("width", width)):
+        if size <= 0 or size % downsample_factor:
+            raise ValueError(
+                f"image {name} {size} is not a positive multiple of the downsample factor "
+                f"{downsample_factor}; resize or crop images to a multiple of {downsample_factor}"
+            )
+    return height // downsample_factor, width // downsample_factor
+
+
+def check_images(images: Tensor, downsample_factor: int, dtype: torch.dtype) -> Tensor:
+    """Validate (B, 3, H, W) float images in [0, 1] and cast them to ``dtype``."""
+    if not isinstance(images, Tensor):
+        raise ValueError(f"images must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"images must be a float tensor in [0, 1], got dtype {images.dtype}; "
+            "for uint8 images use images.float() / 255"
+        )
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"images must have shape (B, 3, H, W), got {tuple(images.shape)}; "
+            "for (B, H, W, 3) images use images.permute(0, 3, 1, 2), for grey images repeat the channel"
+        )
+    grid_shape(images.shape[2], images.shape[3], downsample_factor)
+    if images.numel():
+        low, high = torch.aminmax(images)
+        low, high = float(low), float(high)
+        if not (low >= 0.0 and high <= 1.0):  # also catches NaN
+            raise ValueError(
+                f"images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]; "
+                "for images in [-1, 1] use (images + 1) / 2, for 0..255 use images / 255"
+            )
+    return images.to(dtype)
+
+
+def check_codes(codes: Tensor, codebook_size: int) -> Tensor:
+    """Validate integer codes (B, h, w), or (B, L) with L a perfect square; return (B, h, w) int64."""
+    if not isinstance(codes, Tensor):
+        raise ValueError(f"codes must be a torch.Tensor of shape (B, h, w), got {type(codes).__name__}")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer tensor, got dtype {codes.dtype}; use codes.long()")
+    if codes.ndim == 2:
+        side = math.isqrt(codes.shape[1])
+        if side * side != codes.shape[1]:
+            raise ValueError(
+                f"flat codes (B, L) need a square grid, got L={codes.shape[1]}; pass codes as (B, h, w)"
+            )
+        codes = codes.reshape(codes.shape[0], side, side)
+    if codes.ndim != 3:
+        raise ValueError(f"codes must have shape (B, h, w) or (B, h*w), got {tuple(codes.shape)}")
+    if codes.numel():
+        low, high = torch.aminmax(codes)
+        if int(low) < 0 or int(high) >= codebook_size:
+            raise ValueError(
+                f"codes must lie in [0, {codebook_size}) for this codebook, got values in "
+                f"[{int(low)}, {int(high)}]; were they made by a tokenizer with another codebook?"
+            )
+    return codes.long()
