@@ -8,5 +8,18 @@ __version__ = "0.1.0"
 from rargen.checkpoint import load, save  # noqa: E402
 from rargen.model import RAR, ModelConfig  # noqa: E402
 from rargen.orders import random_order_prob, sample_orders  # noqa: E402
+from rargen.sampling import SampleConfig, generate, generate_images, token_probs  # noqa: E402
 
-__all__ = ["RAR", "ModelConfig", "__version__", "load", "random_order_prob", "sample_orders", "save"]
+__all__ = [
+    "RAR",
+    "ModelConfig",
+    "SampleConfig",
+    "__version__",
+    "generate",
+    "generate_images",
+    "load",
+    "random_order_prob",
+    "sample_orders",
+    "save",
+    "token_probs",
+]

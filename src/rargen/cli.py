@@ -158,3 +158,44 @@ def _run_pretokenize(args: argparse.Namespace) -> None:
             torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"token store written to {out}")
+
+
+@command("sample")
+def _sample_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("sample", help="sample images from a generator checkpoint into a folder")
+    parser.add_argument("checkpoint", help="rargen generator checkpoint folder")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder (decodes the codes)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--labels", help="comma-separated class labels, e.g. 1,2,3")
+    which.add_argument("--per-class", type=int, help="N samples of every class")
+    parser.add_argument("--out", required=True, help="output folder (PNGs, grid.png, samples.npz, meta.json)")
+    parser.add_argument("--preset", default=None, help="sampling preset rar-b/rar-l/rar-xl/rar-xxl")
+    parser.add_argument("--cfg-scale", type=float, default=None)
+    parser.add_argument("--cfg-power", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.set_defaults(run=_run_sample)
+
+
+def _run_sample(args: argparse.Namespace) -> None:
+    from rargen.checkpoint import read_record
+    from rargen.sample_images import class_balanced_labels, sample_to_folder
+    from rargen.sampling import SampleConfig
+
+    fields = ("cfg_scale", "cfg_power", "temperature", "top_k", "top_p")
+    overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    config = SampleConfig.from_name(args.preset, **overrides) if args.preset else SampleConfig(**overrides)
+    if args.labels:
+        labels = [int(x) for x in args.labels.split(",")]
+    else:
+        labels = class_balanced_labels(read_record(args.checkpoint)["config"]["num_classes"], args.per_class)
+    npz = sample_to_folder(
+        args.checkpoint, args.tokenizer, labels, config, args.out,
+        seed=args.seed, batch_size=args.batch_size, bf16=args.bf16, compile=args.compile,
+    )  # fmt: skip
+    print(f"wrote {len(labels)} samples to {args.out} ({npz.name}, grid.png, meta.json)")

@@ -1,0 +1,254 @@
+"""Sampling speed: rargen (fp32, bf16, compiled) beside the official ``RAR.generate`` on the same weights.
+
+    /work/venv/bin/python benchmarks/bench_sampling.py --official /work/official --steps 32 --batches 1,8
+
+Both samplers get the same random RAR weights (rargen's, converted with ``rargen.convert.to_official``)
+and the same CFG setting, and are timed in one process, alternately. ``--steps S`` times the first S
+tokens of a generation and extrapolates an image as 256 * (time per step); rargen's step costs the
+same at every t (static cache), the official step grows with t (its cache grows by ``cat``), so the
+extrapolation flatters the official sampler. ``--full-official B`` also times one full 256-step
+official generation at batch B. The roofline floor per step is max(weight bytes / bandwidth,
+FLOPs / matmul rate), both measured here. The official tree (an extracted checkout, never
+vendored) is imported as in tests/reference: namespace-package stubs and a ``timm.layers.Mlp``
+stand-in, so neither torchvision nor timm is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import platform
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rargen.convert import to_official
+from rargen.model import RAR, ModelConfig
+from rargen.sampling import SampleConfig, _run, filter_logits, sample_from_logits
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------
+# The official model, imported from an extracted tree
+
+
+class _MlpStandIn(nn.Module):
+    """timm's Mlp as RAR uses it: fc1, exact GELU, dropout, (no norm), fc2, dropout."""
+
+    def __init__(
+        self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0, **_
+    ):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features or in_features)
+        self.act, self.drop1, self.norm = act_layer(), nn.Dropout(drop), nn.Identity()
+        self.fc2 = nn.Linear(hidden_features or in_features, out_features or in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class _Tree(dict):
+    """Attribute access + .get, all the official constructor needs from an OmegaConf tree."""
+
+    def __getattr__(self, name):
+        value = self[name]
+        return _Tree(value) if isinstance(value, dict) else value
+
+
+def official_model(root: str, model: RAR) -> nn.Module:
+    root_path = Path(root).resolve()
+    if not (root_path / "modeling" / "rar.py").is_file():
+        raise SystemExit(f"--official {root}: no modeling/rar.py there; extract the official tree first")
+    sys.path.insert(0, str(root_path))
+    layers = types.ModuleType("timm.layers")
+    layers.Mlp = _MlpStandIn
+    sys.modules.setdefault("timm", types.ModuleType("timm")).layers = layers
+    sys.modules["timm.layers"] = layers
+    for name, folder in (("modeling", "modeling"), ("modeling.modules", "modeling/modules")):
+        package = types.ModuleType(name)
+        package.__path__ = [str(root_path / folder)]
+        sys.modules[name] = package
+    sys.modules["modeling.modules"].BaseModel = importlib.import_module(
+        "modeling.modules.base_model"
+    ).BaseModel
+    rar = importlib.import_module("modeling.rar")
+    c = model.config
+    generator = dict(
+        hidden_size=c.dim, num_hidden_layers=c.depth, num_attention_heads=c.num_heads,
+        intermediate_size=c.mlp_dim, image_seq_len=c.num_image_tokens, condition_num_classes=c.num_classes,
+        dropout=0.0, attn_drop=0.0, use_checkpoint=False,
+    )  # fmt: skip
+    official = rar.RAR(_Tree(model=dict(vq_model=dict(codebook_size=c.codebook_size), generator=generator)))
+    official.load_state_dict(to_official(model), strict=True)
+    official.set_random_ratio(0.0)
+    return official.eval().requires_grad_(False).to(model.head.weight.device)
+
+
+class _Stop(Exception):
+    pass
+
+
+def time_official(official: nn.Module, labels: torch.Tensor, config: SampleConfig, steps: int) -> float:
+    """Seconds for the first ``steps`` tokens of the official generate() (stopped at its sampler)."""
+    original, calls = torch.multinomial, [0]
+
+    def counting(probs, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] > steps:
+            raise _Stop
+        return original(probs, *args, **kwargs)
+
+    torch.multinomial = counting
+    start = time.perf_counter()
+    try:
+        official.generate(labels, config.cfg_scale, config.temperature, config.cfg_power)
+    except _Stop:
+        official.disable_kv_cache()
+    finally:
+        torch.multinomial = original
+    sync(labels.device)
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------
+# rargen
+
+
+def time_rargen(model: RAR, labels, config: SampleConfig, steps: int, bf16=False, compile=False) -> float:
+    noise = torch.empty(len(labels), steps, model.config.codebook_size, device=labels.device).exponential_()
+
+    def choose(t, logits):  # what generate() does per step
+        return sample_from_logits(filter_logits(logits, config.temperature), noise=noise[:, t])
+
+    sync(labels.device)
+    start = time.perf_counter()
+    _run(model, labels, config, choose, bf16, compile, steps=steps)
+    sync(labels.device)
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------
+# Roofline
+
+
+def measure_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes/s of a streaming read (sum of a large float32 buffer)."""
+    x = torch.ones(nbytes // 4, device=device)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def measure_matmul(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def step_cost(model: RAR, batch: int, guided: bool, distinct_labels: int) -> tuple[float, float]:
+    """(weight bytes, FLOPs) of one rargen decode step: every Linear read once; adaLN on shared rows."""
+    c = model.config
+    D, rows = c.dim, batch * (2 if guided else 1)
+    cond_rows = distinct_labels + (1 if guided else 0)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    weight_bytes = sum(p.numel() * p.element_size() for m in linears for p in m.parameters())
+    per_block = 2 * rows * (4 * D * D + 2 * D * c.mlp_dim) + 2 * 2 * rows * (c.num_image_tokens + 1) * D
+    flops = c.depth * (per_block + 2 * cond_rows * 6 * D * D) + 2 * rows * D * c.codebook_size
+    return weight_bytes, flops + 2 * cond_rows * 2 * D * D
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--official", default=None, help="extracted official tree (omit to skip it)")
+    parser.add_argument("--presets", default="rar-b")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--steps", type=int, default=32, help="tokens timed per run (256 = whole image)")
+    parser.add_argument("--full-official", type=int, default=None, help="also time a 256-step official run")
+    parser.add_argument(
+        "--variants", default="fp32,bf16,compiled", help="rargen variants: fp32,bf16,compiled,bf16-compiled"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sample", default="rar-b", help="SampleConfig preset (CFG)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    config = SampleConfig.from_name(args.sample)
+    bandwidth = measure_bandwidth(device, 1 << 30 if device.type == "cpu" else 4 << 30)
+    matmul = measure_matmul(device, torch.float32, 2048 if device.type == "cpu" else 8192)
+    print(f"# {platform.machine()} {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"# measured: streaming read {bandwidth / 1e9:.1f} GB/s, fp32 matmul {matmul / 1e9:.0f} GFLOP/s")
+    print(f"# sampling: {config}; timed {args.steps} steps, per image = 256 x per step")
+    print(
+        "| model | batch | sampler | ms/step | s/batch (L steps) | images/s | vs official | floor ms/step |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for preset in args.presets.split(","):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = (
+                RAR(ModelConfig.from_name(preset, dropout=0.0, attn_dropout=0.0)).eval().requires_grad_(False)
+            )
+        with torch.no_grad():  # random weights; adaLN-zero init would make blocks identities
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        official = official_model(args.official, model) if args.official else None
+        L = model.config.num_image_tokens
+        for batch in (int(b) for b in args.batches.split(",")):
+            labels = torch.arange(batch, device=device) * 7 % model.config.num_classes
+            rows: list[tuple[str, float]] = []
+            if official is not None:
+                time_official(official, labels, config, 2)  # warm-up
+                rows.append(
+                    ("official fp32", time_official(official, labels, config, args.steps) / args.steps)
+                )
+                if args.full_official == batch:
+                    rows.append(("official fp32 (full 256)", time_official(official, labels, config, L) / L))
+            for variant in args.variants.split(","):
+                bf16, compile = "bf16" in variant, "compiled" in variant
+                m = copy.deepcopy(model).to(torch.bfloat16) if bf16 else model
+                time_rargen(m, labels, config, 4 if not compile else 8, bf16, compile)  # warm-up / compile
+                per_step = time_rargen(m, labels, config, args.steps, bf16, compile) / args.steps
+                rows.append((f"rargen {variant}", per_step))
+                m.clear_cache()
+                del m
+            weight_bytes, flops = step_cost(model, batch, config.guided, len(labels.unique()))
+            floor = max(weight_bytes / bandwidth, flops / matmul)
+            base = rows[0][1] if official is not None else None
+            for name, per_step in rows:
+                speedup = f"{base / per_step:.2f}x" if base else "-"
+                print(
+                    f"| {preset} | {batch} | {name} | {per_step * 1e3:.1f} | {per_step * L:.1f} | "
+                    f"{batch / (per_step * L):.3f} | {speedup} | {floor * 1e3:.1f} |",
+                    flush=True,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
