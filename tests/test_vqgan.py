@@ -22,6 +22,16 @@ from rargen.vqgan import (
 SPEC = Path("/work/shared/spec/official-state-dict-layouts.json")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Small convolutions run fastest on one thread; on a loaded 2-core machine two OpenMP threads can
+    # be 20x slower. Thread count changes speed only (all tolerances allow for it).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_model(seed: int = 0) -> MaskGITVQGAN:
     torch.manual_seed(seed)
     model = MaskGITVQGAN(VQGANConfig.from_name("maskgit-vqgan-test")).eval()
