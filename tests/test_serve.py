@@ -222,6 +222,8 @@ def test_every_invalid_field_gets_422_naming_it_and_the_server_keeps_serving(pai
         assert status == 422 and "JSON object" in reply["error"]
         status, reply, _ = request(server, "POST", "/generate", raw=b"x" * 70_000)
         assert status == 413
+        status, reply, _ = request(server, "POST", "/generate", raw=b"", headers={"Content-Length": "-5"})
+        assert status == 400 and "Content-Length must be >= 0" in reply["error"]
         status, reply, _ = request(server, "POST", "/nowhere", {"class": 1})
         assert status == 404 and "/generate" in reply["error"]
         status, reply, _ = request(server, "GET", "/nowhere")

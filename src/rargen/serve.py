@@ -450,6 +450,7 @@ def client_gone(connection: socket.socket) -> bool:
 class Handler(BaseHTTPRequestHandler):
     server: Server
     server_version = "rargen"
+    timeout = 60  # seconds a socket read/write may stall: a client that never sends its body lets go
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:
@@ -477,6 +478,8 @@ class Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             raise RequestError("send the settings as a JSON body with a Content-Length", status=411) from None
+        if length < 0:
+            raise RequestError(f"Content-Length must be >= 0, got {length}", status=400)
         if length > MAX_BODY_BYTES:
             raise RequestError(f"the body is {length} bytes; the limit is {MAX_BODY_BYTES}", status=413)
         try:
