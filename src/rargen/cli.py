@@ -325,6 +325,9 @@ def _run_sample(args: argparse.Namespace) -> None:
     )  # fmt: skip
     if os.environ.get("RANK", "0") == "0":  # one line per run under torchrun, not per rank
         print(f"wrote {len(labels)} samples to {args.out} ({npz.name}, grid.png, meta.json)")
+    print(f"wrote {len(labels)} samples to {args.out} ({npz.name}, grid.png, meta.json)")
+
+
 @command("train-tokenizer")
 def _train_tokenizer_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -375,3 +378,45 @@ def _run_train_tokenizer(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(json.dumps(report["heldout"], indent=2))
     return 0
+
+
+@command("serve")
+def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="a local web page (and JSON API) to generate images and watch them form token by token",
+        description="Serve a page and a JSON API (POST /generate, POST /generate/stream as server-sent "
+        "events, GET /health, GET /info) for one generator checkpoint. See docs/serve.md.",
+    )
+    parser.add_argument("checkpoint", help="RAR generator checkpoint folder")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder (decodes the tokens)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="images per request")
+    parser.add_argument("--max-jobs", type=int, default=1, help="generations running at once")
+    parser.add_argument(
+        "--rate-limit", type=int, default=30, help="generation requests per minute per client (0 = off)"
+    )
+    parser.add_argument(
+        "--stream-every", type=int, default=0, help="token rows between partial images (0 = ~8 updates)"
+    )
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    import torch
+
+    from rargen.serve import ServeConfig, serve
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        max_jobs=args.max_jobs,
+        rate_limit=args.rate_limit,
+        stream_every=args.stream_every,
+        device=device,
+    )
+    serve(args.checkpoint, args.tokenizer, config)

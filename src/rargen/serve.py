@@ -1,0 +1,634 @@
+"""A local web page and JSON API to generate images from a RAR checkpoint and watch them form.
+
+``rargen serve CHECKPOINT --tokenizer TOK`` serves one page (``static/index.html``) and a small API
+on the standard library's ``ThreadingHTTPServer`` (no web framework: a page, four routes and SSE
+need none):
+
+* ``GET /`` the page; ``GET /health`` liveness and job counts; ``GET /info`` the model, its class
+  names, the limits and the default settings (the page builds its form from it);
+* ``POST /generate`` JSON settings -> JSON with base64 PNGs and the settings;
+* ``POST /generate/stream`` the same settings -> ``text/event-stream``: ``start``, then
+  ``progress`` events with partial images every ``stream_every`` token rows (rows not yet sampled
+  are painted grey), then ``done`` with the final PNGs (or ``error``).
+
+Sampling is exactly ``rargen.sampling.generate`` (``sample_steps`` below walks the same functions
+one token at a time, and a test checks the tokens are identical); image ``i`` of seed ``s`` uses
+the per-sample seed ``sample_seed(s, i)``, so it does not depend on the batch size. Final PNGs
+carry their settings in PNG text chunks and in their file names.
+
+Safety: loopback by default; batch size, requests per minute per client and concurrent jobs are
+capped; bad settings get 422 with the reason; a client that disconnects cancels its job (checked
+between decode steps) and frees its worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import json
+import math
+import re
+import secrets
+import select
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rargen.model import RAR
+from rargen.sampling import (
+    SampleConfig,
+    cfg_schedule,
+    decode,
+    draw_noise,
+    filter_logits,
+    prefill,
+    sample_from_logits,
+    sample_seed,
+)
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_SEED = 2**63 - 1
+GREY = 0.5  # the colour of token rows not sampled yet
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Where to listen and how much work one server accepts."""
+
+    host: str = "127.0.0.1"  # loopback: reachable from this machine only
+    port: int = 8000  # 0 = any free port
+    max_batch_size: int = 8  # images per request
+    max_jobs: int = 1  # concurrent generations (each holds its own KV cache)
+    rate_limit: int = 30  # generation requests per minute per client address; 0 = no limit
+    stream_every: int = 0  # token rows between partial images; 0 = about 8 updates per image
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_jobs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("port", "rate_limit", "stream_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ServeConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+class RequestError(ValueError):
+    """A rejected request: HTTP ``status`` with a message naming the bad ``field``."""
+
+    def __init__(self, message: str, field: str | None = None, status: int = 422, retry_after: int = 0):
+        super().__init__(message)
+        self.field, self.status, self.retry_after = field, status, retry_after
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling one token at a time
+
+
+def sample_steps(
+    model: RAR,
+    labels: Tensor | Sequence[int],
+    config: SampleConfig,
+    generator: torch.Generator | None = None,
+    *,
+    seeds: Sequence[int] | None = None,
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield ``(t, tokens)`` after each sampled token: tokens (B, L) int64, positions ``<= t`` set.
+
+    The same computation as ``rargen.sampling.generate`` (same noise, guidance and filtering), so
+    the last ``tokens`` equal ``generate(model, labels, config, generator, seeds=seeds)``. The
+    caller may stop early; the KV cache is released either way.
+    """
+    if model.training:
+        raise ValueError("the model is in training mode (dropout on); call model.eval() before sampling")
+    cfg = model.config
+    device = model.head.weight.device
+    labels = torch.as_tensor(labels, dtype=torch.int64, device=device)
+    if labels.dim() != 1 or (labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes)):
+        raise ValueError(f"labels must be a 1-d list of classes in [0, {cfg.num_classes - 1}], got {labels}")
+    B, L, guided = labels.shape[0], cfg.num_image_tokens, config.guided
+    with torch.inference_mode():
+        noise = draw_noise((B, L, cfg.codebook_size), device, generator, seeds)
+        rows = torch.cat([labels, torch.full_like(labels, cfg.null_label)]) if guided else labels
+        cond_labels, cond_index = rows.unique(return_inverse=True)
+        weights = cfg_schedule(L, config.cfg_scale, config.cfg_power, device)
+        step_ids = torch.arange(L, device=device)
+        tokens = torch.zeros(B, L, dtype=torch.int64, device=device)
+    model.setup_cache(rows.shape[0], model.head.weight.dtype)
+    try:
+        for t in range(L):
+            # inference_mode per step, not across the yield: the caller's code runs in between.
+            with torch.inference_mode():
+                if t == 0:
+                    logits = prefill(model, rows, cond_labels, cond_index, weights[0], guided)
+                else:
+                    fed = tokens[:, t - 1]
+                    fed = torch.cat([fed, fed]) if guided else fed
+                    logits = decode(model, fed, step_ids[t], cond_labels, cond_index, weights[t], guided)
+                logits = filter_logits(logits, config.temperature, config.top_k, config.top_p)
+                tokens[:, t] = sample_from_logits(logits, noise=noise[:, t])
+            yield t, tokens
+    finally:
+        model.clear_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Validated settings of one generation request (what the PNGs record)."""
+
+    class_id: int
+    class_name: str | None
+    cfg_scale: float
+    cfg_power: float
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    batch_size: int
+    stream_every: int
+
+    @property
+    def sample_config(self) -> SampleConfig:
+        return SampleConfig(self.cfg_scale, self.cfg_power, self.temperature, self.top_k, self.top_p)
+
+    def settings(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["stream_every"]  # how it was shown, not what was sampled
+        return out
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"{name} must be a number, got {value!r}", name)
+    if not (low < value if low_open else low <= value) or value > high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise RequestError(f"{name} must be in {interval}, got {value!r}", name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, default: int, low: int, high: int, hint: str = "") -> int:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be an integer, got {value!r}", name)
+    if not low <= value <= high:
+        raise RequestError(f"{name} must be in [{low}, {high}]{hint}, got {value}", name)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: model replicas, validation, generation, PNGs
+
+
+class Engine:
+    """Generates for the HTTP layer: validates settings, runs jobs on a pool of model replicas.
+
+    Replicas share the weights (read-only at inference) but not the KV cache, which lives on
+    the attention modules; so ``max_jobs`` replicas cost ``max_jobs`` caches, not copies of the model.
+    """
+
+    def __init__(
+        self, model: RAR, tokenizer: torch.nn.Module, config: ServeConfig, checkpoint: dict | None = None
+    ):
+        if not isinstance(model, RAR):
+            raise ValueError(f"the checkpoint holds a {type(model).__name__}, not a RAR generator")
+        if not callable(getattr(tokenizer, "decode", None)):
+            raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no decode(codes) method")
+        cfg = model.config
+        side = math.isqrt(cfg.num_image_tokens)
+        if side * side != cfg.num_image_tokens:
+            raise ValueError(f"the model's {cfg.num_image_tokens} tokens do not form a square grid")
+        book = getattr(tokenizer, "codebook_size", cfg.codebook_size)
+        if book != cfg.codebook_size:
+            raise ValueError(
+                f"the tokenizer has {book} codes but the generator predicts {cfg.codebook_size}; "
+                "pass the tokenizer the generator was trained with"
+            )
+        self.model, self.tokenizer, self.config = model.eval(), tokenizer.eval(), config
+        self.grid = (side, side)
+        names = getattr(model, "checkpoint_extra", {}).get("class_names")
+        if names is not None and len(names) != cfg.num_classes:
+            raise ValueError(f"the checkpoint has {len(names)} class names for {cfg.num_classes} classes")
+        self.class_names: list[str] | None = [str(n) for n in names] if names is not None else None
+        self.checkpoint = checkpoint or {}
+        with torch.inference_mode():
+            probe = self.tokenizer.decode(torch.zeros(1, side, side, dtype=torch.int64, device=config.device))
+        self.image_size = (int(probe.shape[-2]), int(probe.shape[-1]))
+        params = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        self._replicas: list[RAR] = [copy.deepcopy(model, dict(params)) for _ in range(config.max_jobs)]
+        self._lock = threading.Lock()
+        self._rate: dict[str, deque[float]] = {}
+        self.stats = {"active_jobs": 0, "completed": 0, "cancelled": 0, "failed": 0}
+
+    # -- settings -------------------------------------------------------------------------
+
+    @property
+    def default_stream_every(self) -> int:
+        return self.config.stream_every or max(1, self.grid[0] // 8)
+
+    def info(self) -> dict[str, Any]:
+        defaults = asdict(SampleConfig())
+        return {
+            "model": {**asdict(self.model.config), **self.checkpoint},
+            "class_names": self.class_names,
+            "num_classes": self.model.config.num_classes,
+            "grid": list(self.grid),
+            "image_size": list(self.image_size),
+            "limits": {
+                "max_batch_size": self.config.max_batch_size,
+                "max_jobs": self.config.max_jobs,
+                "rate_limit_per_minute": self.config.rate_limit,
+            },
+            "defaults": {**defaults, "batch_size": 1, "stream_every": self.default_stream_every},
+        }
+
+    def parse(self, body: Any) -> GenerationRequest:
+        """Validate a JSON request body; RequestError (422) names the first bad field."""
+        if not isinstance(body, dict):
+            raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+        unknown = sorted(set(body) - _FIELDS)
+        if unknown:
+            raise RequestError(f"unknown fields {unknown}; valid fields: {sorted(_FIELDS)}", unknown[0])
+        class_id, class_name = self._class(body)
+        cfg = self.model.config
+        return GenerationRequest(
+            class_id=class_id,
+            class_name=class_name,
+            cfg_scale=_number(body, "cfg_scale", 1.0, 0.0, 100.0),
+            cfg_power=_number(body, "cfg_power", 0.0, 0.0, 10.0),
+            temperature=_number(body, "temperature", 1.0, 0.0, 10.0, low_open=True),
+            top_k=_integer(body, "top_k", 0, 0, cfg.codebook_size, " (0 = off)"),
+            top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+            seed=_integer(body, "seed", secrets.randbelow(2**31), 0, MAX_SEED),
+            batch_size=_integer(
+                body, "batch_size", 1, 1, self.config.max_batch_size, " (the server's --max-batch-size)"
+            ),
+            stream_every=_integer(
+                body, "stream_every", self.default_stream_every, 1, self.grid[0], " token rows"
+            ),
+        )
+
+    def _class(self, body: dict) -> tuple[int, str | None]:
+        if "class" not in body:
+            raise RequestError(
+                "class is required: a class id or, when the checkpoint has names, a name", "class"
+            )
+        value, C = body["class"], self.model.config.num_classes
+        if isinstance(value, str) and not value.strip().isdigit():
+            if self.class_names is None:
+                raise RequestError(
+                    f"class {value!r} is a name but this checkpoint has no class names; "
+                    f"pass an id in [0, {C - 1}]",
+                    "class",
+                )
+            lowered = [n.lower() for n in self.class_names]
+            if value.strip().lower() not in lowered:
+                raise RequestError(f"class {value!r} is not one of this checkpoint's class names", "class")
+            index = lowered.index(value.strip().lower())
+            return index, self.class_names[index]
+        if isinstance(value, str):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RequestError(f"class must be an integer id or a name, got {value!r}", "class")
+        if not 0 <= value < C:
+            raise RequestError(f"class must be in [0, {C - 1}], got {value}", "class")
+        return value, self.class_names[value] if self.class_names else None
+
+    # -- admission --------------------------------------------------------------------------
+
+    def admit(self, client: str) -> RAR:
+        """Take a free replica for ``client``, or raise RequestError 429 (rate) / 503 (busy)."""
+        now = time.monotonic()
+        with self._lock:
+            if self.config.rate_limit:
+                times = self._rate.setdefault(client, deque())
+                while times and now - times[0] >= 60.0:
+                    times.popleft()
+                if len(times) >= self.config.rate_limit:
+                    wait = max(1, math.ceil(60.0 - (now - times[0])))
+                    raise RequestError(
+                        f"rate limit: at most {self.config.rate_limit} generations per minute per client; "
+                        f"retry in {wait} s",
+                        status=429,
+                        retry_after=wait,
+                    )
+            if not self._replicas:
+                raise RequestError(
+                    f"all {self.config.max_jobs} generation workers are busy; retry shortly "
+                    "(the server's --max-jobs)",
+                    status=503,
+                    retry_after=1,
+                )
+            if self.config.rate_limit:
+                times.append(now)
+            self.stats["active_jobs"] += 1
+            return self._replicas.pop()
+
+    def release(self, replica: RAR, outcome: str) -> None:
+        with self._lock:
+            self._replicas.append(replica)
+            self.stats["active_jobs"] -= 1
+            self.stats[outcome] += 1
+
+    # -- generation -------------------------------------------------------------------------
+
+    def run(
+        self,
+        request: GenerationRequest,
+        replica: RAR,
+        cancelled: Callable[[], bool],
+        on_rows: Callable[[int, Tensor], None] | None = None,
+    ) -> Tensor | None:
+        """Sample a batch; ``on_rows(rows_done, tokens)`` every ``stream_every`` rows (last excluded).
+
+        Returns tokens (B, L), or None when ``cancelled()`` turned true between two steps.
+        """
+        labels = [request.class_id] * request.batch_size
+        seeds = [sample_seed(request.seed, i) for i in range(request.batch_size)]
+        width = self.grid[1]
+        tokens = None
+        for t, tokens in sample_steps(replica, labels, request.sample_config, seeds=seeds):
+            if cancelled():
+                return None
+            rows = (t + 1) // width
+            if on_rows and (t + 1) % width == 0 and rows % request.stream_every == 0 and rows < self.grid[0]:
+                on_rows(rows, tokens)
+        return tokens
+
+    def images(self, tokens: Tensor, rows_done: int | None = None) -> Tensor:
+        """Decode tokens (B, L) to uint8 images (B, H, W, 3); rows from ``rows_done`` on are grey."""
+        h, w = self.grid
+        codes = tokens.reshape(-1, h, w).clone()
+        if rows_done is not None and rows_done < h:
+            # Repeat the last finished row below it: a guess the decoder blends less harshly than 0s.
+            codes[:, rows_done:] = codes[:, max(rows_done - 1, 0)][:, None] if rows_done else 0
+        with torch.inference_mode():
+            images = self.tokenizer.decode(codes).float().clamp(0, 1)
+            if rows_done is not None and rows_done < h:
+                images[:, :, rows_done * images.shape[2] // h :] = GREY
+        return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+    def pngs(self, tokens: Tensor, request: GenerationRequest | None = None, rows_done: int | None = None):
+        """Base64 PNGs of a batch; final ones (with ``request``) carry their settings."""
+        from PIL import Image
+        from PIL.PngImagePlugin import PngInfo
+
+        out = []
+        for index, pixels in enumerate(self.images(tokens, rows_done)):
+            buffer, info = io.BytesIO(), None
+            if request is not None:
+                info = PngInfo()
+                for key, value in self.png_text(request, index).items():
+                    info.add_text(key, value)
+            Image.fromarray(pixels.numpy()).save(buffer, format="PNG", pnginfo=info)
+            encoded = base64.b64encode(buffer.getvalue()).decode()
+            if request is None:
+                out.append(encoded)
+            else:
+                out.append({"png": encoded, "index": index, "filename": self.filename(request, index)})
+        return out
+
+    def png_text(self, request: GenerationRequest, index: int) -> dict[str, str]:
+        from rargen import __version__
+
+        settings = {**request.settings(), "index": index, "sample_seed": sample_seed(request.seed, index)}
+        return {
+            "Software": f"rargen {__version__}",
+            "rargen:settings": json.dumps(settings),
+            "rargen:checkpoint": json.dumps(self.checkpoint),
+        }
+
+    def filename(self, request: GenerationRequest, index: int) -> str:
+        name = re.sub(r"[^A-Za-z0-9]+", "-", request.class_name or "").strip("-")[:32]
+        name = f"c{request.class_id}" + (f"-{name}" if name else "")
+        return (
+            f"rargen_{name}_seed{request.seed}_{index}_cfg{request.cfg_scale:g}_pow{request.cfg_power:g}"
+            f"_t{request.temperature:g}_k{request.top_k}_p{request.top_p:g}.png"
+        )
+
+
+_FIELDS = {
+    "class",
+    "cfg_scale",
+    "cfg_power",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "batch_size",
+    "stream_every",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+
+def client_gone(connection: socket.socket) -> bool:
+    """True when the peer closed its end (readable with no data), without consuming anything."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+    server_version = "rargen"
+    timeout = 60  # seconds a socket read/write may stall: a client that never sends its body lets go
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error_json(self, error: RequestError) -> None:
+        headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+        self.send_json(error.status, {"error": str(error), "field": error.field}, headers)
+
+    def read_json(self) -> Any:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise RequestError("send the settings as a JSON body with a Content-Length", status=411) from None
+        if length < 0:
+            raise RequestError(f"Content-Length must be >= 0, got {length}", status=400)
+        if length > MAX_BODY_BYTES:
+            raise RequestError(f"the body is {length} bytes; the limit is {MAX_BODY_BYTES}", status=413)
+        try:
+            return json.loads(self.rfile.read(length) or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RequestError(f"the body is not valid JSON: {error}", status=400) from None
+
+    # -- routes -----------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        engine = self.server.engine
+        if path in ("/", "/index.html"):
+            page = resources.files("rargen").joinpath("static/index.html").read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+        elif path == "/health":
+            with engine._lock:
+                stats = dict(engine.stats)
+            self.send_json(200, {"status": "ok", **stats, "max_jobs": engine.config.max_jobs})
+        elif path == "/info":
+            self.send_json(200, engine.info())
+        else:
+            self.send_json(404, {"error": f"no route GET {path}; routes: /, /health, /info"})
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path not in ("/generate", "/generate/stream"):
+            self.send_json(404, {"error": f"no route POST {path}; routes: /generate, /generate/stream"})
+            return
+        engine = self.server.engine
+        try:
+            request = engine.parse(self.read_json())
+            replica = engine.admit(self.client_address[0])
+        except RequestError as error:
+            self.send_error_json(error)
+            return
+        if path == "/generate":
+            self.generate(request, replica)
+        else:
+            self.stream(request, replica)
+
+    def job(
+        self, request: GenerationRequest, replica: RAR, cancelled, on_rows=None
+    ) -> tuple[str, dict[str, Any] | None]:
+        """Run one job and release its worker *before* the answer goes out, so a client that
+        sends its next request as soon as it has the answer never finds the worker still taken.
+        Returns (outcome, the ``done`` payload or None)."""
+        engine, start, outcome = self.server.engine, time.perf_counter(), "failed"
+        try:
+            tokens = engine.run(request, replica, cancelled, on_rows)
+            if tokens is None:
+                outcome = "cancelled"
+                return outcome, None
+            images = engine.pngs(tokens, request)
+            outcome = "completed"
+        except Exception as error:  # keep serving: report it to this client only
+            self.log_error("generation failed: %r", error)
+            return outcome, {"error": f"generation failed: {error}"}
+        finally:
+            engine.release(replica, outcome)
+        seconds = time.perf_counter() - start
+        return outcome, {"images": images, "settings": request.settings(), "seconds": seconds}
+
+    def generate(self, request: GenerationRequest, replica: RAR) -> None:
+        outcome, payload = self.job(request, replica, lambda: client_gone(self.connection))
+        if payload is not None:
+            self.send_json(200 if outcome == "completed" else 500, payload)
+
+    def stream(self, request: GenerationRequest, replica: RAR) -> None:
+        engine = self.server.engine
+        gone = False
+
+        def send(event: str, payload: dict) -> None:
+            nonlocal gone
+            try:
+                self.wfile.write(f"event: {event}\ndata: {json.dumps(payload)}\n\n".encode())
+                self.wfile.flush()
+            except OSError:  # BrokenPipe / ConnectionReset: the page went away
+                gone = True
+
+        def on_rows(rows: int, tokens: Tensor) -> None:
+            images = engine.pngs(tokens, rows_done=rows)
+            send("progress", {"rows_done": rows, "rows": engine.grid[0], "images": images})
+
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+        except OSError:
+            gone = True
+        send("start", {"settings": request.settings(), "rows": engine.grid[0], "size": engine.image_size})
+        outcome, payload = self.job(request, replica, lambda: gone or client_gone(self.connection), on_rows)
+        if payload is not None:
+            send("done" if outcome == "completed" else "error", payload)
+
+
+class Server(ThreadingHTTPServer):
+    """A ThreadingHTTPServer that owns an Engine; one thread per connection."""
+
+    daemon_threads = True  # a stuck client never blocks shutdown
+
+    def __init__(self, engine: Engine, *, quiet: bool = False) -> None:
+        self.engine, self.quiet = engine, quiet
+        super().__init__((engine.config.host, engine.config.port), Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+def make_server(
+    checkpoint: str | Path, tokenizer: str | Path, config: ServeConfig = ServeConfig(), *, quiet: bool = False
+) -> Server:
+    """Load a generator and a tokenizer (rargen checkpoint folders) and bind a server (not started)."""
+    from rargen.checkpoint import checkpoint_hash, load
+
+    model = load(checkpoint, device=config.device)
+    vq = load(tokenizer, device=config.device)
+    provenance = {"checkpoint": Path(checkpoint).name, "checkpoint_sha256": checkpoint_hash(checkpoint)}
+    return Server(Engine(model, vq, config, provenance), quiet=quiet)
+
+
+def serve(checkpoint: str | Path, tokenizer: str | Path, config: ServeConfig = ServeConfig()) -> None:
+    """Serve the page and API until interrupted (Ctrl-C)."""
+    server = make_server(checkpoint, tokenizer, config)
+    if config.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {config.host}: anyone who can reach this machine can use the GPU/CPU")
+    print(f"rargen serve: {server.url}  (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+__all__ = [
+    "Engine",
+    "GenerationRequest",
+    "RequestError",
+    "ServeConfig",
+    "Server",
+    "make_server",
+    "sample_steps",
+    "serve",
+]

@@ -1,0 +1,338 @@
+"""The serve API against a tiny random-weight generator and tokenizer, on 127.0.0.1:ephemeral."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import rargen.serve as serve_module
+from rargen.checkpoint import load
+from rargen.sampling import SampleConfig, generate, sample_seed
+from rargen.serve import sample_steps
+from serve_helpers import CLASS_NAMES, events, open_stream, request, running_server, save_tiny_pair, wait_for
+
+GUIDED = {"cfg_scale": 3.0, "cfg_power": 1.5, "temperature": 0.9, "top_k": 20, "top_p": 0.95}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: waking a second intra-op thread costs more than the maths (seconds on a busy
+    2-core machine), so these tests run torch on one thread and restore the setting after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return save_tiny_pair(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture
+def slow_decode(monkeypatch):
+    """Make every decode step take ``delay`` seconds (while ``gate`` is clear) and count the steps."""
+    state = {"delay": 0.05, "calls": 0}
+    original = serve_module.decode
+
+    def decode(*args, **kwargs):
+        state["calls"] += 1
+        time.sleep(state["delay"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(serve_module, "decode", decode)
+    return state
+
+
+def decode_png(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def reference_pixels(pair, class_id: int, seed: int, count: int, config: SampleConfig) -> np.ndarray:
+    """What the server should return: generate() tokens with per-image seeds, decoded, as uint8."""
+    model, tokenizer = load(pair[0]), load(pair[1])
+    seeds = [sample_seed(seed, i) for i in range(count)]
+    tokens = generate(model, [class_id] * count, config, seeds=seeds)
+    images = tokenizer.decode(tokens.view(count, 4, 4)).float().clamp(0, 1)
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# The step-wise sampler
+
+
+@pytest.mark.parametrize("config", [SampleConfig(), SampleConfig(**GUIDED)])
+def test_sample_steps_yields_exactly_the_tokens_of_generate(pair, config):
+    model = load(pair[0])
+    labels = [3, 3, 7]
+    seeds = [sample_seed(11, i) for i in range(3)]
+    expected = generate(model, labels, config, seeds=seeds)
+    seen = []
+    for t, tokens in sample_steps(model, labels, config, seeds=seeds):
+        assert torch.equal(tokens[:, : t + 1], expected[:, : t + 1])
+        assert not tokens[:, t + 1 :].any()  # nothing after step t is set yet
+        seen.append(t)
+    assert seen == list(range(model.config.num_image_tokens))
+    # The generator path too: one torch.Generator drives both.
+    expected = generate(model, labels, config, torch.Generator().manual_seed(5))
+    *_, (_, last) = sample_steps(model, labels, config, torch.Generator().manual_seed(5))
+    assert torch.equal(last, expected)
+    assert model.blocks[0].attn.kv_cache is None  # released
+
+
+def test_sample_steps_releases_the_cache_when_stopped_early(pair):
+    model = load(pair[0])
+    steps = sample_steps(model, [1], SampleConfig(), seeds=[0])
+    next(steps)
+    assert model.blocks[0].attn.kv_cache is not None
+    steps.close()
+    assert model.blocks[0].attn.kv_cache is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Valid requests
+
+
+def test_generate_returns_the_sampled_images_as_pngs_with_their_settings(pair):
+    with running_server(pair) as server:
+        status, body, _ = request(
+            server, "POST", "/generate", {"class": 3, "seed": 42, "batch_size": 3, **GUIDED}
+        )
+    assert status == 200, body
+    assert body["settings"] == {
+        "class_id": 3, "class_name": "three", "seed": 42, "batch_size": 3, **GUIDED
+    }  # fmt: skip
+    expected = reference_pixels(pair, 3, 42, 3, SampleConfig(**GUIDED))
+    assert len(body["images"]) == 3
+    for i, image in enumerate(body["images"]):
+        png = decode_png(image["png"])
+        assert png.format == "PNG" and png.size == (16, 16) and png.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(png), expected[i])
+        settings = json.loads(png.text["rargen:settings"])
+        assert settings["seed"] == 42 and settings["index"] == i and settings["class_id"] == 3
+        assert settings["sample_seed"] == sample_seed(42, i)
+        assert json.loads(png.text["rargen:checkpoint"])["checkpoint"] == "generator"
+        assert image["filename"].startswith("rargen_c3-three_seed42_") and image["filename"].endswith(".png")
+        assert "cfg3_pow1.5_t0.9_k20_p0.95" in image["filename"]
+    # Image i depends on (seed, i) only, not on the batch it was drawn in.
+    assert not np.array_equal(expected[0], expected[1])
+
+
+def test_a_class_can_be_named_and_images_do_not_depend_on_the_batch_size(pair):
+    with running_server(pair) as server:
+        _, by_name, _ = request(server, "POST", "/generate", {"class": "Seven", "seed": 9, "batch_size": 2})
+        _, by_id, _ = request(server, "POST", "/generate", {"class": 7, "seed": 9})
+    assert by_name["settings"]["class_id"] == 7 and by_name["settings"]["class_name"] == "seven"
+    pixels = [np.asarray(decode_png(reply["images"][0]["png"])) for reply in (by_name, by_id)]
+    np.testing.assert_array_equal(pixels[0], pixels[1])
+
+
+def test_stream_sends_grey_partial_images_then_the_same_final_images(pair):
+    with running_server(pair) as server:
+        conn, response = open_stream(server, {"class": 2, "seed": 5, "batch_size": 2, "stream_every": 1})
+        assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+        received = list(events(response))
+        conn.close()
+        _, plain, _ = request(server, "POST", "/generate", {"class": 2, "seed": 5, "batch_size": 2})
+    names = [name for name, _ in received]
+    assert names == ["start", "progress", "progress", "progress", "done"]
+    assert received[0][1]["rows"] == 4 and received[0][1]["size"] == [16, 16]
+    for rows_done, (_, progress) in zip([1, 2, 3], received[1:4], strict=True):
+        assert progress["rows_done"] == rows_done and len(progress["images"]) == 2
+        pixels = np.asarray(decode_png(progress["images"][0]))
+        # 4 pixel rows per token row (16 px / 4 tokens); the unsampled ones are grey.
+        assert (pixels[rows_done * 4 :] == 128).all()
+        assert not (pixels[: rows_done * 4] == 128).all()
+    final = received[-1][1]
+    assert [image["png"] for image in final["images"]] == [image["png"] for image in plain["images"]]
+
+
+def test_health_info_and_page(pair):
+    with running_server(pair, max_batch_size=4) as server:
+        status, health, _ = request(server, "GET", "/health")
+        _, info, _ = request(server, "GET", "/info")
+        status_page, page, headers = request(server, "GET", "/")
+    assert status == 200 and health["status"] == "ok" and health["active_jobs"] == 0
+    assert info["class_names"] == CLASS_NAMES and info["grid"] == [4, 4] and info["image_size"] == [16, 16]
+    assert info["limits"]["max_batch_size"] == 4 and info["defaults"]["stream_every"] == 1
+    assert info["model"]["checkpoint_sha256"] and info["model"]["codebook_size"] == 32
+    assert (
+        status_page == 200 and headers["Content-Type"].startswith("text/html") and "/generate/stream" in page
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Invalid requests: 422 with the reason, and the server keeps serving
+
+
+INVALID = [
+    ({}, "class", "class is required"),
+    ({"class": 10}, "class", "class must be in [0, 9], got 10"),
+    ({"class": -1}, "class", "class must be in [0, 9]"),
+    ({"class": "platypus"}, "class", "not one of this checkpoint's class names"),
+    ({"class": 1.5}, "class", "class must be an integer id or a name"),
+    ({"class": True}, "class", "class must be an integer id or a name"),
+    ({"class": 1, "cfg_scale": "big"}, "cfg_scale", "cfg_scale must be a number"),
+    ({"class": 1, "cfg_scale": -1}, "cfg_scale", "cfg_scale must be in [0, 100]"),
+    ({"class": 1, "cfg_power": 11}, "cfg_power", "cfg_power must be in [0, 10]"),
+    ({"class": 1, "temperature": 0}, "temperature", "temperature must be in (0, 10]"),
+    ({"class": 1, "temperature": None}, "temperature", "temperature must be a number"),
+    ({"class": 1, "top_k": 33}, "top_k", "top_k must be in [0, 32] (0 = off)"),
+    ({"class": 1, "top_k": 2.5}, "top_k", "top_k must be an integer"),
+    ({"class": 1, "top_p": 0}, "top_p", "top_p must be in (0, 1]"),
+    ({"class": 1, "top_p": 1.5}, "top_p", "top_p must be in (0, 1]"),
+    ({"class": 1, "seed": -3}, "seed", "seed must be in [0, 9223372036854775807]"),
+    ({"class": 1, "seed": "x"}, "seed", "seed must be an integer"),
+    ({"class": 1, "batch_size": 0}, "batch_size", "batch_size must be in [1, 4]"),
+    (
+        {"class": 1, "batch_size": 5},
+        "batch_size",
+        "batch_size must be in [1, 4] (the server's --max-batch-size)",
+    ),
+    ({"class": 1, "stream_every": 5}, "stream_every", "stream_every must be in [1, 4] token rows"),
+    ({"class": 1, "guidance": 3}, "guidance", "unknown fields ['guidance']"),
+]
+
+
+def test_every_invalid_field_gets_422_naming_it_and_the_server_keeps_serving(pair):
+    with running_server(pair, max_batch_size=4, rate_limit=0) as server:
+        for body, field, message in INVALID:
+            for path in ("/generate", "/generate/stream"):
+                status, reply, _ = request(server, "POST", path, body)
+                assert status == 422, (body, reply)
+                assert reply["field"] == field and message in reply["error"], (body, reply)
+        status, reply, _ = request(server, "POST", "/generate", raw=b'{"class": 1,')
+        assert status == 400 and "not valid JSON" in reply["error"]
+        status, reply, _ = request(server, "POST", "/generate", [1, 2])
+        assert status == 422 and "JSON object" in reply["error"]
+        status, reply, _ = request(server, "POST", "/generate", raw=b"x" * 70_000)
+        assert status == 413
+        status, reply, _ = request(server, "POST", "/generate", raw=b"", headers={"Content-Length": "-5"})
+        assert status == 400 and "Content-Length must be >= 0" in reply["error"]
+        status, reply, _ = request(server, "POST", "/nowhere", {"class": 1})
+        assert status == 404 and "/generate" in reply["error"]
+        status, reply, _ = request(server, "GET", "/nowhere")
+        assert status == 404
+        # A client that sends garbage instead of HTTP does not take the server down either.
+        with socket.create_connection(server.server_address[:2], timeout=5) as raw:
+            raw.sendall(b"\x00\xffnot http\r\n\r\n")
+            raw.recv(1024)
+        status, reply, _ = request(server, "POST", "/generate", {"class": 1, "seed": 3})
+        assert status == 200 and len(reply["images"]) == 1
+        _, health, _ = request(server, "GET", "/health")
+    assert health["active_jobs"] == 0 and health["completed"] == 1 and health["failed"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Caps
+
+
+def test_rate_limit_per_client(pair):
+    with running_server(pair, rate_limit=2) as server:
+        first = request(server, "POST", "/generate", {"class": 0, "seed": 1})
+        second = request(server, "POST", "/generate/stream", {"class": 0, "seed": 1}, headers={})
+        status, reply, headers = request(server, "POST", "/generate", {"class": 0, "seed": 1})
+        health = request(server, "GET", "/health")  # not a generation: never limited
+    assert first[0] == 200 and second[0] == 200
+    assert status == 429 and "at most 2 generations per minute" in reply["error"]
+    assert 1 <= int(headers["Retry-After"]) <= 60
+    assert health[0] == 200
+
+
+def test_concurrent_jobs_are_capped_and_a_freed_worker_takes_the_next_job(pair, slow_decode):
+    with running_server(pair, max_jobs=1, rate_limit=0) as server:
+        conn, response = open_stream(server, {"class": 4, "seed": 1})
+        stream = events(response)
+        assert next(stream)[0] == "start"  # the job holds the only worker now
+        status, reply, headers = request(server, "POST", "/generate", {"class": 4, "seed": 2})
+        assert status == 503 and "all 1 generation workers are busy" in reply["error"]
+        assert headers["Retry-After"] == "1"
+        assert [name for name, _ in stream][-1] == "done"
+        conn.close()
+        assert wait_for(lambda: request(server, "GET", "/health")[1]["active_jobs"] == 0)
+        slow_decode["delay"] = 0.0
+        status, reply, _ = request(server, "POST", "/generate", {"class": 4, "seed": 2})
+        assert status == 200
+
+
+def test_two_workers_run_two_jobs_at_once_with_the_same_results(pair, slow_decode):
+    slow_decode["delay"] = 0.01
+    body = {"class": 6, "seed": 8, "batch_size": 2, **GUIDED}
+    with running_server(pair, max_jobs=2, rate_limit=0) as server:
+        replies = [None, None]
+
+        def run(i):
+            replies[i] = request(server, "POST", "/generate", body)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert replies[0][0] == replies[1][0] == 200
+    # Separate KV caches: concurrent jobs do not corrupt each other.
+    assert replies[0][1]["images"] == replies[1][1]["images"]
+    expected = reference_pixels(pair, 6, 8, 2, SampleConfig(**GUIDED))
+    np.testing.assert_array_equal(np.asarray(decode_png(replies[0][1]["images"][1]["png"])), expected[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Cancellation
+
+
+@pytest.mark.parametrize("path", ["/generate/stream", "/generate"])
+def test_a_client_that_disconnects_cancels_its_job_and_frees_the_worker(pair, slow_decode, path):
+    with running_server(pair, max_jobs=1, rate_limit=0) as server:
+        with socket.create_connection(server.server_address[:2], timeout=5) as client:
+            body = json.dumps({"class": 5, "seed": 3}).encode()
+            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert wait_for(lambda: slow_decode["calls"] >= 2)
+        # 15 decode steps at 50 ms would take 0.65 s more; the job stops within a step or two.
+        assert wait_for(lambda: request(server, "GET", "/health")[1]["cancelled"] == 1, timeout=2)
+        _, health, _ = request(server, "GET", "/health")
+        assert health["active_jobs"] == 0 and health["completed"] == 0
+        assert slow_decode["calls"] < 10
+        slow_decode["delay"] = 0.0
+        status, _, _ = request(server, "POST", "/generate", {"class": 5, "seed": 3})
+        assert status == 200
+
+
+def test_the_cli_serves_on_loopback_and_stops_on_ctrl_c(pair):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "rargen",
+        "serve",
+        str(pair[0]),
+        "--tokenizer",
+        str(pair[1]),
+        "--port",
+        "0",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("rargen serve: http://127.0.0.1:"), line + process.stderr.read()
+        url = line.split()[2]
+        with urllib.request.urlopen(f"{url}/health", timeout=30) as response:
+            assert json.load(response)["status"] == "ok"
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0

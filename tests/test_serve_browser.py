@@ -1,0 +1,117 @@
+"""The serve page in real headless Chromium (Debian's ``chromium`` package) driven by Playwright.
+
+Playwright only drives the browser here: no ``playwright install``, no downloaded browser. The
+test skips when /usr/bin/chromium is absent (install: ``apt-get install -y chromium``); CI
+installs it. Screenshots land in tests/artifacts/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import rargen.serve as serve_module
+from serve_helpers import request, running_server, save_tiny_pair, wait_for
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parent / "artifacts"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="Chromium is not installed (apt-get install -y chromium)"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: waking a second intra-op thread costs more than the maths (seconds on a busy
+    2-core machine), so these tests run torch on one thread and restore the setting after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def slow_decode(monkeypatch):
+    """20 ms per decode step, so the page sees several partial images even on a fast machine."""
+    original = serve_module.decode
+
+    def decode(*args, **kwargs):
+        time.sleep(0.02)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(serve_module, "decode", decode)
+
+
+def test_page_generates_and_shows_images_forming_row_by_row(tmp_path, slow_decode):
+    from playwright.sync_api import sync_playwright
+
+    pair = save_tiny_pair(tmp_path, "rar-digits", "vq-digits")  # 8x8 tokens -> 32x32 images
+    ARTIFACTS.mkdir(exist_ok=True)
+    with running_server(pair, stream_every=1, rate_limit=0) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 600})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(server.url)
+            page.wait_for_function("document.querySelectorAll('#class option').length === 10")
+            assert "8×8 tokens · 32×32 px" in page.inner_text("#model")
+
+            # Search narrows the class list; the match is selected.
+            page.fill("#search", "sev")
+            assert page.eval_on_selector_all("#class option", "o => o.map(x => x.textContent)") == [
+                "7: seven"
+            ]
+            page.fill("#batch_size", "4")
+            page.fill("#seed", "1234")
+            page.fill("#cfg_scale", "3")
+            page.click("#generate")
+
+            page.wait_for_function("window.rargen.rowsSeen.length >= 4", timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "serve_partial.png"))
+            partial_rows = page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => i.dataset.rows)")
+            assert len(partial_rows) == 4 and all(r not in (None, "done") for r in partial_rows)
+
+            page.wait_for_function("window.rargen.state !== 'running'", timeout=30_000)
+            assert page.evaluate("window.rargen.state") == "done", page.inner_text("#status")
+            assert page.evaluate("window.rargen.rowsSeen") == list(range(1, 8))  # every row, in order
+            page.screenshot(path=str(ARTIFACTS / "serve_done.png"))
+            images = page.eval_on_selector_all(
+                "#gallery img", "imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight, i.dataset.rows])"
+            )
+            assert images == [[32, 32, "done"]] * 4
+            names = page.eval_on_selector_all("#gallery a[download]", "links => links.map(a => a.download)")
+            assert len(names) == 4 and all(n.startswith("rargen_c7-seven_seed1234_") for n in names)
+            assert "done in" in page.inner_text("#status")
+
+            # Stop aborts the stream, which cancels the job on the server.
+            page.fill("#batch_size", "1")
+            page.click("#generate")
+            page.wait_for_function("window.rargen.rowsSeen.length >= 1", timeout=30_000)
+            page.click("#stop")
+            page.wait_for_function("window.rargen.state === 'stopped'")
+            assert wait_for(lambda: request(server, "GET", "/health")[1]["cancelled"] == 1, timeout=5)
+
+            # A rejected request shows the server's reason.
+            page.fill("#batch_size", "99")
+            page.click("#generate")
+            page.wait_for_function("window.rargen.state === 'error'")
+            assert "batch_size must be in [1, 8]" in page.inner_text("#status")
+            assert errors == []
+        finally:
+            browser.close()
