@@ -29,7 +29,7 @@ from torch import nn
 
 from rargen.convert import to_official
 from rargen.model import RAR, ModelConfig
-from rargen.sampling import SampleConfig, _run, filter_logits, sample_from_logits
+from rargen.sampling import SampleConfig, decode_loop, filter_logits, sample_from_logits
 
 
 def sync(device: torch.device) -> None:
@@ -132,7 +132,8 @@ def time_rargen(model: RAR, labels, config: SampleConfig, steps: int, bf16=False
 
     sync(labels.device)
     start = time.perf_counter()
-    _run(model, labels, config, choose, bf16, compile, steps=steps)
+    for _ in decode_loop(model, labels, config, choose, bf16, compile, steps=steps):
+        pass
     sync(labels.device)
     return time.perf_counter() - start
 

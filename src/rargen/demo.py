@@ -10,11 +10,13 @@ ways (raster only, RAR annealing, random order throughout), as the paper's Table
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
-import math
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ IMAGE_SIZE = 32  # 8x8 digits upscaled; the f4 tokenizer gives an 8x8 grid = 64 
 class DemoConfig:
     """Budgets and settings of the demo (the defaults fit in about 10 minutes on 2 CPU cores)."""
 
-    tokenizer_steps: int = 600
+    tokenizer_steps: int = 300
     classifier_epochs: int = 12
     generator_preset: str = "rar-digits"
     generator_steps: int = 700
@@ -60,19 +62,19 @@ class DemoConfig:
 
 
 class Timer:
-    """Named wall-clock sections, printed as they finish."""
+    """Named wall-clock sections (``with timer.section(name):``), announced and timed."""
 
     def __init__(self, log: Callable[[str], None]) -> None:
         self.seconds: dict[str, float] = {}
         self.log = log
 
-    def section(self, name: str, run: Callable[[], Any]) -> Any:
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
         self.log(f"\n== {name}")
         start = time.perf_counter()
-        result = run()
+        yield
         self.seconds[name] = time.perf_counter() - start
         self.log(f"   ({self.seconds[name]:.1f} s)")
-        return result
 
 
 # -------------------------------------------------------------------------------------------------
@@ -80,30 +82,36 @@ class Timer:
 
 
 def train_demo_tokenizer(out: Path, config: DemoConfig, progress: bool) -> tuple[Any, dict[str, Any]]:
-    from rargen.checkpoint import load
+    from rargen.checkpoint import load, save
     from rargen.digits import load_digit_images
     from rargen.tokenizer_train import TokenizerTrainConfig, train_tokenizer
     from rargen.vq_tokenizer import VQTokenizerConfig
 
-    data = (load_digit_images("train", IMAGE_SIZE)[0], load_digit_images("heldout", IMAGE_SIZE)[0])
-    report = train_tokenizer(
-        out / "tokenizer_training",
-        data,
-        model_config=VQTokenizerConfig.from_name("vq-digits", image_size=IMAGE_SIZE),
-        train_config=TokenizerTrainConfig(steps=config.tokenizer_steps, seed=config.seed),
-        progress=progress,
-    )
-    tokenizer = load(out / "tokenizer_training" / "tokenizer")
-    from rargen.checkpoint import save
-
+    run = out / "tokenizer_training"
+    if (run / "report.json").exists():  # finished by an earlier (interrupted) demo run
+        report = json.loads((run / "report.json").read_text())["heldout"]
+    else:
+        data = (load_digit_images("train", IMAGE_SIZE)[0], load_digit_images("heldout", IMAGE_SIZE)[0])
+        resume = (run / "tokenizer" / "train_state.pt").exists()
+        report = train_tokenizer(
+            run,
+            data,
+            model_config=None if resume else VQTokenizerConfig.from_name("vq-digits", image_size=IMAGE_SIZE),
+            train_config=TokenizerTrainConfig(steps=config.tokenizer_steps, seed=config.seed),
+            resume=resume,
+            progress=progress,
+        )["heldout"]
+    tokenizer = load(run / "tokenizer")
     save(tokenizer, out / "tokenizer", extra={"image_size": IMAGE_SIZE, "report": report})
     return load(out / "tokenizer"), report
 
 
 def train_demo_classifier(out: Path, config: DemoConfig, progress: bool) -> Any:
-    from rargen.checkpoint import save
+    from rargen.checkpoint import load, save
     from rargen.digits import DigitClassifierConfig, train_digit_classifier
 
+    if (out / "classifier").exists():
+        return load(out / "classifier")
     classifier = train_digit_classifier(
         DigitClassifierConfig(image_size=IMAGE_SIZE), epochs=config.classifier_epochs, seed=config.seed,
         progress=progress,
@@ -132,7 +140,9 @@ def train_demo_generator(
         keep_checkpoints=1,
         sample_every=config.generator_steps,
     )
-    return train(train_config, store, out, device="cpu", progress=progress)
+    if (out / "final").exists():  # finished by an earlier (interrupted) demo run
+        return out / "final"
+    return train(train_config, store, out, resume=True, device="cpu", progress=progress)
 
 
 @torch.no_grad()
@@ -223,76 +233,61 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the demo into ``out`` and return its results (also written to ``results.json``)."""
-    from rargen.checkpoint import load
+    from rargen.checkpoint import atomic_write_dir, load
     from rargen.digits import classifier_accuracy, digit_frechet_distance, load_digit_images
     from rargen.sources import digit_source
     from rargen.store import pretokenize
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_demo_folder(out, config)
     torch.manual_seed(config.seed)
     timer = Timer(log)
     started = time.perf_counter()
     heldout, heldout_labels = load_digit_images("heldout", IMAGE_SIZE)
 
-    tokenizer, tokenizer_report = timer.section(
-        "1/6 VQ tokenizer (32x32 digits -> 8x8 codes)", lambda: train_demo_tokenizer(out, config, progress)
-    )
-    classifier = timer.section(
-        "2/6 digit classifier (the scorer, trained on the real training split)",
-        lambda: train_demo_classifier(out, config, progress),
-    )
-    with torch.no_grad():
-        reconstructions = tokenizer.decode(tokenizer.encode(heldout))
-    real = {
-        "heldout_accuracy": classifier_accuracy(classifier, heldout, heldout_labels),
-        "reconstruction_accuracy": classifier_accuracy(classifier, reconstructions, heldout_labels),
-        "real_vs_real_frechet": digit_frechet_distance(classifier, heldout[0::2], reference=heldout[1::2]),
-    }
+    with timer.section("1/6 VQ tokenizer (32x32 digits -> 8x8 codes)"):
+        tokenizer, tokenizer_report = train_demo_tokenizer(out, config, progress)
+    with timer.section("2/6 digit classifier (the scorer, trained on the real training split)"):
+        classifier = train_demo_classifier(out, config, progress)
+        with torch.no_grad():
+            reconstructions = tokenizer.decode(tokenizer.encode(heldout))
+        real = {
+            "heldout_accuracy": classifier_accuracy(classifier, heldout, heldout_labels),
+            "reconstruction_accuracy": classifier_accuracy(classifier, reconstructions, heldout_labels),
+            "real_vs_real_frechet": digit_frechet_distance(
+                classifier, heldout[0::2], reference=heldout[1::2]
+            ),
+        }
     log(
         f"   tokenizer held-out PSNR {tokenizer_report['psnr']:.2f} dB, codebook usage "
         f"{tokenizer_report['codebook_usage']:.0%}; classifier accuracy on held-out digits "
         f"{real['heldout_accuracy']:.1%}, on their reconstructions {real['reconstruction_accuracy']:.1%}"
     )
-    store = timer.section(
-        "3/6 pretokenize the training split",
-        lambda: pretokenize(digit_source("train", IMAGE_SIZE), tokenizer, out / "store", image_size=IMAGE_SIZE,
-                            progress=progress),
-    )  # fmt: skip
+    with timer.section("3/6 pretokenize the training split"):
+        source = digit_source("train", IMAGE_SIZE)
+        store = pretokenize(source, tokenizer, out / "store", image_size=IMAGE_SIZE, progress=progress)
 
-    variants = list(ANNEALING.items()) if ablation else [("RAR annealing", ANNEALING["RAR annealing"])]
+    names = list(ANNEALING) if ablation else ["RAR annealing"]
     results: dict[str, dict[str, Any]] = {}
     runs: dict[str, Path] = {}
-    for name, (short, window) in variants:
-        anneal = (
-            (config.anneal_start, config.anneal_end) if window is None else window(config.generator_steps)
-        )
-        run = out / "runs" / short
-        final = timer.section(
-            f"4/6 train RAR ({name}, {config.generator_steps} steps)",
-            lambda run=run, anneal=anneal: train_demo_generator(run, store, config, anneal, progress),
-        )
-        runs[name] = run
+    for name in names:
+        short, window = ANNEALING[name]
+        steps = config.generator_steps
+        anneal = (config.anneal_start, config.anneal_end) if window is None else window(steps)
+        runs[name] = out / "runs" / short
+        with timer.section(f"4/6 train RAR, {name} ({steps} steps)"):
+            final = train_demo_generator(runs[name], store, config, anneal, progress)
         generator = load(final).eval()
-        images, labels = timer.section(
-            f"5/6 sample {config.eval_per_class} digits per class ({name})",
-            lambda generator=generator: sample_digits(generator, tokenizer, config.eval_per_class, config),
-        )
-        results[name] = timer.section(
-            "6/6 score", lambda images=images, labels=labels: score(classifier, images, labels)
-        )
+        with timer.section(f"5/6 sample {config.eval_per_class} digits per class ({name})"):
+            images, labels = sample_digits(generator, tokenizer, config.eval_per_class, config)
+        with timer.section(f"6/6 score ({name})"):
+            results[name] = score(classifier, images, labels)
         log(
             f"   {name}: class accuracy {results[name]['class_accuracy']:.1%}, Fréchet distance "
             f"{results[name]['frechet_distance']:.2f} (real vs real {real['real_vs_real_frechet']:.2f})"
         )
         if short == "rar":
-            import shutil
-
-            from rargen.checkpoint import atomic_write_dir
-
-            atomic_write_dir(out / "generator", lambda tmp, final=final: [
-                shutil.copy2(f, tmp / f.name) for f in final.iterdir()
-            ])  # fmt: skip
+            atomic_write_dir(out / "generator", functools.partial(_copy_files, final))
             grid_images, grid_labels = sample_digits(
                 generator, tokenizer, config.grid_per_class, config, seed_offset=10_000_000
             )
@@ -320,8 +315,31 @@ def run_demo(
         ("classifier/", "the digit classifier used for scoring"),
         ("store/", "the token store"),
     ]:
-        log(f"  {out / name:<40} {what}")
+        log(f"  {str(out / name):<40} {what}")
     return summary
+
+
+def check_demo_folder(out: Path, config: DemoConfig) -> None:
+    """A demo folder records its settings; a rerun with the same settings picks up where an
+    interrupted run stopped, one with other settings is refused before any work."""
+    record = out / "demo_config.json"
+    settings = dataclasses.asdict(config)
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved != settings:
+            changed = sorted(k for k in settings if saved.get(k) != settings[k])
+            raise ValueError(
+                f"{out} holds a demo run with other settings ({', '.join(changed)}); "
+                "delete it or pass another --out"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _copy_files(source: Path, target: Path) -> None:
+    for file in source.iterdir():
+        shutil.copy2(file, target / file.name)
 
 
 def render_report(summary: dict[str, Any], ablation: bool) -> str:
@@ -334,14 +352,14 @@ def render_report(summary: dict[str, Any], ablation: bool) -> str:
         "",
         "![samples](samples.png)",
         "",
-        f"Rows are the requested classes 0-9, columns independent seeds; guidance scale {config['cfg_scale']}, "
-        f"power {config['cfg_power']}, temperature {config['temperature']}.",
+        f"Rows are the requested classes 0-9, columns independent seeds; guidance scale "
+        f"{config['cfg_scale']}, power {config['cfg_power']}, temperature {config['temperature']}.",
         "",
         "## Scores",
         "",
         "| what | class accuracy | Fréchet distance (classifier features) |",
         "| --- | --- | --- |",
-        f"| real held-out digits ({'359'}) | {real['heldout_accuracy']:.1%} | "
+        f"| real held-out digits (359) | {real['heldout_accuracy']:.1%} | "
         f"{real['real_vs_real_frechet']:.2f} (two held-out halves: the floor) |",
         f"| tokenizer reconstructions of them | {real['reconstruction_accuracy']:.1%} | |",
     ]
@@ -352,10 +370,10 @@ def render_report(summary: dict[str, Any], ablation: bool) -> str:
         )
     lines += [
         "",
-        "Class accuracy: the fraction of generated digits that rargen's digit classifier (trained on the real "
-        "training split) recognises as the requested class. The Fréchet distance is computed with the same "
-        "streaming statistics as FID, against the held-out split, in the classifier's penultimate features; it "
-        "depends on the sample count, so compare rows of this report with each other.",
+        "Class accuracy: the fraction of generated digits that rargen's digit classifier (trained on "
+        "the real training split) recognises as the requested class. The Fréchet distance uses the same "
+        "streaming statistics as FID, against the held-out split, in the classifier's penultimate "
+        "features; it depends on the sample count, so compare rows of this report with each other.",
         "",
         "## Tokenizer",
         "",
@@ -388,5 +406,3 @@ def render_report(summary: dict[str, Any], ablation: bool) -> str:
 
 
 __all__ = ["DemoConfig", "run_demo"]
-
-_ = math

@@ -99,7 +99,10 @@ def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = 1e-6) -> f
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
         raise ValueError(f"statistics differ in dimension: {mu1.shape} vs {mu2.shape}")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    with warnings.catch_warnings():
+        # ADM calls sqrtm(..., disp=False): a singular product is handled below, not reported.
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
         warnings.warn(f"FID: singular product of covariances; adding {eps} to the diagonals", stacklevel=2)
         offset = np.eye(s1.shape[0]) * eps

@@ -19,14 +19,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from rargen.model import RAR
+from rargen.model import RAR, packed_for_cpu_decoding
 
 
 @dataclass(frozen=True)
@@ -153,10 +153,29 @@ def prefill(model: RAR, rows: Tensor, cond_labels: Tensor, cond_index: Tensor, w
 
 
 def decode(
-    model: RAR, tokens: Tensor, step: Tensor | int, cond_labels: Tensor, cond_index: Tensor, weight, guided
-):
+    model: RAR,
+    tokens: Tensor,
+    step: Tensor | int,
+    cond_labels: Tensor,
+    cond_index: Tensor,
+    weight: Tensor,
+    guided: bool,
+    modulations: list[Tensor] | None = None,
+) -> Tensor:
     """Guided logits (B, V) of token ``step`` after feeding ``tokens`` (rows, repeated for CFG)."""
-    return guided_logits(model.decode_step(tokens, step, cond_labels, cond_index), weight, guided)
+    logits = model.decode_step(tokens, step, cond_labels, cond_index, modulations)
+    return guided_logits(logits, weight, guided)
+
+
+# Budget for the adaLN modulations computed ahead for a chunk of eager decode steps.
+MODULATION_CHUNK_BYTES = 128 * 2**20
+
+
+def modulation_chunk(model: RAR, num_conditions: int) -> int:
+    """Decode steps whose adaLN modulations are computed in one product (within the budget)."""
+    cfg = model.config
+    row_bytes = num_conditions * (6 * cfg.depth + 2) * cfg.dim * model.head.weight.element_size()
+    return max(1, min(cfg.num_image_tokens - 1, MODULATION_CHUNK_BYTES // row_bytes))
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -172,18 +191,20 @@ def _decode_fn(compile: bool, device: torch.device) -> Callable:
     return _COMPILED[key]
 
 
-def _run(
+def decode_loop(
     model: RAR,
-    labels,
+    labels: Tensor | Sequence[int],
     config: SampleConfig,
-    choose: Callable,
-    bf16: bool,
-    compile: bool,
+    choose: Callable[[int, Tensor], Tensor],
+    bf16: bool = False,
+    compile: bool = False,
     steps: int | None = None,
-) -> None:
-    """The sampling loop shared by ``generate`` and ``token_probs``; ``choose(t, logits)`` -> (B,).
+) -> Iterator[int]:
+    """The sampling loop of ``generate``, ``token_probs`` and the web page, as an iterator.
 
-    ``steps`` stops after that many tokens (benchmarks only)."""
+    ``choose(t, guided_logits) -> tokens (B,)`` picks token ``t``; the loop yields ``t`` after
+    each pick (the caller may stop early). ``steps`` stops after that many tokens (benchmarks).
+    """
     cfg = model.config
     labels = torch.as_tensor(labels, dtype=torch.int64, device=model.head.weight.device)
     if labels.dim() != 1 or (labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes)):
@@ -194,21 +215,38 @@ def _run(
     cond_labels, cond_index = rows.unique(return_inverse=True)
     weights = cfg_schedule(cfg.num_image_tokens, config.cfg_scale, config.cfg_power, device)
     step_ids = torch.arange(cfg.num_image_tokens, device=device)
+    if not compile:
+        # Eager CPU float32 decoding runs the Linear layers through oneDNN with prepacked
+        # weights (a per-call view: the caller's model is untouched and may change later).
+        model = packed_for_cpu_decoding(model)
     dtype = torch.bfloat16 if bf16 else model.head.weight.dtype
     cache = model.blocks[0].attn.kv_cache
     if cache is None or cache.k.shape[0] != rows.shape[0] or cache.k.dtype != dtype:
         model.setup_cache(rows.shape[0], dtype)  # reused when possible: no recompiles
     step_fn = _decode_fn(compile, device)
-    with torch.inference_mode():
-        token = choose(0, prefill(model, rows, cond_labels, cond_index, weights[0], guided))
+    chunk = modulation_chunk(model, cond_labels.shape[0])
+    try:
+        with torch.inference_mode():
+            token = choose(0, prefill(model, rows, cond_labels, cond_index, weights[0], guided))
+        yield 0
         for t in range(1, steps or cfg.num_image_tokens):
-            fed = torch.cat([token, token]) if guided else token
-            # Eager steps take a Python int (attention reads only the filled cache); a compiled
-            # step takes a tensor so that every call has the same shapes.
-            step = step_ids[t] if compile else t
-            token = choose(t, step_fn(model, fed, step, cond_labels, cond_index, weights[t], guided))
-    if not compile:
-        model.clear_cache()
+            # inference_mode per step, not across the yield: the caller's code runs in between.
+            with torch.inference_mode():
+                fed = torch.cat([token, token]) if guided else token
+                if compile:  # identical shapes every step: a tensor step, modulations inside
+                    logits = step_fn(model, fed, step_ids[t], cond_labels, cond_index, weights[t], guided)
+                else:  # eager: a Python step (attention reads only the filled cache) and the
+                    # adaLN modulations of `chunk` steps at once (one pass over those weights)
+                    if (t - 1) % chunk == 0:
+                        count = min(chunk, cfg.num_image_tokens - t)
+                        tables = model.modulation_tables(cond_labels, t, count)
+                    ahead = [table[:, (t - 1) % chunk] for table in tables]
+                    logits = step_fn(model, fed, t, cond_labels, cond_index, weights[t], guided, ahead)
+                token = choose(t, logits)
+            yield t
+    finally:
+        if not compile:
+            model.clear_cache()
 
 
 def _check_model(model: RAR, bf16: bool) -> None:
@@ -247,7 +285,8 @@ def generate(
         out[:, t] = token = sample_from_logits(logits, noise=noise[:, t])
         return token
 
-    _run(model, labels, config, choose, bf16, compile)
+    for _ in decode_loop(model, labels, config, choose, bf16, compile):
+        pass
     return out
 
 
@@ -272,7 +311,8 @@ def token_probs(
         out.append(filter_logits(logits, config.temperature, config.top_k, config.top_p).softmax(-1))
         return tokens[:, t]
 
-    _run(model, labels, config, choose, bf16, compile)
+    for _ in decode_loop(model, labels, config, choose, bf16, compile):
+        pass
     return torch.stack(out, dim=1)
 
 
@@ -300,6 +340,7 @@ __all__ = [
     "SampleConfig",
     "cfg_schedule",
     "decode",
+    "decode_loop",
     "draw_noise",
     "filter_logits",
     "generate",

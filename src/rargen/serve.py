@@ -48,11 +48,9 @@ from torch import Tensor
 from rargen.model import RAR
 from rargen.sampling import (
     SampleConfig,
-    cfg_schedule,
-    decode,
+    decode_loop,
     draw_noise,
     filter_logits,
-    prefill,
     sample_from_logits,
     sample_seed,
 )
@@ -114,32 +112,18 @@ def sample_steps(
     cfg = model.config
     device = model.head.weight.device
     labels = torch.as_tensor(labels, dtype=torch.int64, device=device)
-    if labels.dim() != 1 or (labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes)):
-        raise ValueError(f"labels must be a 1-d list of classes in [0, {cfg.num_classes - 1}], got {labels}")
-    B, L, guided = labels.shape[0], cfg.num_image_tokens, config.guided
+    B, L = labels.shape[0], cfg.num_image_tokens
     with torch.inference_mode():
         noise = draw_noise((B, L, cfg.codebook_size), device, generator, seeds)
-        rows = torch.cat([labels, torch.full_like(labels, cfg.null_label)]) if guided else labels
-        cond_labels, cond_index = rows.unique(return_inverse=True)
-        weights = cfg_schedule(L, config.cfg_scale, config.cfg_power, device)
-        step_ids = torch.arange(L, device=device)
         tokens = torch.zeros(B, L, dtype=torch.int64, device=device)
-    model.setup_cache(rows.shape[0], model.head.weight.dtype)
-    try:
-        for t in range(L):
-            # inference_mode per step, not across the yield: the caller's code runs in between.
-            with torch.inference_mode():
-                if t == 0:
-                    logits = prefill(model, rows, cond_labels, cond_index, weights[0], guided)
-                else:
-                    fed = tokens[:, t - 1]
-                    fed = torch.cat([fed, fed]) if guided else fed
-                    logits = decode(model, fed, step_ids[t], cond_labels, cond_index, weights[t], guided)
-                logits = filter_logits(logits, config.temperature, config.top_k, config.top_p)
-                tokens[:, t] = sample_from_logits(logits, noise=noise[:, t])
-            yield t, tokens
-    finally:
-        model.clear_cache()
+
+    def choose(t: int, logits: Tensor) -> Tensor:  # exactly what generate() does per step
+        logits = filter_logits(logits, config.temperature, config.top_k, config.top_p)
+        tokens[:, t] = token = sample_from_logits(logits, noise=noise[:, t])
+        return token
+
+    for t in decode_loop(model, labels, config, choose):
+        yield t, tokens
 
 
 # ---------------------------------------------------------------------------------------------
