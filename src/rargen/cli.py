@@ -325,7 +325,6 @@ def _run_sample(args: argparse.Namespace) -> None:
     )  # fmt: skip
     if os.environ.get("RANK", "0") == "0":  # one line per run under torchrun, not per rank
         print(f"wrote {len(labels)} samples to {args.out} ({npz.name}, grid.png, meta.json)")
-    print(f"wrote {len(labels)} samples to {args.out} ({npz.name}, grid.png, meta.json)")
 
 
 @command("train-tokenizer")

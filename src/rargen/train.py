@@ -667,29 +667,19 @@ def image_grid_hook(
 
         if _state_sha256(tokenizer) != expected:
             raise ValueError(f"tokenizer {tokenizer_path} is not the one the token store was made with")
-    names = list(getattr(store, "class_names", ())) or ["uncond"]
+    names = list(getattr(store, "class_names", ())) or None
 
     def hook(model: RAR, step: int, path: Path) -> None:
-        from PIL import Image, ImageDraw
-
-        from rargen.sampling import generate
+        from rargen.sample_images import save_grid, to_uint8
+        from rargen.sampling import SampleConfig, generate_images
 
         device = next(model.parameters()).device
         count = min(classes, max(1, model.config.num_classes))
         labels = torch.arange(count, device=device).repeat_interleave(per_class)
-        ids = generate(model, labels, generator=torch.Generator(device).manual_seed(step))
-        tok = tokenizer.to(device)
-        side = int(math.isqrt(model.config.num_image_tokens))
-        images = tok.decode(ids.view(len(labels), side, side)).clamp(0, 1)  # (n, 3, H, W)
-        grid = images.mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        n, h, w, _ = grid.shape
-        canvas = Image.new("RGB", (per_class * w, count * (h + 12)), "white")
-        draw = ImageDraw.Draw(canvas)
-        for i in range(n):
-            row, col = divmod(i, per_class)
-            canvas.paste(Image.fromarray(grid[i]), (col * w, row * (h + 12) + 12))
-            if col == 0:
-                draw.text((2, row * (h + 12)), names[min(row, len(names) - 1)], fill="black")
-        canvas.save(path)
+        config = SampleConfig(cfg_scale=3.0) if model.config.num_classes else SampleConfig()
+        images = generate_images(
+            model, tokenizer.to(device), labels, config, torch.Generator(device).manual_seed(step)
+        )
+        save_grid(to_uint8(images), labels.tolist(), names, path)
 
     return hook
