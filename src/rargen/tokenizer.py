@@ -16,10 +16,10 @@ tokenizers reject bad inputs with the same messages.
 from __future__ import annotations
 
 import math
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @runtime_checkable
@@ -99,3 +99,51 @@ def check_codes(codes: Tensor, codebook_size: int) -> Tensor:
                 f"[{int(low)}, {int(high)}]; were they made by a tokenizer with another codebook?"
             )
     return codes.long()
+
+
+class VQImageTokenizer(nn.Module):
+    """What both VQ tokenizers share: the interface around ``encoder`` -> quantizer -> ``decoder``.
+
+    Subclasses set ``config`` (with ``codebook_size`` and ``downsample_factor``), ``encoder`` and
+    ``decoder`` modules, and implement ``codebook`` (the code table, for device and dtype),
+    ``codes_of(latents) -> codes`` and ``latents_of(codes) -> decoder input``.
+    """
+
+    config: Any
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    def grid_shape(self, height: int, width: int) -> tuple[int, int]:
+        return grid_shape(height, width, self.downsample_factor)
+
+    @property
+    def codebook(self) -> Tensor:
+        raise NotImplementedError
+
+    def codes_of(self, latents: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def latents_of(self, codes: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def encode(self, images: Tensor, *, channels_last: bool = True) -> Tensor:
+        """Images (B, 3, H, W) float in [0, 1] -> codes (B, H/f, W/f) int64."""
+        x = check_images(images, self.downsample_factor, self.codebook.dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.codes_of(self.encoder(x))
+
+    @torch.inference_mode()
+    def decode(self, codes: Tensor, *, channels_last: bool = True) -> Tensor:
+        """Codes (B, h, w) (or (B, h*w) for a square grid) -> images (B, 3, h*f, w*f) in [0, 1]."""
+        codes = check_codes(codes, self.codebook_size).to(self.codebook.device)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        z = self.latents_of(codes).contiguous(memory_format=layout)
+        return self.decoder(z).clamp(0.0, 1.0).contiguous()

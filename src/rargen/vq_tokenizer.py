@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rargen.tokenizer import Tokenizer, check_codes, check_images
-from rargen.tokenizer import grid_shape as _grid_shape
+from rargen.tokenizer import Tokenizer, VQImageTokenizer
 
 __all__ = ["VQ_TOKENIZER_PRESETS", "Tokenizer", "VQOutput", "VQTokenizer", "VQTokenizerConfig"]
 
@@ -205,7 +204,7 @@ class VQOutput(NamedTuple):
     latents: Tensor  # (B, h, w, codebook_dim) unit encoder outputs, detached (for code restarts)
 
 
-class VQTokenizer(nn.Module):
+class VQTokenizer(VQImageTokenizer):
     """Trainable VQ tokenizer: images in [0, 1] <-> (B, h, w) codes."""
 
     checkpoint_kind: ClassVar[str] = "vq-tokenizer"
@@ -219,36 +218,16 @@ class VQTokenizer(nn.Module):
         self.decoder = Decoder(config)
 
     @property
-    def codebook_size(self) -> int:
-        return self.config.codebook_size
+    def codebook(self) -> Tensor:
+        return self.quantizer.embedding.weight
 
-    @property
-    def downsample_factor(self) -> int:
-        return self.config.downsample_factor
+    def codes_of(self, latents: Tensor) -> Tensor:
+        return self.quantizer.nearest(self.quantizer.project(latents))
 
-    def grid_shape(self, height: int, width: int) -> tuple[int, int]:
-        return _grid_shape(height, width, self.downsample_factor)
-
-    def _dtype(self) -> torch.dtype:
-        return self.quantizer.embedding.weight.dtype
+    def latents_of(self, codes: Tensor) -> Tensor:
+        return self.quantizer.lookup(codes)
 
     def forward(self, images: Tensor) -> VQOutput:
         """Differentiable pass for training (images already validated, in [0, 1])."""
         decoder_input, codes, vq_loss, latents = self.quantizer(self.encoder(images))
         return VQOutput(self.decoder(decoder_input), codes, vq_loss, latents)
-
-    @torch.inference_mode()
-    def encode(self, images: Tensor, *, channels_last: bool = True) -> Tensor:
-        """Images (B, 3, H, W) float in [0, 1] -> codes (B, H/f, W/f) int64."""
-        x = check_images(images, self.downsample_factor, self._dtype())
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.quantizer.nearest(self.quantizer.project(self.encoder(x)))
-
-    @torch.inference_mode()
-    def decode(self, codes: Tensor, *, channels_last: bool = True) -> Tensor:
-        """Codes (B, h, w) (or (B, h*w) for a square grid) -> images (B, 3, h*f, w*f) in [0, 1]."""
-        codes = check_codes(codes, self.codebook_size).to(self.quantizer.embedding.weight.device)
-        z = self.quantizer.lookup(codes)
-        z = z.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        return self.decoder(z).clamp(0.0, 1.0).contiguous()

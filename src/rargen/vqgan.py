@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rargen.tokenizer import check_codes, check_images
-from rargen.tokenizer import grid_shape as _grid_shape
+from rargen.tokenizer import VQImageTokenizer
 
 
 @dataclass(frozen=True)
@@ -212,7 +211,7 @@ class VectorQuantizer(nn.Module):
         return z + (z_q - z).detach(), codes, loss
 
 
-class MaskGITVQGAN(nn.Module):
+class MaskGITVQGAN(VQImageTokenizer):
     """The official RAR tokenizer: images in [0, 1] <-> (B, h, w) codes, f = 16 for the preset."""
 
     checkpoint_kind: ClassVar[str] = "maskgit-vqgan"
@@ -226,35 +225,14 @@ class MaskGITVQGAN(nn.Module):
         self.quantize = VectorQuantizer(config.codebook_size, config.codebook_dim)
 
     @property
-    def codebook_size(self) -> int:
-        return self.config.codebook_size
+    def codebook(self) -> Tensor:
+        return self.quantize.embedding.weight
 
-    @property
-    def downsample_factor(self) -> int:
-        return self.config.downsample_factor
+    def codes_of(self, latents: Tensor) -> Tensor:
+        return self.quantize.nearest(latents)
 
-    def grid_shape(self, height: int, width: int) -> tuple[int, int]:
-        return _grid_shape(height, width, self.downsample_factor)
-
-    def _dtype(self) -> torch.dtype:
-        return self.quantize.embedding.weight.dtype
-
-    @torch.inference_mode()
-    def encode(self, images: Tensor, *, channels_last: bool = True) -> Tensor:
-        """Images (B, 3, H, W) float in [0, 1] -> codes (B, H/f, W/f) int64."""
-        x = check_images(images, self.downsample_factor, self._dtype())
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.quantize.nearest(self.encoder(x))
-
-    @torch.inference_mode()
-    def decode(self, codes: Tensor, *, channels_last: bool = True) -> Tensor:
-        """Codes (B, h, w) (or (B, h*w) for a square grid) -> images (B, 3, h*f, w*f) in [0, 1]."""
-        codes = check_codes(codes, self.codebook_size).to(self.quantize.embedding.weight.device)
-        z = self.quantize.lookup(codes)  # (B, C, h, w), already channels-last in memory
-        if not channels_last:
-            z = z.contiguous()
-        return self.decoder(z).clamp(0.0, 1.0).contiguous()
+    def latents_of(self, codes: Tensor) -> Tensor:
+        return self.quantize.lookup(codes)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Differentiable pass for fine-tuning: (unclamped reconstruction, codes, VQ loss)."""
