@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Sampling speed on one GPU, in under 8 minutes, building nothing: RAR-B and RAR-XL at batch 128
-# with CFG (RAR-B sampling preset), rargen fp32 eager and bf16 + torch.compile + CUDA graphs,
-# beside the official generate() in float32 on the same random weights. Writes a markdown table
-# to $OUT/gpu_sampling.md when $OUT is set, and to stdout.
+# The GPU check, one script, under 8 minutes on one H200, building nothing. It writes markdown
+# tables to stdout and, when $OUT is set, to $OUT/gpu_{sampling,training,tokenizer}.md:
+#   1. sampling (<= 250 s): RAR-B and RAR-XL at batch 128 with CFG (RAR-B sampling preset), rargen
+#      fp32 eager and bf16 + torch.compile + CUDA graphs, beside the official generate() in
+#      float32 on the same random weights (goal: 200 images/s for RAR-XL, >= 20x the official);
+#   2. training (<= 160 s): tokens/s and MFU of the real training step, bf16, compiled, RAR-B at
+#      batch 256 and RAR-XL at 128 per GPU (goal: MFU >= 45%);
+#   3. tokenizer (<= 40 s): MaskGIT-VQGAN encode/decode images/s at 256x256.
+# The official tree cannot be committed: copy an extracted checkout into the git-ignored
+# .official/ folder and carry it to the GPU machine, or pass --official DIR.
 #
 #   bash benchmarks/gpu.sh [--official DIR] [--device cuda] [--steps 64]
 #   PRESETS=rar-tiny BATCH=4 bash benchmarks/gpu.sh --device cpu --steps 2     # CPU dry run
@@ -12,7 +18,7 @@
 # extrapolates 256 x per-step time, which flatters the official sampler whose steps grow with t).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-official="${OFFICIAL:-/work/official}"
+official="${OFFICIAL:-.official}"
 device=cuda
 steps=64
 while [ $# -gt 0 ]; do
@@ -33,4 +39,10 @@ else
 fi
 if [ "$device" = cuda ]; then nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true; fi
 report="${OUT:+$OUT/gpu_sampling.md}"
-PYTHONPATH=src timeout 470 "$python" benchmarks/bench_sampling.py "${args[@]}" | tee "${report:-/dev/null}"
+PYTHONPATH=src timeout 250 "$python" benchmarks/bench_sampling.py "${args[@]}" | tee "${report:-/dev/null}" || true
+if [ "$device" = cuda ]; then
+  PYTHONPATH=src timeout 160 "$python" benchmarks/gpu_train.py --device cuda --steps 8 \
+    | tee "${OUT:-/tmp}/gpu_training.md" || true
+  PYTHONPATH=src timeout 40 "$python" benchmarks/bench_tokenizer.py --device cuda --batch 32 \
+    | tee "${OUT:-/tmp}/gpu_tokenizer.md" || true
+fi

@@ -460,3 +460,38 @@ def _run_demo(args: argparse.Namespace) -> None:
         ablation=args.ablation,
         progress=not args.no_progress,
     )
+
+
+@command("sweep")
+def _sweep_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="sample a grid of guidance scales / temperatures and score each (tuning before a 50k run)",
+    )
+    parser.add_argument("checkpoint", help="rargen generator checkpoint folder")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder")
+    parser.add_argument(
+        "--out", required=True, help="output folder (one sample folder per setting, sweep.json)"
+    )
+    parser.add_argument("--cfg-scales", required=True, help="comma-separated guidance scales, e.g. 1,2,4")
+    parser.add_argument("--temperatures", default="1.0", help="comma-separated temperatures (default 1.0)")
+    parser.add_argument("--cfg-power", type=float, default=0.0, help="guidance power (0 = constant)")
+    parser.add_argument("--per-class", type=int, default=10, help="samples per class and setting")
+    parser.add_argument("--reference", default=None, help="ADM reference batch .npz (with --inception)")
+    parser.add_argument("--inception", default=None, help="Inception weights file (with --reference)")
+    parser.add_argument("--classifier", default=None, help="digit classifier folder (instead of Inception)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.set_defaults(run=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> None:
+    from rargen.sweep import format_sweep, sweep
+
+    rows = sweep(
+        args.checkpoint, args.tokenizer, args.out,
+        [float(x) for x in args.cfg_scales.split(",")], [float(x) for x in args.temperatures.split(",")],
+        cfg_power=args.cfg_power, per_class=args.per_class, reference=args.reference,
+        inception=args.inception, classifier=args.classifier, seed=args.seed, batch_size=args.batch_size,
+    )  # fmt: skip
+    print(format_sweep(rows))
