@@ -206,19 +206,22 @@ def plot_training(runs: dict[str, Path], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_sched) = plt.subplots(1, 2, figsize=(11, 4))
+    lr_axis = ax_sched.twinx()
     for i, (name, run) in enumerate(runs.items()):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         steps = [r["step"] for r in rows]
         ax_loss.plot(steps, [r["loss"] for r in rows], label=name)
         if i == 0:
-            ax_sched.plot(steps, [r["r"] for r in rows], label="r (random-order prob.)", color="tab:purple")
-            lr_axis = ax_sched.twinx()
-            lr_axis.plot(steps, [r["lr"] for r in rows], label="lr", color="tab:green")
-            lr_axis.set_ylabel("learning rate")
+            ax_sched.plot(
+                steps, [r["r"] for r in rows], color="tab:purple", label="r (random-order probability)"
+            )
+            lr_axis.plot(steps, [r["lr"] for r in rows], color="tab:green", label="learning rate")
     ax_loss.set(xlabel="optimizer step", ylabel="training loss (cross-entropy)", title="loss")
     ax_loss.legend()
     ax_sched.set(xlabel="optimizer step", ylabel="r", title="randomness annealing and learning rate")
-    ax_sched.legend(loc="upper right")
+    lr_axis.set_ylabel("learning rate")
+    handles = ax_sched.get_legend_handles_labels()[0] + lr_axis.get_legend_handles_labels()[0]
+    ax_sched.legend(handles, [h.get_label() for h in handles], loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
