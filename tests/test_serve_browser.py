@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import rargen.serve as serve_module
+import rargen.sampling as sampling_module
 from serve_helpers import request, running_server, save_tiny_pair, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -52,13 +52,13 @@ def one_torch_thread():
 @pytest.fixture
 def slow_decode(monkeypatch):
     """20 ms per decode step, so the page sees several partial images even on a fast machine."""
-    original = serve_module.decode
+    original = sampling_module.decode
 
     def decode(*args, **kwargs):
         time.sleep(0.02)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(serve_module, "decode", decode)
+    monkeypatch.setattr(sampling_module, "decode", decode)
 
 
 def test_page_generates_and_shows_images_forming_row_by_row(tmp_path, slow_decode):
