@@ -40,6 +40,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys) -> None:
 
     generator, tokenizer = rargen.load(out / "generator"), rargen.load(out / "tokenizer")
     assert isinstance(generator, RAR) and generator.config.num_image_tokens == 64
+    assert generator.checkpoint_extra["class_names"] == [str(i) for i in range(10)]
     images = generate_images(generator, tokenizer, [3, 7], SampleConfig(cfg_scale=3.0), seeds=[0, 1])
     assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
     classifier = rargen.load(out / "classifier")

@@ -559,7 +559,12 @@ def save_checkpoint(
         }
 
         def write(tmp: Path) -> None:
-            save(raw, tmp, state_dict=weights, extra={"step": step, "train_config": config.to_dict()})
+            # Class names travel with the weights: `rargen sample` grids and `rargen serve` use them.
+            names = list(getattr(getattr(loader, "store", None), "class_names", None) or ())
+            extra = {"step": step, "train_config": config.to_dict()} | (
+                {"class_names": names} if names else {}
+            )
+            save(raw, tmp, state_dict=weights, extra=extra)
             if ema is not None:
                 save_file({k: v.contiguous() for k, v in ema_full.items()}, str(tmp / "ema.safetensors"))
             torch.save(train_state, tmp / "train_state.pt")
