@@ -26,7 +26,11 @@ def command(name: str) -> Callable:
 def build_parser() -> argparse.ArgumentParser:
     from rargen import __version__
 
-    parser = argparse.ArgumentParser(prog="rargen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rargen",
+        description="RAR (Randomized AutoRegressive visual generation): convert, pretokenize, train, "
+        "sample, evaluate, serve. Start with `rargen demo`.",
+    )
     parser.add_argument("--version", action="version", version=f"rargen {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for build in COMMANDS.values():
