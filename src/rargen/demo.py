@@ -210,12 +210,11 @@ def plot_training(runs: dict[str, Path], path: Path) -> None:
     for i, (name, run) in enumerate(runs.items()):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         steps = [r["step"] for r in rows]
-        ax_loss.plot(steps, [r["loss"] for r in rows], label=name)
+        (line,) = ax_loss.plot(steps, [r["loss"] for r in rows], label=name)
+        r_label = "r (random-order probability)" if len(runs) == 1 else f"r, {name}"
+        ax_sched.plot(steps, [r["r"] for r in rows], color=line.get_color(), linestyle="--", label=r_label)
         if i == 0:
-            ax_sched.plot(
-                steps, [r["r"] for r in rows], color="tab:purple", label="r (random-order probability)"
-            )
-            lr_axis.plot(steps, [r["lr"] for r in rows], color="tab:green", label="learning rate")
+            lr_axis.plot(steps, [r["lr"] for r in rows], color="tab:gray", label="learning rate")
     ax_loss.set(xlabel="optimizer step", ylabel="training loss (cross-entropy)", title="loss")
     ax_loss.legend()
     ax_sched.set(xlabel="optimizer step", ylabel="r", title="randomness annealing and learning rate")
