@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import platform
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "reference"))
+from official_shim import import_official  # noqa: E402
 
 from rargen.convert import to_official
 from rargen.model import RAR, ModelConfig
@@ -41,22 +42,6 @@ def sync(device: torch.device) -> None:
 # The official model, imported from an extracted tree
 
 
-class _MlpStandIn(nn.Module):
-    """timm's Mlp as RAR uses it: fc1, exact GELU, dropout, (no norm), fc2, dropout."""
-
-    def __init__(
-        self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0, **_
-    ):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features or in_features)
-        self.act, self.drop1, self.norm = act_layer(), nn.Dropout(drop), nn.Identity()
-        self.fc2 = nn.Linear(hidden_features or in_features, out_features or in_features)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x):
-        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
-
-
 class _Tree(dict):
     """Attribute access + .get, all the official constructor needs from an OmegaConf tree."""
 
@@ -66,22 +51,7 @@ class _Tree(dict):
 
 
 def official_model(root: str, model: RAR) -> nn.Module:
-    root_path = Path(root).resolve()
-    if not (root_path / "modeling" / "rar.py").is_file():
-        raise SystemExit(f"--official {root}: no modeling/rar.py there; extract the official tree first")
-    sys.path.insert(0, str(root_path))
-    layers = types.ModuleType("timm.layers")
-    layers.Mlp = _MlpStandIn
-    sys.modules.setdefault("timm", types.ModuleType("timm")).layers = layers
-    sys.modules["timm.layers"] = layers
-    for name, folder in (("modeling", "modeling"), ("modeling.modules", "modeling/modules")):
-        package = types.ModuleType(name)
-        package.__path__ = [str(root_path / folder)]
-        sys.modules[name] = package
-    sys.modules["modeling.modules"].BaseModel = importlib.import_module(
-        "modeling.modules.base_model"
-    ).BaseModel
-    rar = importlib.import_module("modeling.rar")
+    rar, _ = import_official(root)  # the one shim for the official tree (tests/reference)
     c = model.config
     generator = dict(
         hidden_size=c.dim, num_hidden_layers=c.depth, num_attention_heads=c.num_heads,

@@ -12,7 +12,6 @@ time with stand-ins for timm's Mlp and the heavy package ``__init__`` files, nev
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import resource
 import subprocess
@@ -25,38 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "reference"))
+from official_shim import import_official  # noqa: E402
+
 
 def import_official_rar(root: Path) -> types.ModuleType:
-    """``modeling.rar`` of an extracted official tree, without timm/torchvision (spec §9)."""
-
-    class Mlp(nn.Module):  # timm's Mlp as RAR uses it: fc1, exact GELU, dropout, fc2, dropout
-        def __init__(
-            self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0, **_
-        ):
-            super().__init__()
-            self.fc1 = nn.Linear(in_features, hidden_features or in_features)
-            self.act, self.drop1, self.norm = act_layer(), nn.Dropout(drop), nn.Identity()
-            self.fc2 = nn.Linear(hidden_features or in_features, out_features or in_features)
-            self.drop2 = nn.Dropout(drop)
-
-        def forward(self, x):
-            return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
-
-    timm, layers = types.ModuleType("timm"), types.ModuleType("timm.layers")
-    layers.Mlp, timm.layers = Mlp, layers
-    sys.modules.update({"timm": timm, "timm.layers": layers})
-    sys.path.insert(0, str(root))
-    for name, folder in (
-        ("modeling", root / "modeling"),
-        ("modeling.modules", root / "modeling" / "modules"),
-    ):
-        module = types.ModuleType(name)
-        module.__path__ = [str(folder)]
-        sys.modules[name] = module
-    sys.modules["modeling.modules"].BaseModel = importlib.import_module(
-        "modeling.modules.base_model"
-    ).BaseModel
-    return importlib.import_module("modeling.rar")
+    return import_official(root)[0]  # the one shim for the official tree (tests/reference)
 
 
 def official_model(root: Path, cfg) -> tuple[nn.Module, callable]:
