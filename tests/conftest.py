@@ -17,6 +17,17 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.
     return model
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: waking a second intra-op thread costs more than the maths (seconds on a busy
+    2-core machine). Modules that opt in run torch on one thread and restore the setting after;
+    the thread count changes speed only."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_config() -> ModelConfig:
     return ModelConfig.from_name("rar-tiny", dropout=0.0, attn_dropout=0.0)

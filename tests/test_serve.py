@@ -29,14 +29,7 @@ from serve_helpers import CLASS_NAMES, events, open_stream, request, running_ser
 GUIDED = {"cfg_scale": 3.0, "cfg_power": 1.5, "temperature": 0.9, "top_k": 20, "top_p": 0.95}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: waking a second intra-op thread costs more than the maths (seconds on a busy
-    2-core machine), so these tests run torch on one thread and restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

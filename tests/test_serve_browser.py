@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import rargen.sampling as sampling_module
 from serve_helpers import request, running_server, save_tiny_pair, wait_for
@@ -33,20 +32,13 @@ ARGS = [
 
 # CI installs Chromium and sets RARGEN_REQUIRE_BROWSER=1, so there a missing browser fails the
 # run instead of skipping this test.
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists() and not os.environ.get("RARGEN_REQUIRE_BROWSER"),
-    reason="Chromium is not installed (apt-get install -y chromium)",
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: waking a second intra-op thread costs more than the maths (seconds on a busy
-    2-core machine), so these tests run torch on one thread and restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists() and not os.environ.get("RARGEN_REQUIRE_BROWSER"),
+        reason="Chromium is not installed (apt-get install -y chromium)",
+    ),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 @pytest.fixture

@@ -20,15 +20,7 @@ from rargen.tokenizer_train import (
 )
 from rargen.vq_tokenizer import VQTokenizer, VQTokenizerConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny convolutions run fastest on one thread; on a loaded 2-core machine two OpenMP threads can
-    # be 20x slower. Thread count changes speed only.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(seed: int = 0, **overrides) -> VQTokenizer:
