@@ -31,6 +31,7 @@ import math
 import re
 import secrets
 import select
+import signal
 import socket
 import threading
 import time
@@ -597,6 +598,11 @@ def serve(checkpoint: str | Path, tokenizer: str | Path, config: ServeConfig = S
     server = make_server(checkpoint, tokenizer, config)
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {config.host}: anyone who can reach this machine can use the GPU/CPU")
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C and SIGTERM stop the server cleanly, also when the parent started this process
+        # with SIGINT ignored (as shells do for background jobs).
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.default_int_handler)
     print(f"rargen serve: {server.url}  (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
