@@ -80,7 +80,8 @@ def test_fresh_model_blocks_are_identity(tiny_config: ModelConfig) -> None:
     assert torch.count_nonzero(model.cls_token) == 0
 
 
-def test_kv_cache_decode_equals_full_forward(tiny_model: RAR) -> None:
+@pytest.mark.parametrize("step_kind", [int, torch.tensor], ids=["eager-int-step", "fixed-shape-tensor-step"])
+def test_kv_cache_decode_equals_full_forward(tiny_model: RAR, step_kind) -> None:
     generator = torch.Generator().manual_seed(4)
     B, L = 3, 16
     tokens = torch.randint(0, 32, (B, L), generator=generator)
@@ -90,7 +91,8 @@ def test_kv_cache_decode_equals_full_forward(tiny_model: RAR) -> None:
     with torch.no_grad():
         steps = [tiny_model.prefill(labels)]
         for t in range(1, L):
-            steps.append(tiny_model.decode_step(tokens[:, t - 1], torch.tensor(t), labels))
+            modulation = tiny_model.decode_modulations(labels, t, 1)[:, 0]
+            steps.append(tiny_model.decode_step(tokens[:, t - 1], step_kind(t), modulation))
     tiny_model.clear_cache()
     torch.testing.assert_close(torch.stack(steps, 1), full, rtol=0, atol=1e-12)
 
@@ -104,8 +106,11 @@ def test_shared_conditions_equal_per_row(tiny_model: RAR) -> None:
         tiny_model.setup_cache(4)
         kwargs = {"cond_labels": cond_labels, "cond_index": cond_index} if shared else {}
         first = tiny_model.prefill(labels, **kwargs)
-        args = (cond_labels, cond_index) if shared else (labels,)
-        second = tiny_model.decode_step(tokens, torch.tensor(1), *args)
+        if shared:
+            modulation = tiny_model.decode_modulations(cond_labels, 1, 1)[cond_index, 0]
+        else:
+            modulation = tiny_model.decode_modulations(labels, 1, 1)[:, 0]
+        second = tiny_model.decode_step(tokens, torch.tensor(1), modulation)
         outputs.append(torch.cat([first, second]))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-13)
 

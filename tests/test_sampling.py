@@ -16,7 +16,7 @@ from rargen.model import RAR
 from rargen.sampling import (
     SampleConfig,
     cfg_schedule,
-    decode,
+    decode_fixed_shapes,
     filter_logits,
     generate,
     sample_seed,
@@ -163,7 +163,8 @@ def test_compiled_decode_step_has_no_graph_breaks(tiny_model: RAR) -> None:
     cond_labels, cond_index = labels.unique(return_inverse=True)
     model.setup_cache(4)
     args = (model, torch.tensor([3, 4]).repeat(2), torch.tensor(1), cond_labels, cond_index)
-    explanation = torch._dynamo.explain(decode)(*args, torch.tensor(2.0, dtype=torch.float64), True)
+    weight = torch.tensor(2.0, dtype=torch.float64)
+    explanation = torch._dynamo.explain(decode_fixed_shapes)(*args, weight, True)
     model.clear_cache()
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     assert time.perf_counter() - start < 20

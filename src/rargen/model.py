@@ -20,7 +20,6 @@ Every position's adaLN conditioning is ``class_embed[label] + step_embed[s]``. T
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -118,22 +117,29 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, n, hd) at ``positions`` (n,) and return the whole cache."""
-        self.k.index_copy_(2, positions, k)
-        self.v.index_copy_(2, positions, v)
+    def update(self, at: CacheAt, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H, n, hd) at ``at.positions``; return what the new rows attend to."""
+        if isinstance(at.positions, slice):  # a plain strided copy, no index kernel
+            self.k[:, :, at.positions].copy_(k)
+            self.v[:, :, at.positions].copy_(v)
+        else:
+            self.k.index_copy_(2, at.positions, k)
+            self.v.index_copy_(2, at.positions, v)
+        if at.length is not None:  # only the filled prefix
+            return self.k[:, :, : at.length], self.v[:, :, : at.length]
         return self.k, self.v
 
 
 class CacheAt(NamedTuple):
     """Where decoded rows go in the KV cache and what they may attend to.
 
-    ``positions`` (n,): the sequence indices written. Either ``length``: attend to cache slots
-    ``0 .. length-1`` (a Python int: shapes change every step, the cheapest eager path), or
-    ``mask`` (n, L+1) bool over the whole cache (fixed shapes: compiled / CUDA-graph decoding).
+    ``positions``: the sequence indices written, (n,) int64 or a slice (eager decoding). Either
+    ``length``: attend to cache slots ``0 .. length-1`` (a Python int: shapes change every
+    step, the cheapest eager path), or ``mask`` (n, L+1) bool over the whole cache (fixed
+    shapes: compiled / CUDA-graph decoding).
     """
 
-    positions: Tensor
+    positions: Tensor | slice
     mask: Tensor | None = None
     length: int | None = None
 
@@ -166,12 +172,20 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
             assert self.kv_cache is not None, "call model.setup_cache() before decoding"
-            k, v = self.kv_cache.update(at.positions, k, v)
-            if at.length is not None:  # read only the filled prefix (eager decoding)
-                k, v = k[:, :, : at.length], v[:, :, : at.length]
+            k, v = self.kv_cache.update(at, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask)
         y = y.transpose(1, 2).reshape(B, n, D)
         return self.proj_dropout(self.proj(y))
+
+    def decode(self, x: Tensor, at: CacheAt) -> Tensor:
+        """``forward`` for one new row per sequence, x (B, D) -> (B, D), with fewer ops."""
+        B, D = x.shape
+        q, k, v = self.qkv(x).view(B, 3, self.num_heads, D // self.num_heads).unbind(1)  # (B, H, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        assert self.kv_cache is not None, "call model.setup_cache() before decoding"
+        k, v = self.kv_cache.update(at, k[:, :, None], v[:, :, None])
+        y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=at.mask)  # (B, H, 1, hd)
+        return self.proj(y.reshape(B, D))
 
 
 class MLP(nn.Module):
@@ -199,24 +213,29 @@ class Block(nn.Module):
         self.adaln = nn.Linear(config.dim, 6 * config.dim)
 
     def forward(
-        self,
-        x: Tensor,
-        cond: Tensor,
-        at: CacheAt | None = None,
-        cond_index: Tensor | None = None,
-        modulation: Tensor | None = None,
+        self, x: Tensor, cond: Tensor, at: CacheAt | None = None, cond_index: Tensor | None = None
     ) -> Tensor:
         """x (B, n, D); cond (Bc, n, D), one row per batch row unless ``cond_index`` (B,)
-        maps batch rows to the (fewer, shared) condition rows. ``modulation`` (Bc, n, 6D), if
-        given, is ``adaln(silu(cond))`` computed ahead (see ``RAR.modulation_tables``)."""
-        if modulation is None:
-            modulation = self.adaln(F.silu(cond))  # (Bc, n, 6D)
+        maps batch rows to the (fewer, shared) condition rows."""
+        modulation = self.adaln(F.silu(cond))  # (Bc, n, 6D)
         if cond_index is not None:
             modulation = modulation[cond_index]  # (B, n, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), at)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
+
+    def decode(self, x: Tensor, modulation: Tensor, at: CacheAt) -> Tensor:
+        """``forward`` for one new row per sequence: x (B, D), ``modulation`` (B, 6, D) rows
+        (shift, 1 + scale, gate) for attention then for the MLP (``RAR.decode_modulations``).
+
+        The same arithmetic in fewer kernels: each modulation and each gated residual is one
+        fused multiply-add (``addcmul``), and ``1 + scale`` was added once per chunk of steps.
+        """
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.unbind(1)
+        attended = self.attn.decode(torch.addcmul(shift_msa, self.norm1(x), scale_msa), at)
+        x = torch.addcmul(x, gate_msa, attended)
+        return torch.addcmul(x, gate_mlp, self.mlp(torch.addcmul(shift_mlp, self.norm2(x), scale_mlp)))
 
 
 class RAR(nn.Module):
@@ -327,12 +346,9 @@ class RAR(nn.Module):
         # Drop the cls position and the last token (it has no target): outputs s = 1 .. L.
         return self.head_logits(x[:, 1 : L + 1], cond[:, 1 : L + 1])  # (B, L, V)
 
-    def head_logits(
-        self, x: Tensor, cond: Tensor, cond_index: Tensor | None = None, modulation: Tensor | None = None
-    ) -> Tensor:
+    def head_logits(self, x: Tensor, cond: Tensor, cond_index: Tensor | None = None) -> Tensor:
         """Final adaLN layer (split as scale, then shift: the reverse of DiT) and the head."""
-        if modulation is None:
-            modulation = self.final_adaln(F.silu(cond))
+        modulation = self.final_adaln(F.silu(cond))
         if cond_index is not None:
             modulation = modulation[cond_index]
         scale, shift = modulation.chunk(2, dim=-1)
@@ -381,47 +397,45 @@ class RAR(nn.Module):
             x = block(x, cond, at, cond_index)
         return self.head_logits(x[:, 1:], cond[:, 1:], cond_index)[:, 0]  # (B, V)
 
-    def decode_step(
-        self,
-        tokens: Tensor,
-        step: Tensor | int,
-        cond_labels: Tensor,
-        cond_index: Tensor | None = None,
-        modulations: list[Tensor] | None = None,
-    ) -> Tensor:
+    def decode_step(self, tokens: Tensor, step: Tensor | int, modulation: Tensor) -> Tensor:
         """Feed token ``step - 1`` (raster position), return logits (B, V) of token ``step``.
 
         tokens (B,) int64; step in [1, L-1]: a Python int (eager: attention reads only the
         filled part of the cache) or a 0-d int64 tensor (every shape identical at every step,
-        so a compiled step never recompiles); cond_labels (Bc,) and cond_index (B,) as in
-        ``prefill``; ``modulations``: this step's rows of ``modulation_tables`` (optional).
+        so a compiled step never recompiles); ``modulation`` (B, 6 * depth + 2, D): this step's
+        rows of ``decode_modulations``, one per sequence.
         """
         if isinstance(step, int):
-            s = torch.tensor([step + 1], device=tokens.device)  # sequence index of the fed token
-            target = torch.tensor([step], device=tokens.device)
-            at = CacheAt(s, length=step + 2)
+            x = self.token_embed(tokens) + self.pos_embed[step + 1] + self.target_pos_embed[step]
+            at = CacheAt(slice(step + 1, step + 2), length=step + 2)
         else:
-            s, target = (step + 1).reshape(1), step.reshape(1)
+            s = (step + 1).reshape(1)  # sequence index of the fed token
+            x = self.token_embed(tokens) + self.pos_embed[s] + self.target_pos_embed[step.reshape(1)]
             at = CacheAt(s, mask=self._cache_mask(s))
-        x = self.token_embed(tokens) + self.pos_embed[s] + self.target_pos_embed[target]  # (B, D)
-        cond = self.class_embed(cond_labels) + self.step_embed[s]  # (Bc, D)
-        x, cond = x[:, None], cond[:, None]
-        ahead = [None] * (len(self.blocks) + 1) if modulations is None else [m[:, None] for m in modulations]
-        for block, modulation in zip(self.blocks, ahead, strict=False):
-            x = block(x, cond, at, cond_index, modulation)
-        return self.head_logits(x, cond, cond_index, ahead[-1])[:, 0]  # (B, V)
+        for i, block in enumerate(self.blocks):  # x (B, D)
+            x = block.decode(x, modulation[:, 6 * i : 6 * i + 6], at)
+        scale, shift = modulation[:, -2], modulation[:, -1]  # scale holds 1 + scale
+        return self.head(torch.addcmul(shift, self.final_norm(x), scale))
 
-    def modulation_tables(self, cond_labels: Tensor, first_step: int, num_steps: int) -> list[Tensor]:
+    def decode_modulations(self, cond_labels: Tensor, first_step: Tensor | int, num_steps: int) -> Tensor:
         """adaLN modulations of decode steps ``first_step .. first_step + num_steps - 1``.
 
-        Returns one (Bc, num_steps, 6D) tensor per block, then the final layer's (Bc, num_steps,
-        2D). The condition of every future step is known in advance (class + sequence index),
-        so a CPU decoder computes these in one batched product per chunk of steps instead of a
-        few rows per step: the same values, with a third of the per-step weight reads gone.
+        Returns (Bc, num_steps, 6 * depth + 2, D): per block (shift, 1 + scale, gate) for
+        attention, then for the MLP; last the final layer's (1 + scale, shift). The condition
+        of every future step is known in advance (class + sequence index), so a CPU decoder
+        computes a chunk of steps in one batched product per weight instead of a few rows per
+        step: the same values, with a third of the per-step weight reads gone.
         """
-        s = torch.arange(first_step + 1, first_step + num_steps + 1, device=cond_labels.device)
+        cfg = self.config
+        s = torch.arange(num_steps, device=cond_labels.device) + (first_step + 1)
         cond = F.silu(self.class_embed(cond_labels)[:, None] + self.step_embed[s])  # (Bc, n, D)
-        return [block.adaln(cond) for block in self.blocks] + [self.final_adaln(cond)]
+        out = cond.new_empty(cond.shape[0], num_steps, 6 * cfg.depth + 2, cfg.dim)
+        for i, block in enumerate(self.blocks):
+            out[:, :, 6 * i : 6 * i + 6] = block.adaln(cond).unflatten(-1, (6, cfg.dim))
+        out[:, :, -2:] = self.final_adaln(cond).unflatten(-1, (2, cfg.dim))
+        scales = [6 * i + j for i in range(cfg.depth) for j in (1, 4)] + [6 * cfg.depth]
+        out[:, :, scales] += 1
+        return out
 
     # ----------------------------------------------------------------------------------------
 
@@ -436,50 +450,6 @@ class RAR(nn.Module):
         return cfg.depth * per_block + 2 * (2 * D * D + D * cfg.codebook_size)
 
 
-class PackedLinear(nn.Module):
-    """A frozen ``nn.Linear`` whose weight is prepacked for oneDNN (CPU, float32 inference).
-
-    Decoding multiplies a few rows by every weight matrix; for such skinny products oneDNN with
-    a prepacked weight is 1.5-2x faster than the default BLAS path on x86 CPUs (see
-    BENCHMARKS.md). Same float32 arithmetic, another summation order (~1e-6 relative).
-    """
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.out_features = linear.out_features
-        self.weight = linear.weight.detach().to_mkldnn()
-        self.bias = linear.bias.detach().to_mkldnn()
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to_mkldnn()
-        return torch._C._nn.mkldnn_linear(rows, self.weight, self.bias).to_dense().view(*x.shape[:-1], -1)
-
-
-def packed_for_cpu_decoding(model: RAR) -> RAR:
-    """A view of ``model`` for fast CPU decoding: shares every parameter except the Linear
-    weights, which are prepacked copies (so take a new view after the weights change). Returns
-    ``model`` itself where packing does not apply (not CPU, not float32, no oneDNN).
-    """
-    weight = model.head.weight
-    if (
-        weight.device.type != "cpu"
-        or weight.dtype != torch.float32
-        or not torch.backends.mkldnn.is_available()
-    ):
-        return model
-
-    def view(module: nn.Module | None) -> nn.Module | None:
-        if module is None or isinstance(module, KVCache):
-            return None  # the view gets its own cache
-        if isinstance(module, nn.Linear):
-            return PackedLinear(module)
-        clone = copy.copy(module)
-        clone._modules = {name: view(child) for name, child in module._modules.items()}
-        return clone
-
-    return view(model)
-
-
 def count_params_official(config: ModelConfig) -> int:
     """Parameter count of the official model of the same size (it keeps never-used rows)."""
     D, L = config.dim, config.num_image_tokens
@@ -492,8 +462,6 @@ def count_params_official(config: ModelConfig) -> int:
 __all__ = [
     "RAR",
     "CacheAt",
-    "PackedLinear",
-    "packed_for_cpu_decoding",
     "ModelConfig",
     "PRESETS",
     "KVCache",

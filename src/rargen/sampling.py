@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rargen.model import RAR, packed_for_cpu_decoding
+from rargen.cpu_decoding import packed_for_cpu_decoding
+from rargen.model import RAR
 
 
 @dataclass(frozen=True)
@@ -152,19 +153,25 @@ def prefill(model: RAR, rows: Tensor, cond_labels: Tensor, cond_index: Tensor, w
     return guided_logits(model.prefill(rows, cond_labels, cond_index), weight, guided)
 
 
-def decode(
+def decode(model: RAR, tokens: Tensor, step: Tensor | int, modulation: Tensor, weight: Tensor, guided: bool):
+    """Guided logits (B, V) of token ``step`` after feeding ``tokens`` (rows, repeated for CFG);
+    ``modulation`` (rows, 6 * depth + 2, D) is the step's slice of ``RAR.decode_modulations``."""
+    return guided_logits(model.decode_step(tokens, step, modulation), weight, guided)
+
+
+def decode_fixed_shapes(
     model: RAR,
     tokens: Tensor,
-    step: Tensor | int,
+    step: Tensor,
     cond_labels: Tensor,
     cond_index: Tensor,
     weight: Tensor,
     guided: bool,
-    modulations: list[Tensor] | None = None,
 ) -> Tensor:
-    """Guided logits (B, V) of token ``step`` after feeding ``tokens`` (rows, repeated for CFG)."""
-    logits = model.decode_step(tokens, step, cond_labels, cond_index, modulations)
-    return guided_logits(logits, weight, guided)
+    """``decode`` with the step's modulation computed inside: one graph with the same shapes at
+    every step (``step`` a 0-d tensor), for ``torch.compile`` and CUDA graphs."""
+    modulation = model.decode_modulations(cond_labels, step, 1)[cond_index, 0]
+    return decode(model, tokens, step, modulation, weight, guided)
 
 
 # Budget for the adaLN modulations computed ahead for a chunk of eager decode steps.
@@ -181,13 +188,11 @@ def modulation_chunk(model: RAR, num_conditions: int) -> int:
 _COMPILED: dict[str, Callable] = {}
 
 
-def _decode_fn(compile: bool, device: torch.device) -> Callable:
-    if not compile:
-        return decode
+def _compiled_decode(device: torch.device) -> Callable:
     mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
     key = str(mode)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(decode, fullgraph=True, mode=mode)
+        _COMPILED[key] = torch.compile(decode_fixed_shapes, fullgraph=True, mode=mode)
     return _COMPILED[key]
 
 
@@ -216,14 +221,14 @@ def decode_loop(
     weights = cfg_schedule(cfg.num_image_tokens, config.cfg_scale, config.cfg_power, device)
     step_ids = torch.arange(cfg.num_image_tokens, device=device)
     if not compile:
-        # Eager CPU float32 decoding runs the Linear layers through oneDNN with prepacked
-        # weights (a per-call view: the caller's model is untouched and may change later).
+        # Eager CPU decoding runs the Linear layers through oneDNN with prepacked weights
+        # (a per-call view: the caller's model is untouched and may change later).
         model = packed_for_cpu_decoding(model)
     dtype = torch.bfloat16 if bf16 else model.head.weight.dtype
     cache = model.blocks[0].attn.kv_cache
     if cache is None or cache.k.shape[0] != rows.shape[0] or cache.k.dtype != dtype:
         model.setup_cache(rows.shape[0], dtype)  # reused when possible: no recompiles
-    step_fn = _decode_fn(compile, device)
+    compiled_step = _compiled_decode(device) if compile else None
     chunk = modulation_chunk(model, cond_labels.shape[0])
     try:
         with torch.inference_mode():
@@ -233,15 +238,16 @@ def decode_loop(
             # inference_mode per step, not across the yield: the caller's code runs in between.
             with torch.inference_mode():
                 fed = torch.cat([token, token]) if guided else token
-                if compile:  # identical shapes every step: a tensor step, modulations inside
-                    logits = step_fn(model, fed, step_ids[t], cond_labels, cond_index, weights[t], guided)
+                if compiled_step is not None:  # identical shapes every step: a tensor step
+                    step = step_ids[t]
+                    logits = compiled_step(model, fed, step, cond_labels, cond_index, weights[t], guided)
                 else:  # eager: a Python step (attention reads only the filled cache) and the
                     # adaLN modulations of `chunk` steps at once (one pass over those weights)
                     if (t - 1) % chunk == 0:
                         count = min(chunk, cfg.num_image_tokens - t)
-                        tables = model.modulation_tables(cond_labels, t, count)
-                    ahead = [table[:, (t - 1) % chunk] for table in tables]
-                    logits = step_fn(model, fed, t, cond_labels, cond_index, weights[t], guided, ahead)
+                        tables = model.decode_modulations(cond_labels, t, count)
+                    modulation = tables[cond_index, (t - 1) % chunk]  # (rows, 6 * depth + 2, D)
+                    logits = decode(model, fed, t, modulation, weights[t], guided)
                 token = choose(t, logits)
             yield t
     finally:
@@ -340,6 +346,7 @@ __all__ = [
     "SampleConfig",
     "cfg_schedule",
     "decode",
+    "decode_fixed_shapes",
     "decode_loop",
     "draw_noise",
     "filter_logits",

@@ -1,0 +1,97 @@
+"""Fast decoding on CPUs: the model's Linear layers with weights prepacked for oneDNN.
+
+Decoding multiplies a few rows (2 per image with guidance) by every weight matrix, so a decode
+step is a chain of skinny matrix products whose speed is set by how fast the weights stream
+from memory. PyTorch's default path (MKL ``sgemm`` on the plain row-major weight) reaches about
+a third of this machine's memory bandwidth on such products; oneDNN with a weight laid out
+ahead of time for its kernels reaches most of it (``benchmarks/bench_sampling.py``,
+BENCHMARKS.md). The arithmetic keeps the model's dtype (float32, or bfloat16 for a bf16
+model): only the summation order differs (~1e-6 relative in float32), and the fc1 GELU (exact,
+erf) runs inside the same oneDNN call.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from rargen.model import MLP, RAR, KVCache
+
+
+def _linear_pointwise_available() -> bool:
+    ops = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(ops, name) for name in ("_linear_pointwise", "_reorder_linear_weight")
+    )
+
+
+class PackedLinear(nn.Module):
+    """A frozen ``nn.Linear`` (optionally followed by exact GELU) on a prepacked oneDNN weight.
+
+    Takes and returns ordinary dense tensors (..., in) -> (..., out) of the weight's dtype.
+    """
+
+    def __init__(self, linear: nn.Linear, activation: str = "none") -> None:
+        super().__init__()
+        if activation not in ("none", "gelu"):
+            raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
+        self.out_features = linear.out_features
+        self.activation = activation
+        # Reordered once into oneDNN's blocked layout: at 16 rows this is 1.4x faster than the
+        # plain layout, which oneDNN would otherwise re-block inside every call.
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias = linear.bias.detach()
+        # oneDNN post-op: "gelu" with algorithm "none" is the erf GELU of F.gelu's default.
+        self.algorithm = "none" if activation == "gelu" else ""
+
+    def forward(self, x: Tensor) -> Tensor:
+        linear = torch.ops.mkldnn._linear_pointwise
+        return linear(x, self.weight, self.bias, self.activation, [], self.algorithm)
+
+
+class PackedMLP(nn.Module):
+    """``MLP`` for inference: fc1 + GELU in one oneDNN call, then fc2 (dropout is off in eval)."""
+
+    def __init__(self, mlp: MLP) -> None:
+        super().__init__()
+        self.fc1 = PackedLinear(mlp.fc1, activation="gelu")
+        self.fc2 = PackedLinear(mlp.fc2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.fc1(x))
+
+
+def packed_for_cpu_decoding(model: RAR) -> RAR:
+    """A view of ``model`` for fast CPU decoding.
+
+    The view shares every parameter except the Linear weights, which are prepacked copies (so
+    take a new view after the weights change), and has no KV cache of its own yet. Returns
+    ``model`` itself where packing does not apply (not CPU, not float32 or bfloat16, no oneDNN,
+    training).
+    """
+    weight = model.head.weight
+    if weight.device.type != "cpu" or model.training or not _linear_pointwise_available():
+        return model
+    if weight.dtype == torch.bfloat16:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return model
+    elif weight.dtype != torch.float32:
+        return model
+
+    def view(module: nn.Module | None) -> nn.Module | None:
+        if module is None or isinstance(module, KVCache):
+            return None  # the view gets its own cache
+        if isinstance(module, MLP):
+            return PackedMLP(module)
+        if isinstance(module, nn.Linear):
+            return PackedLinear(module)
+        clone = copy.copy(module)
+        clone._modules = {name: view(child) for name, child in module._modules.items()}
+        return clone
+
+    return view(model)
+
+
+__all__ = ["PackedLinear", "PackedMLP", "packed_for_cpu_decoding"]
