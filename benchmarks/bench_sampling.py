@@ -1,16 +1,17 @@
 """Sampling speed: rargen (fp32, bf16, compiled) beside the official ``RAR.generate`` on the same weights.
 
-    /work/venv/bin/python benchmarks/bench_sampling.py --official /work/official --steps 32 --batches 1,8
+    python benchmarks/bench_sampling.py --official /path/to/official --steps 256 --batches 1,8
 
 Both samplers get the same random RAR weights (rargen's, converted with ``rargen.convert.to_official``)
 and the same CFG setting, and are timed in one process, alternately. ``--steps S`` times the first S
-tokens of a generation and extrapolates an image as 256 * (time per step); rargen's step costs the
-same at every t (static cache), the official step grows with t (its cache grows by ``cat``), so the
-extrapolation flatters the official sampler. ``--full-official B`` also times one full 256-step
-official generation at batch B. The roofline floor per step is max(weight bytes / bandwidth,
-FLOPs / matmul rate), both measured here. The official tree (an extracted checkout, never
-vendored) is imported as in tests/reference: namespace-package stubs and a ``timm.layers.Mlp``
-stand-in, so neither torchvision nor timm is needed.
+tokens of a generation and reports time / S; both samplers' steps grow with t (attention reads the
+prefix), so quote whole generations (``--steps 256``). ``--full-official B`` also times one full
+256-step official generation at batch B. rargen's eager variants run on a model packed once for
+oneDNN (``rargen.cpu_decoding``), as ``rargen sample`` does; the packing time is printed above
+the table (``generate`` on a plain model packs on every call). The roofline floor per step is
+max(weight bytes / bandwidth, FLOPs / matmul rate), both measured here. The official tree (an
+extracted checkout, never vendored) is imported as in tests/reference: namespace-package stubs
+and a ``timm.layers.Mlp`` stand-in, so neither torchvision nor timm is needed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "referenc
 from official_shim import import_official  # noqa: E402
 
 from rargen.convert import to_official
+from rargen.cpu_decoding import packed_for_cpu_decoding
 from rargen.model import RAR, ModelConfig
 from rargen.sampling import SampleConfig, decode_loop, filter_logits, sample_from_logits
 
@@ -178,10 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# sampling: {config}; timed {args.steps} steps (best of {args.repeats}), per image = L x per step"
     )
-    print(
-        "| model | batch | sampler | ms/step | s/batch (L steps) | images/s | vs official | floor ms/step |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    models = {}
     for preset in args.presets.split(","):
         torch.manual_seed(0)
         with torch.device(device):
@@ -191,6 +190,17 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():  # random weights; adaLN-zero init would make blocks identities
             for p in model.parameters():
                 p.normal_(0, 0.02)
+        models[preset] = model
+        if device.type == "cpu":
+            start = time.perf_counter()
+            packed_for_cpu_decoding(model)
+            seconds = time.perf_counter() - start
+            print(f"# {preset}: packing the weights for oneDNN takes {seconds:.2f} s, once per model")
+    print(
+        "| model | batch | sampler | ms/step | s/batch (L steps) | images/s | vs official | floor ms/step |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for preset, model in models.items():
         official = official_model(args.official, model) if args.official else None
         L = model.config.num_image_tokens
         for batch in (int(b) for b in args.batches.split(",")):
@@ -205,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             for variant in args.variants.split(","):
                 bf16, compile = "bf16" in variant, "compiled" in variant
                 m = copy.deepcopy(model).to(torch.bfloat16) if bf16 else model
+                if not compile:  # packed once per model, as `rargen sample` does (timed above)
+                    m = packed_for_cpu_decoding(m)
                 time_rargen(m, labels, config, 4 if not compile else 8, bf16, compile)  # warm-up / compile
                 best = min(
                     time_rargen(m, labels, config, args.steps, bf16, compile) for _ in range(args.repeats)

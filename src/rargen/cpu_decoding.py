@@ -67,12 +67,16 @@ def packed_for_cpu_decoding(model: RAR) -> RAR:
     """A view of ``model`` for fast CPU decoding.
 
     The view shares every parameter except the Linear weights, which are prepacked copies (so
-    take a new view after the weights change), and has no KV cache of its own yet. Returns
-    ``model`` itself where packing does not apply (not CPU, not float32 or bfloat16, no oneDNN,
-    training).
+    take a new view after the weights change), and has no KV cache of its own yet. ``generate``
+    takes a view of a plain model on every call (~0.2 s for RAR-B); pass it a view made once to
+    skip that when sampling many batches (``rargen sample`` does). Returns ``model`` itself
+    where packing does not apply (not CPU, not float32 or bfloat16, no oneDNN, training) or
+    when it is already such a view.
     """
     weight = model.head.weight
-    if weight.device.type != "cpu" or model.training or not _linear_pointwise_available():
+    if is_packed(model) or weight.device.type != "cpu" or model.training:
+        return model
+    if not _linear_pointwise_available():
         return model
     if weight.dtype == torch.bfloat16:
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -94,4 +98,9 @@ def packed_for_cpu_decoding(model: RAR) -> RAR:
     return view(model)
 
 
-__all__ = ["PackedLinear", "PackedMLP", "packed_for_cpu_decoding"]
+def is_packed(model: RAR) -> bool:
+    """Whether ``model`` is a ``packed_for_cpu_decoding`` view."""
+    return isinstance(model.head, PackedLinear)
+
+
+__all__ = ["PackedLinear", "PackedMLP", "is_packed", "packed_for_cpu_decoding"]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from rargen.cpu_decoding import packed_for_cpu_decoding
 from rargen.sampling import SampleConfig, generate_images, sample_seed
 
 
@@ -88,6 +89,8 @@ def sample_to_folder(
     tokenizer = load(tokenizer_path).to(device).eval().requires_grad_(False)
     if bf16:
         model = model.to(torch.bfloat16)
+    if not compile:  # pack the weights for CPU decoding once, not once per batch
+        model = packed_for_cpu_decoding(model)
     num_classes = model.config.num_classes
     if not labels or min(labels) < 0 or max(labels) >= num_classes:
         raise ValueError(f"labels must be classes in [0, {num_classes - 1}], got {list(labels)[:10]}")

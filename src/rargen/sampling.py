@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rargen.cpu_decoding import packed_for_cpu_decoding
+from rargen.cpu_decoding import is_packed, packed_for_cpu_decoding
 from rargen.model import RAR
 
 
@@ -255,7 +255,9 @@ def decode_loop(
             model.clear_cache()
 
 
-def _check_model(model: RAR, bf16: bool) -> None:
+def _check_model(model: RAR, bf16: bool, compile: bool) -> None:
+    if compile and is_packed(model):
+        raise ValueError("compile=True needs the model itself, not a packed_for_cpu_decoding view")
     if model.training:
         raise ValueError("the model is in training mode (dropout on); call model.eval() before sampling")
     if bf16 and model.head.weight.dtype != torch.bfloat16:
@@ -278,7 +280,7 @@ def generate(
     ``bf16`` runs a bf16 model (weights and activations; guidance in float32); ``compile``
     compiles the decode step (CUDA graphs on GPU). Both keep the cache between calls.
     """
-    _check_model(model, bf16)
+    _check_model(model, bf16, compile)
     labels = torch.as_tensor(labels, dtype=torch.int64, device=model.head.weight.device)
     cfg = model.config
     noise = draw_noise(
@@ -309,7 +311,7 @@ def token_probs(
 
     Same cached decode path, guidance, temperature and truncation as ``generate``.
     """
-    _check_model(model, bf16)
+    _check_model(model, bf16, compile)
     tokens = torch.as_tensor(tokens, device=model.head.weight.device)
     out: list[Tensor] = []
 
