@@ -15,7 +15,8 @@
 #
 # --official DIR is an extracted official tree (default $OFFICIAL or /work/official); without it the
 # official rows are skipped. --steps: tokens timed per run (256 = whole images; the table
-# extrapolates 256 x per-step time, which flatters the official sampler whose steps grow with t).
+# extrapolates 256 x per-step time of the first tokens, which flatters the samplers whose steps
+# grow with t: the official one most, rargen's eager fp32 a little, not the fixed-shape compiled one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 official="${OFFICIAL:-.official}"

@@ -71,3 +71,15 @@ def test_packed_decoding_matches_float64(tiny_model: RAR) -> None:
     reference = token_probs(tiny_model, [0, 3, 9], tokens, config)
     packed = token_probs(packed_for_cpu_decoding(tiny_model.float()), [0, 3, 9], tokens, config)
     torch.testing.assert_close(packed.double(), reference, rtol=0, atol=1e-5)
+
+
+def test_few_rows_are_padded_without_changing_them() -> None:
+    """1-3 rows run through the 4-row kernel (zero rows added, their outputs dropped)."""
+    linear = torch.nn.Linear(64, 48)
+    packed = PackedLinear(linear)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    four = packed(x)
+    for rows in (1, 2, 3):
+        got = packed(x[:rows])
+        assert got.shape == (rows, 48) and got.is_contiguous()
+        torch.testing.assert_close(got, four[:rows], rtol=0, atol=1e-6)
