@@ -432,9 +432,10 @@ class RAR(nn.Module):
         out = cond.new_empty(cond.shape[0], num_steps, 6 * cfg.depth + 2, cfg.dim)
         for i, block in enumerate(self.blocks):
             out[:, :, 6 * i : 6 * i + 6] = block.adaln(cond).unflatten(-1, (6, cfg.dim))
+            out[:, :, 6 * i + 1] += 1  # scale_msa
+            out[:, :, 6 * i + 4] += 1  # scale_mlp
         out[:, :, -2:] = self.final_adaln(cond).unflatten(-1, (2, cfg.dim))
-        scales = [6 * i + j for i in range(cfg.depth) for j in (1, 4)] + [6 * cfg.depth]
-        out[:, :, scales] += 1
+        out[:, :, -2] += 1  # the final layer's scale
         return out
 
     # ----------------------------------------------------------------------------------------
