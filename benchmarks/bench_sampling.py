@@ -21,6 +21,7 @@ import copy
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -192,10 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     config = SampleConfig.from_name(args.sample)
     bandwidth_bytes = 1 << 30 if device.type == "cpu" else 4 << 30
     matmul_size = 2048 if device.type == "cpu" else 8192
-    bandwidth = measure_bandwidth(device, bandwidth_bytes)
-    matmul = measure_matmul(device, torch.float32, matmul_size)
     print(f"# {platform.machine()} {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"# measured: streaming read {bandwidth / 1e9:.1f} GB/s, fp32 matmul {matmul / 1e9:.0f} GFLOP/s")
     print(
         f"# sampling: {config}; timed {args.steps} steps (best of {args.repeats}), per image = L x per step"
     )
@@ -220,34 +218,54 @@ def main(argv: list[str] | None = None) -> int:
         "| floor: all weights | floor: rargen's reads |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    rates: list[tuple[float, float]] = []  # (bytes/s, FLOP/s) per group of rows
+    groups: list[str] = []
     for preset, model in models.items():
         official = official_model(args.official, model) if args.official else None
         L = model.config.num_image_tokens
         for batch in (int(b) for b in args.batches.split(",")):
             labels = torch.arange(batch, device=device) * 7 % model.config.num_classes
-            rows: list[tuple[str, float]] = []
+            # Every sampler is warmed up, then the repeats run round-robin (official, fp32, bf16, ...,
+            # official, fp32, ...), so a drift of the shared host hits all of them alike; the
+            # machine's rates are measured in every round too and the best is used for the floors.
+            timers: list[tuple[str, Callable[[int], float]]] = []
             if official is not None:
-                time_official(official, labels, config, 2)  # warm-up
-                best = min(time_official(official, labels, config, args.steps) for _ in range(args.repeats))
-                rows.append(("official fp32", best / args.steps))
-                if args.full_official == batch:
-                    rows.append(("official fp32 (full 256)", time_official(official, labels, config, L) / L))
+                timers.append(
+                    (
+                        "official fp32",
+                        lambda n, official=official, labels=labels: time_official(
+                            official, labels, config, n
+                        ),
+                    )
+                )
             for variant in args.variants.split(","):
                 bf16, compile = "bf16" in variant, "compiled" in variant
                 m = copy.deepcopy(model).to(torch.bfloat16) if bf16 else model
                 if not compile:  # packed once per model, as `rargen sample` does (timed above)
                     m = packed_for_cpu_decoding(m)
-                time_rargen(m, labels, config, 4 if not compile else 8, bf16, compile)  # warm-up / compile
-                best = min(
-                    time_rargen(m, labels, config, args.steps, bf16, compile) for _ in range(args.repeats)
+                timers.append(
+                    (
+                        f"rargen {variant}",
+                        lambda n, m=m, bf16=bf16, compile=compile, labels=labels: time_rargen(
+                            m, labels, config, n, bf16, compile
+                        ),
+                    )
                 )
-                per_step = best / args.steps
-                rows.append((f"rargen {variant}", per_step))
-                m.clear_cache()
-                del m
-            # The machine's rates, measured again beside each group of rows (a shared host drifts).
-            bandwidth = max(bandwidth, measure_bandwidth(device, bandwidth_bytes))
-            matmul = max(matmul, measure_matmul(device, torch.float32, matmul_size))
+            for name, timer in timers:
+                timer(8 if "compiled" in name else 2)  # warm-up (and compilation)
+            best = {name: float("inf") for name, _ in timers}
+            bandwidth = matmul = 0.0
+            for _ in range(args.repeats):
+                bandwidth = max(bandwidth, measure_bandwidth(device, bandwidth_bytes))
+                matmul = max(matmul, measure_matmul(device, torch.float32, matmul_size))
+                for name, timer in timers:
+                    best[name] = min(best[name], timer(args.steps) / args.steps)
+            rows = list(best.items())
+            if official is not None and args.full_official == batch:
+                rows.insert(1, ("official fp32 (full 256)", time_official(official, labels, config, L) / L))
+            del timers
+            rates.append((bandwidth, matmul))
+            groups.append(f"{preset} batch {batch}")
             cost = step_cost(model, batch, config.guided, len(labels.unique()))
             floors = [
                 max(cost[key] / bandwidth, cost["flops"] / matmul)
@@ -263,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                     + " |",
                     flush=True,
                 )
-    print(f"# rates used for the floors (best seen): {bandwidth / 1e9:.1f} GB/s, {matmul / 1e9:.0f} GFLOP/s")
+    for (bandwidth, matmul), group in zip(rates, groups, strict=True):
+        print(f"# {group}: floors from {bandwidth / 1e9:.1f} GB/s and {matmul / 1e9:.0f} GFLOP/s (best seen)")
     return 0
 
 
