@@ -83,3 +83,21 @@ def test_few_rows_are_padded_without_changing_them() -> None:
         got = packed(x[:rows])
         assert got.shape == (rows, 48) and got.is_contiguous()
         torch.testing.assert_close(got, four[:rows], rtol=0, atol=1e-6)
+
+
+def test_replicas_of_a_view_share_the_packed_weights(tiny_model: RAR) -> None:
+    """What `rargen serve` does: deep copies with a memo share every weight, not the KV cache."""
+    import copy
+
+    view = packed_for_cpu_decoding(tiny_model.float())
+    shared = {id(t): t for t in [*view.parameters(), *view.buffers()]}
+    replica = copy.deepcopy(view, shared)
+    assert (
+        replica.head.weight is view.head.weight
+        and replica.blocks[0].mlp.fc1.bias is view.blocks[0].mlp.fc1.bias
+    )
+    assert replica.blocks[0].attn is not view.blocks[0].attn  # each replica gets its own cache
+    config = SampleConfig(cfg_scale=2.0)
+    assert torch.equal(
+        generate(replica, [1, 2], config, seeds=[3, 4]), generate(view, [1, 2], config, seeds=[3, 4])
+    )

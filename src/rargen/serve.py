@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rargen.cpu_decoding import packed_for_cpu_decoding
 from rargen.model import RAR
 from rargen.sampling import (
     SampleConfig,
@@ -213,8 +214,11 @@ class Engine:
         with torch.inference_mode():
             probe = self.tokenizer.decode(torch.zeros(1, side, side, dtype=torch.int64, device=config.device))
         self.image_size = (int(probe.shape[-2]), int(probe.shape[-1]))
-        params = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-        self._replicas: list[RAR] = [copy.deepcopy(model, dict(params)) for _ in range(config.max_jobs)]
+        # Weights packed for CPU decoding once, not per request (a no-op elsewhere); the replicas
+        # share them, parameters and packed buffers alike.
+        packed = packed_for_cpu_decoding(self.model)
+        shared = {id(t): t for t in [*packed.parameters(), *packed.buffers()]}
+        self._replicas: list[RAR] = [copy.deepcopy(packed, dict(shared)) for _ in range(config.max_jobs)]
         self._lock = threading.Lock()
         self._rate: dict[str, deque[float]] = {}
         self.stats = {"active_jobs": 0, "completed": 0, "cancelled": 0, "failed": 0}
