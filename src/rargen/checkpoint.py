@@ -33,6 +33,7 @@ _KINDS: dict[str, str] = {
     "rar": "rargen.model:RAR",
     "maskgit-vqgan": "rargen.vqgan:MaskGITVQGAN",
     "vq-tokenizer": "rargen.vq_tokenizer:VQTokenizer",
+    "titok": "rargen.titok:TiTok",
     "digit-classifier": "rargen.digits:DigitClassifier",
 }
 

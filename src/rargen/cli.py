@@ -66,9 +66,15 @@ def _convert_parser(subparsers: argparse._SubParsersAction) -> None:
     vqgan.add_argument("file")
     vqgan.add_argument("--out", required=True, help="output tokenizer folder")
     vqgan.set_defaults(run=_run_convert_official_vqgan)
-    back = kinds.add_parser("to-official", help="a rargen generator folder -> official-layout .safetensors")
-    back.add_argument("checkpoint", help="rargen generator checkpoint folder")
-    back.add_argument("--out", required=True, help="output .safetensors file")
+    titok = kinds.add_parser("official-titok", help="a TiTok Hub snapshot folder -> tokenizer folder")
+    titok.add_argument("snapshot", help="folder with config.json + model.safetensors (or pytorch_model.bin)")
+    titok.add_argument("--out", required=True, help="output tokenizer folder")
+    titok.set_defaults(run=_run_convert_official_titok)
+    back = kinds.add_parser(
+        "to-official", help="a rargen generator (-> .safetensors) or TiTok folder (-> snapshot folder)"
+    )
+    back.add_argument("checkpoint", help="rargen generator or TiTok checkpoint folder")
+    back.add_argument("--out", required=True, help="output .safetensors file (generator) or folder (TiTok)")
     back.set_defaults(run=_run_convert_to_official)
 
 
@@ -94,12 +100,34 @@ def _run_convert_official_vqgan(args: argparse.Namespace) -> None:
     print(f"converted {args.file} -> {args.out}")
 
 
+def _run_convert_official_titok(args: argparse.Namespace) -> None:
+    from rargen.checkpoint import save
+    from rargen.titok_convert import convert_official_titok
+
+    tokenizer, notes = convert_official_titok(args.snapshot)
+    save(tokenizer, args.out, extra={"converted_from": str(args.snapshot), "notes": notes})
+    for note in notes:
+        print(f"note: {note}")
+    cfg = tokenizer.config
+    print(
+        f"converted {args.snapshot} -> {args.out}: {tokenizer.num_params():,} parameters, "
+        f"{cfg.num_latent_tokens} tokens of {cfg.codebook_size} codes per {cfg.image_size}px image"
+    )
+
+
 def _run_convert_to_official(args: argparse.Namespace) -> None:
     from rargen.checkpoint import load
     from rargen.convert import save_official
     from rargen.model import RAR
+    from rargen.titok import TiTok
 
     model = load(args.checkpoint)
+    if isinstance(model, TiTok):
+        from rargen.titok_convert import save_official_snapshot
+
+        save_official_snapshot(model, args.out)
+        print(f"wrote the official snapshot layout of {args.checkpoint} to {args.out}")
+        return
     if not isinstance(model, RAR):
         raise ValueError(f"{args.checkpoint!r} is a {type(model).__name__} checkpoint, not a RAR generator")
     save_official(model, args.out)

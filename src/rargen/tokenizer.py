@@ -1,15 +1,21 @@
-"""The tokenizer interface shared by the MaskGIT-VQGAN (``vqgan.py``) and the trainable VQ tokenizer.
+"""The tokenizer interface shared by the MaskGIT-VQGAN (``vqgan.py``), the trainable VQ tokenizer
+(``vq_tokenizer.py``) and TiTok (``titok.py``).
 
-A tokenizer maps images to a grid of discrete codes and back:
+A tokenizer maps images to discrete codes and back:
 
-* ``encode(images) -> codes``: images float (B, 3, H, W) in [0, 1], H and W divisible by
-  ``downsample_factor``; codes (B, h, w) int64 in [0, codebook_size), row-major grid.
-* ``decode(codes) -> images``: codes (B, h, w) (or (B, h*w) for a square grid, the generator's
-  token layout) -> images float (B, 3, h*f, w*f) clamped to [0, 1].
-* ``codebook_size``, ``downsample_factor`` and ``grid_shape(H, W) -> (h, w)`` describe the mapping.
+* ``encode(images) -> codes``: images float (B, 3, H, W) in [0, 1]; codes (B, *token_shape)
+  int64 in [0, codebook_size): a row-major (h, w) grid for the 2D tokenizers, a (K,) sequence
+  for TiTok.
+* ``decode(codes) -> images``: codes (B, *token_shape) -> images float (B, 3, H, W) clamped to
+  [0, 1]. The 2D tokenizers also take (B, h*w) for a square grid.
+* ``codebook_size`` and ``token_shape(H, W) -> (h, w) | (K,)`` describe the mapping; the 2D
+  tokenizers also have ``downsample_factor`` and ``grid_shape`` (= ``token_shape``).
 
-Both run batched under ``torch.inference_mode()``; both are checkpoint modules, saved with
-``rargen.checkpoint.save`` and rebuilt with ``rargen.load``. The input checks live here so both
+The generator sees every layout as a flat sequence (B, L), L = prod(token_shape), in the layout's
+raster order; ``codes_from_sequence`` turns that back into what ``decode`` takes.
+
+All run batched under ``torch.inference_mode()``; all are checkpoint modules, saved with
+``rargen.checkpoint.save`` and rebuilt with ``rargen.load``. The input checks live here so the
 tokenizers reject bad inputs with the same messages.
 """
 
@@ -24,15 +30,12 @@ from torch import Tensor, nn
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """Images in [0, 1] <-> (B, h, w) int64 codes. See the module docstring for the contract."""
+    """Images in [0, 1] <-> (B, *token_shape) int64 codes. See the module docstring for the contract."""
 
     @property
     def codebook_size(self) -> int: ...
 
-    @property
-    def downsample_factor(self) -> int: ...
-
-    def grid_shape(self, height: int, width: int) -> tuple[int, int]: ...
+    def token_shape(self, height: int, width: int) -> tuple[int, ...]: ...
 
     def encode(self, images: Tensor) -> Tensor: ...
 
@@ -48,6 +51,27 @@ def grid_shape(height: int, width: int, downsample_factor: int) -> tuple[int, in
                 f"{downsample_factor}; resize or crop images to a multiple of {downsample_factor}"
             )
     return height // downsample_factor, width // downsample_factor
+
+
+def token_shape_of(tokenizer: Any, height: int, width: int) -> tuple[int, ...]:
+    """The codes' shape per image: ``token_shape`` when the tokenizer has it, else its 2D ``grid_shape``."""
+    shape = getattr(tokenizer, "token_shape", None) or tokenizer.grid_shape
+    return tuple(int(n) for n in shape(height, width))
+
+
+def codes_from_sequence(tokenizer: Any, tokens: Tensor) -> Tensor:
+    """Generator tokens (B, L) -> the codes ``tokenizer.decode`` takes: (B, L) for a 1D tokenizer
+    (one with ``num_latent_tokens``), else the square (B, h, w) grid in raster order."""
+    if hasattr(tokenizer, "num_latent_tokens"):
+        return tokens
+    L = tokens.shape[1]
+    side = math.isqrt(L)
+    if side * side != L:
+        raise ValueError(
+            f"the generator's {L} tokens do not form a square grid for the 2D tokenizer "
+            f"{type(tokenizer).__name__}; reshape the tokens to its (h, w) grid and decode yourself"
+        )
+    return tokens.view(-1, side, side)
 
 
 def check_images(images: Tensor, downsample_factor: int, dtype: torch.dtype) -> Tensor:
@@ -91,6 +115,28 @@ def check_codes(codes: Tensor, codebook_size: int) -> Tensor:
         codes = codes.reshape(codes.shape[0], side, side)
     if codes.ndim != 3:
         raise ValueError(f"codes must have shape (B, h, w) or (B, h*w), got {tuple(codes.shape)}")
+    _check_code_range(codes, codebook_size)
+    return codes.long()
+
+
+def check_sequence_codes(codes: Tensor, codebook_size: int, length: int) -> Tensor:
+    """Validate integer codes (B, length) of a 1D tokenizer (also (B, 1, length)); return int64."""
+    if not isinstance(codes, Tensor):
+        raise ValueError(f"codes must be a torch.Tensor of shape (B, {length}), got {type(codes).__name__}")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer tensor, got dtype {codes.dtype}; use codes.long()")
+    if codes.ndim == 3 and codes.shape[1] == 1:  # the official (B, 1, K) layout
+        codes = codes[:, 0]
+    if codes.ndim != 2 or codes.shape[1] != length:
+        raise ValueError(
+            f"codes must have shape (B, {length}) for this 1D tokenizer ({length} tokens per image), "
+            f"got {tuple(codes.shape)}; were they made by another tokenizer?"
+        )
+    _check_code_range(codes, codebook_size)
+    return codes.long()
+
+
+def _check_code_range(codes: Tensor, codebook_size: int) -> None:
     if codes.numel():
         low, high = torch.aminmax(codes)
         if int(low) < 0 or int(high) >= codebook_size:
@@ -98,7 +144,6 @@ def check_codes(codes: Tensor, codebook_size: int) -> Tensor:
                 f"codes must lie in [0, {codebook_size}) for this codebook, got values in "
                 f"[{int(low)}, {int(high)}]; were they made by a tokenizer with another codebook?"
             )
-    return codes.long()
 
 
 class VQImageTokenizer(nn.Module):
@@ -121,6 +166,10 @@ class VQImageTokenizer(nn.Module):
 
     def grid_shape(self, height: int, width: int) -> tuple[int, int]:
         return grid_shape(height, width, self.downsample_factor)
+
+    def token_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w): a row-major 2D grid of codes."""
+        return self.grid_shape(height, width)
 
     @property
     def codebook(self) -> Tensor:
