@@ -88,11 +88,11 @@ class TokenLoader:
         return order[start : start + self.batch_size]
 
     def batch(self, epoch: int, step: int) -> tuple[Tensor, Tensor]:
-        """This rank's batch ``step`` of ``epoch``: tokens (B, h*w) int64, labels (B,) int64."""
+        """This rank's batch ``step`` of ``epoch``: tokens (B, L = prod(grid)) int64, labels (B,) int64."""
         indices = self.batch_indices(epoch, step)
         _, variants = self.epoch_plan(epoch)
-        tokens = self.store.gather(indices, variants[indices])  # (B, h, w) uint16
-        tokens = torch.from_numpy(tokens.astype(np.int64)).view(len(indices), -1)  # raster order
+        tokens = self.store.gather(indices, variants[indices])  # (B, *grid) uint16
+        tokens = torch.from_numpy(tokens.astype(np.int64)).view(len(indices), -1)  # raster / sequence order
         labels = torch.from_numpy(self.store.labels[indices].astype(np.int64))
         return tokens, labels
 

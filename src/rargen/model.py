@@ -90,6 +90,12 @@ PRESETS: dict[str, ModelConfig] = {
     "rar-l": ModelConfig(dim=1024, depth=24, num_heads=16, mlp_dim=4096),
     "rar-xl": ModelConfig(dim=1280, depth=32, num_heads=16, mlp_dim=5120),
     "rar-xxl": ModelConfig(dim=1408, depth=40, num_heads=16, mlp_dim=6144),
+    # RAR-B over TiTok's 1D tokens (rargen.titok: 4096 codes; 32, 64 or 128 tokens per 256x256
+    # image), at the RAR-B widths (the defaults). Training takes V and L from the token store, so any
+    # preset also trains on TiTok tokens.
+    "rar-b-titok-l32": ModelConfig(codebook_size=4096, num_image_tokens=32),
+    "rar-b-titok-b64": ModelConfig(codebook_size=4096, num_image_tokens=64),
+    "rar-b-titok-s128": ModelConfig(codebook_size=4096, num_image_tokens=128),
     # Small presets for CPUs and tests. Training sets V, L and C from the token store.
     "rar-mini": ModelConfig(dim=256, depth=6, num_heads=8, mlp_dim=1024),
     "rar-digits": ModelConfig(

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from rargen.cpu_decoding import is_packed, packed_for_cpu_decoding
 from rargen.model import RAR
+from rargen.tokenizer import codes_from_sequence
 
 
 @dataclass(frozen=True)
@@ -338,12 +339,9 @@ def generate_images(
 ) -> Tensor:
     """Sample and decode: images (B, 3, H, W) float in [0, 1]. ``kwargs`` go to ``generate``."""
     tokens = generate(model, labels, config, generator, **kwargs)
-    L = tokens.shape[1]
-    h = w = math.isqrt(L)  # RAR's token grids are square (16x16 for 256x256 MaskGIT-VQGAN images)
-    if h * w != L:
-        raise ValueError(f"the model's {L} tokens do not form a square grid; decode tokens yourself")
+    codes = codes_from_sequence(tokenizer, tokens)  # (B, L) for 1D tokenizers, else the square grid
     with torch.inference_mode():
-        images = tokenizer.decode(tokens.view(-1, h, w))
+        images = tokenizer.decode(codes)
     return images.float().clamp(0, 1)
 
 

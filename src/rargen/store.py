@@ -5,7 +5,8 @@ Layout of a store folder (format version 1)::
     meta.json                  # written last: its presence marks a complete store (see ``TokenStore``)
     report.json                # counts, throughput, every skipped (unreadable) image with its error
     plan.json                  # the settings of the run; a resumed run must match it
-    shard-00000/tokens.npy     # (n, V, h, w) uint16 codes, V = variants per image, raster (row-major) grid
+    shard-00000/tokens.npy     # (n, V, *grid) uint16 codes, V = variants per image; grid = the tokenizer's
+                               # token_shape: (h, w) row-major for 2D tokenizers, (K,) for 1D (TiTok)
     shard-00000/labels.npy     # (n,) int64 class index (0 for unconditional data)
     shard-00000/info.json      # source range, images stored, images skipped
     ...
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -38,6 +40,7 @@ from torch import nn
 
 from rargen.preprocess import image_variants, num_variants
 from rargen.sources import ImageSource, open_source
+from rargen.tokenizer import token_shape_of
 
 STORE_FORMAT = "rargen-token-store"
 STORE_VERSION = 1
@@ -182,7 +185,7 @@ def _bounded_map(
 
 
 def _encode(tokenizer: nn.Module, crops: np.ndarray, grid: tuple[int, ...]) -> np.ndarray:
-    """(b, S, S, 3) uint8 crops -> (b, h, w) codes as uint16, checked against the tokenizer's promises."""
+    """(b, S, S, 3) uint8 crops -> (b, *grid) codes as uint16, checked against the tokenizer's promises."""
     images = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.0)  # (b, 3, S, S) in [0, 1]
     with torch.inference_mode():
         codes = tokenizer.encode(images.to(_module_device(tokenizer))).to("cpu", torch.int64)
@@ -207,7 +210,7 @@ def _tokenize_range(
     bar: Any,
     read_ahead: int,
 ) -> tuple[np.ndarray, list[int], list[dict[str, Any]]]:
-    """Tokens (n, V, h, w) of the readable images in ``indices``, their indices, and the skipped ones.
+    """Tokens (n, V, *grid) of the readable images in ``indices``, their indices, and the skipped ones.
 
     Batches hold whole images and depend only on ``batch_size``, so a resumed shard is computed
     exactly as it would have been in one run.
@@ -254,8 +257,9 @@ def pretokenize(
     """Tokenize every image of ``source`` (all ``augment`` variants) into a token store at ``out``.
 
     ``source``: an ``ImageSource`` or a spec for ``open_source`` ("digits[:split]", folder, .npz).
-    ``tokenizer``: a module with ``encode(images (B, 3, H, W) in [0, 1]) -> codes (B, h, w)``,
-    ``codebook_size`` and ``grid_shape(H, W)``, or a checkpoint folder for ``rargen.load``; it is
+    ``tokenizer``: a module with ``encode(images (B, 3, H, W) in [0, 1]) -> codes (B, *token_shape)``,
+    ``codebook_size`` and ``token_shape(H, W)`` (or a 2D ``grid_shape``), or a checkpoint folder for
+    ``rargen.load``; it is
     put in eval mode (and moved to ``device`` if given). ``batch_size`` counts crops per ``encode``
     call (rounded down to whole images). ``rank``/``world_size`` default to the torchrun env vars.
     Resumable: rerunning with the same arguments keeps finished shards. Returns ``out``.
@@ -282,7 +286,7 @@ def pretokenize(
     codebook_size = int(tokenizer.codebook_size)
     if not 0 < codebook_size <= MAX_CODEBOOK_SIZE:
         raise ValueError(f"codebook_size {codebook_size} does not fit the store's uint16 codes (max 65536)")
-    grid = tuple(int(n) for n in tokenizer.grid_shape(image_size, image_size))
+    grid = token_shape_of(tokenizer, image_size, image_size)  # (h, w), or (K,) for a 1D tokenizer
     num_source = len(source)
     plan = {
         "format": STORE_FORMAT,
@@ -357,23 +361,28 @@ def write_store(
     image_size: int | None = None,
     shard_size: int = 10_000,
     source: dict[str, Any] | None = None,
+    token_ndim: int = 2,
 ) -> Path:
-    """Write a store from tokens already in memory: ``tokens`` (N, V, h, w) or (N, h, w), ``labels`` (N,).
+    """Write a store from tokens already in memory: ``tokens`` (N, V, *grid) or (N, *grid), ``labels`` (N,).
 
-    For token grids made elsewhere (an existing dump, synthetic benchmark data); the result opens
+    ``token_ndim`` is the number of grid axes: 2 for (h, w) grids, 1 for 1D sequences (K,).
+    For tokens made elsewhere (an existing dump, synthetic benchmark data); the result opens
     with ``TokenStore`` exactly like the output of ``pretokenize``.
     """
+    if token_ndim not in (1, 2):
+        raise ValueError(f"token_ndim must be 1 (sequences) or 2 (grids), got {token_ndim}")
     tokens = np.asarray(tokens)
-    if tokens.ndim == 3:
+    if tokens.ndim == token_ndim + 1:
         tokens = tokens[:, None]
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    if tokens.ndim != 4 or len(labels) != len(tokens):
-        raise ValueError(f"need tokens (N, V, h, w) and labels (N,), got {tokens.shape} and {labels.shape}")
+    if tokens.ndim != token_ndim + 2 or len(labels) != len(tokens):
+        layout = "(N, V, h, w)" if token_ndim == 2 else "(N, V, K)"
+        raise ValueError(f"need tokens {layout} and labels (N,), got {tokens.shape} and {labels.shape}")
     if not 0 < codebook_size <= MAX_CODEBOOK_SIZE:
         raise ValueError(f"codebook_size {codebook_size} does not fit the store's uint16 codes (max 65536)")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= codebook_size):
         raise ValueError(f"tokens must lie in [0, {codebook_size}), found [{tokens.min()}, {tokens.max()}]")
-    num, variants, height, width = tokens.shape
+    num, variants, *grid = tokens.shape
     if variants != num_variants(augment):
         raise ValueError(f"augment {augment!r} has {num_variants(augment)} variants, tokens have {variants}")
     out = Path(out)
@@ -390,7 +399,7 @@ def write_store(
         "augment": augment,
         "num_variants": variants,
         "image_size": image_size,
-        "grid": [height, width],
+        "grid": list(grid),
         "codebook_size": codebook_size,
         "token_dtype": np.dtype(TOKEN_DTYPE).name,
         "tokenizer": None,
@@ -410,7 +419,8 @@ def write_store(
 class TokenStore:
     """A finished token store, opened read-only; token arrays are memory-mapped (zero-copy).
 
-    ``len(store)`` counts images; each has ``num_variants`` token grids of shape ``grid``.
+    ``len(store)`` counts images; each has ``num_variants`` token arrays of shape ``grid``
+    ((h, w) for 2D tokenizers, (K,) for 1D ones); the generator sees them flat, ``num_tokens`` long.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -450,12 +460,12 @@ class TokenStore:
         return int(self.meta["num_variants"])
 
     @property
-    def grid(self) -> tuple[int, int]:
-        return tuple(self.meta["grid"])  # type: ignore[return-value]
+    def grid(self) -> tuple[int, ...]:
+        return tuple(self.meta["grid"])
 
     @property
     def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return math.prod(self.grid)
 
     @property
     def codebook_size(self) -> int:
@@ -479,11 +489,11 @@ class TokenStore:
         return len(self._tokens)
 
     def shard_tokens(self, shard: int) -> np.ndarray:
-        """The memory-mapped (n, V, h, w) uint16 array of one shard."""
+        """The memory-mapped (n, V, *grid) uint16 array of one shard."""
         return self._tokens[shard]
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        """(V, h, w) uint16 view (no copy) and the label of image ``index``."""
+        """(V, *grid) uint16 view (no copy) and the label of image ``index``."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"image index {index} out of range for a store of {len(self)} images")
         index %= len(self)
@@ -491,7 +501,7 @@ class TokenStore:
         return self._tokens[shard][index - self._offsets[shard]], int(self.labels[index])
 
     def gather(self, indices: np.ndarray, variants: np.ndarray) -> np.ndarray:
-        """Token grids (B, h, w) uint16 of images ``indices`` (B,), each in variant ``variants`` (B,)."""
+        """Tokens (B, *grid) uint16 of images ``indices`` (B,), each in variant ``variants`` (B,)."""
         indices = np.asarray(indices, dtype=np.int64)
         variants = np.asarray(variants, dtype=np.int64)
         out = np.empty((len(indices), *self.grid), dtype=TOKEN_DTYPE)
