@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The GPU check, one script, under 8 minutes on one H200, building nothing. It writes markdown
-# tables to stdout and, when $OUT is set, to $OUT/gpu_{sampling,training,tokenizer}.md:
+# The GPU check, one script, under 10 minutes on one H200, building nothing. It writes markdown
+# tables to stdout and, when $OUT is set, to $OUT/gpu_{sampling,training,tokenizer,titok}.md:
 #   1. sampling (<= 250 s): RAR-B and RAR-XL at batch 128 with CFG (RAR-B sampling preset), rargen
 #      fp32 eager and bf16 + torch.compile + CUDA graphs, beside the official generate() in
 #      float32 on the same random weights (goal: 200 images/s for RAR-XL, >= 20x the official);
 #   2. training (<= 160 s): tokens/s and MFU of the real training step, bf16, compiled, RAR-B at
 #      batch 256 and RAR-XL at 128 per GPU (goal: MFU >= 45%);
-#   3. tokenizer (<= 40 s): MaskGIT-VQGAN encode/decode images/s at 256x256.
+#   3. tokenizer (<= 40 s): MaskGIT-VQGAN encode/decode images/s at 256x256;
+#   4. titok (<= 90 s): TiTok-L-32 / B-64 / S-128 encode/decode images/s at batch 32, and RAR-B
+#      over 256 MaskGIT-VQGAN tokens vs 32 TiTok-L-32 tokens, fp32 eager, batches 1 and 128.
 # The official tree cannot be committed: copy an extracted checkout into the git-ignored
 # .official/ folder and carry it to the GPU machine, or pass --official DIR.
 #
@@ -46,4 +48,8 @@ if [ "$device" = cuda ]; then
     | tee "${OUT:-/tmp}/gpu_training.md" || true
   PYTHONPATH=src timeout 40 "$python" benchmarks/bench_tokenizer.py --device cuda --batch 32 \
     | tee "${OUT:-/tmp}/gpu_tokenizer.md" || true
+  titok=(--device cuda --tokenizer-batch 32 --batches 1,128 --repeats 2)
+else  # the CPU dry run: the same code paths at test sizes
+  titok=(--tokenizers titok-test --preset rar-tiny --lengths 16,8 --batches 2)
 fi
+PYTHONPATH=src timeout 90 "$python" benchmarks/bench_titok.py "${titok[@]}" | tee "${OUT:-/tmp}/gpu_titok.md" || true
