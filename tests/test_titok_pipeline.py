@@ -1,4 +1,4 @@
-"""RAR over TiTok's 1D tokens end to end: pretokenize -> (N, K) store -> train -> sample -> PNGs."""
+"""RAR over TiTok's 1D tokens end to end: pretokenize -> (N, K) store -> train -> sample / sweep -> PNGs."""
 
 from __future__ import annotations
 
@@ -58,6 +58,16 @@ def test_store_train_sample_over_1d_tokens(tmp_path):
     arr = np.load(tmp_path / "out" / "samples.npz")["arr_0"]
     assert arr.shape == (3, 32, 32, 3)
     assert Image.open(tmp_path / "out" / "images" / "000001.png").size == (32, 32)
+    # rargen sweep samples and scores each guidance scale through the same path
+    from rargen.digits import DigitClassifier, DigitClassifierConfig
+
+    torch.manual_seed(0)
+    save(DigitClassifier(DigitClassifierConfig(image_size=32)).eval(), tmp_path / "clf")
+    sweep = ["sweep", str(tmp_path / "run" / "final"), "--tokenizer", str(tmp_path / "tok"),
+             "--out", str(tmp_path / "sweep"), "--cfg-scales", "1,3", "--per-class", "1",
+             "--classifier", str(tmp_path / "clf")]  # fmt: skip
+    assert main(sweep) == 0
+    assert np.load(tmp_path / "sweep" / "cfg3-pow0-t1" / "samples.npz")["arr_0"].shape == (10, 32, 32, 3)
     # generate_images decodes the (B, 8) sequences directly with the 1D tokenizer
     images = generate_images(generator, tokenizer, [3, 7], SampleConfig(cfg_scale=2.0), seeds=[1, 2])
     assert images.shape == (2, 3, 32, 32)
