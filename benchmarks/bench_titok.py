@@ -1,17 +1,18 @@
 """TiTok on this machine: full-size tokenizer throughput, and RAR-B sampling over 32 vs 256 tokens.
 
     python benchmarks/bench_titok.py --threads 2    # both tables: ~4 min on 2 idle CPU cores
-    python benchmarks/bench_titok.py --tokenizers titok-l-32 --lengths 256,128,64,32 --batches 1 --repeats 3
+    python benchmarks/bench_titok.py --tokenizers titok-l-32 --lengths 256,32 --batches 1 --repeats 3
 
 Table 1: encode / decode images/s of the full-size TiTok presets (random weights: the speed does
 not depend on them) and the MaskGIT-VQGAN beside them, float32, and how much of a TiTok decode is
 the MaskGIT-VQGAN pixel stage. Table 2: whole RAR-B generations with the paper's guidance
 (``SampleConfig`` preset rar-b) over 256 MaskGIT-VQGAN tokens (V = 1024) and over 32 TiTok-L-32
 tokens (V = 4096; 64 / 128 with ``--lengths``), on weights packed once for oneDNN as ``rargen
-sample`` does; the samplers are warmed up, then timed round-robin so a drift of a shared host hits
-all alike (median of ``--repeats``; one warm-up generation per model first). "with decoding" adds
-each tokenizer's decode time per image from table 1 (MaskGIT-VQGAN for 256 tokens, the TiTok
-preset of that length otherwise).
+sample`` does; after one warm-up generation each, the models' decode steps are interleaved one by
+one (a model starts its next generation when one ends) until the 256-token model has finished
+``--repeats`` generations, so a drift of a shared host hits all alike; medians of the generations.
+"with decoding" adds each tokenizer's decode time per image from table 1 (MaskGIT-VQGAN for 256
+tokens, the TiTok preset of that length otherwise).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import gc
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from rargen.cpu_decoding import packed_for_cpu_decoding
 from rargen.model import RAR, ModelConfig
-from rargen.sampling import SampleConfig, generate
+from rargen.sampling import SampleConfig, decode_loop, draw_noise, filter_logits, generate, sample_from_logits
 from rargen.titok import TiTok, TiTokConfig
 from rargen.vqgan import MaskGITVQGAN, VQGANConfig
 
@@ -65,13 +66,16 @@ def bench_tokenizers(names: list[str], batch: int, repeats: int, device: torch.d
         images = torch.rand(batch, 3, size, size, device=device)
         codes = model.encode(images)
         t_enc = median_seconds(lambda m=model, x=images: m.encode(x), repeats, device)
-        t_dec = median_seconds(lambda m=model, c=codes: m.decode(c), repeats, device)
-        share = "-"
-        if isinstance(model, TiTok):
+        decode = [lambda m=model, c=codes: m.decode(c)]
+        if isinstance(model, TiTok):  # the pixel stage alone, timed alternately with the whole decode
             with torch.inference_mode():
                 logits = model.decoder(model.quantize.lookup(codes))
-                t_pixel = median_seconds(lambda m=model, x=logits: m.pixels_from_logits(x), repeats, device)
-            share = f"{t_pixel / t_dec:.0%}"
+            decode.append(lambda m=model, x=logits: m.pixels_from_logits(x))
+        for fn in decode:
+            fn()  # warm-up
+        runs = [[timed(fn, device) for fn in decode] for _ in range(repeats)]
+        t_dec = statistics.median(run[0] for run in runs)
+        share = f"{statistics.median(run[1] / run[0] for run in runs):.0%}" if len(decode) > 1 else "-"
         params = sum(p.numel() for p in model.parameters())
         print(
             f"| {name} | {params / 1e6:.1f}M | {codes[0].numel()} | {batch / t_enc:.3f} "
@@ -98,6 +102,45 @@ def generator(preset: str, length: int, device: torch.device) -> RAR:
     return packed_for_cpu_decoding(model)  # a no-op off the CPU
 
 
+def new_generation(model: RAR, labels: torch.Tensor, seeds: list[int], config: SampleConfig) -> Iterator[int]:
+    """One generation of ``generate`` (same noise, same sampling) as an iterator over its steps."""
+    cfg = model.config
+    noise = draw_noise((len(seeds), cfg.num_image_tokens, cfg.codebook_size), labels.device, None, seeds)
+
+    def choose(t: int, logits: torch.Tensor) -> torch.Tensor:
+        logits = filter_logits(logits, config.temperature, config.top_k, config.top_p)
+        return sample_from_logits(logits, noise=noise[:, t])
+
+    return decode_loop(model, labels, config, choose)
+
+
+def interleaved_generations(
+    models: dict[int, RAR], batch: int, config: SampleConfig, repeats: int, device: torch.device
+) -> dict[int, list[float]]:
+    """Seconds of whole generations, the models' steps interleaved one by one (a new generation starts
+    when one ends) until the longest has finished ``repeats`` times: a drift of the host hits all alike."""
+    labels, seeds = torch.arange(batch, device=device) * 7 % 1000, list(range(batch))
+    running: dict[int, Iterator[int] | None] = dict.fromkeys(models)
+    elapsed = dict.fromkeys(models, 0.0)
+    done: dict[int, list[float]] = {L: [] for L in models}
+    longest = max(models)
+    while len(done[longest]) < repeats:
+        for L, model in models.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            if running[L] is None:
+                running[L] = new_generation(model, labels, seeds, config)
+            finished = next(running[L], None) is None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed[L] += time.perf_counter() - start
+            if finished:
+                done[L].append(elapsed[L])
+                running[L], elapsed[L] = None, 0.0
+    return done
+
+
 def bench_sampling(
     preset: str,
     lengths: list[int],
@@ -107,12 +150,12 @@ def bench_sampling(
     device: torch.device,
 ) -> None:
     config = SampleConfig.from_name("rar-b")
-    print(f"\nsampling: {preset}, {config}, whole generations (median of {repeats}, round-robin)")
+    print(f"\nsampling: {preset}, {config}; whole generations, steps interleaved (median of >= {repeats})")
     print(
-        "| tokens (tokenizer) | codebook | batch | s/batch | images/s | vs 256 tokens "
+        "| tokens (tokenizer) | codebook | batch | generations timed | s/batch | images/s | vs 256 tokens "
         "| with decoding: images/s | vs 256 tokens |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     models = {}
     for length in lengths:
         start = time.perf_counter()
@@ -122,29 +165,26 @@ def bench_sampling(
             f"# {preset} over {length} tokens: built, packed, warmed up: {time.perf_counter() - start:.1f} s"
         )
     for batch in batches:
-        labels, seeds = torch.arange(batch, device=device) * 7 % 1000, list(range(batch))
-        runs = {L: (lambda m=m: generate(m, labels, config, seeds=seeds)) for L, m in models.items()}  # noqa: B023
-        times: dict[int, list[float]] = {L: [] for L in runs}
-        for _ in range(repeats):
-            for L, run in runs.items():
-                times[L].append(timed(run, device))
+        times = interleaved_generations(models, batch, config, repeats, device)
         seconds = {L: statistics.median(t) for L, t in times.items()}
-        tokenizer_of = {L: TITOK_OF_LENGTH.get(L, "maskgit-vqgan-f16-256" if L == 256 else "-") for L in runs}
+        tokenizer_of = {
+            L: TITOK_OF_LENGTH.get(L, "maskgit-vqgan-f16-256" if L == 256 else "-") for L in models
+        }
         with_decode = {
             L: seconds[L] + batch * decode_per_image[tokenizer_of[L]]
             if tokenizer_of[L] in decode_per_image
             else None
-            for L in runs
+            for L in models
         }
         base, base_dec = seconds.get(256), with_decode.get(256)
-        for L in runs:
+        for L in models:
             speed = f"{base / seconds[L]:.1f}x" if base else "-"
             dec = with_decode[L]
             dec_rate = f"{batch / dec:.3f}" if dec else "-"
             dec_speed = f"{base_dec / dec:.1f}x" if dec and base_dec else "-"
             print(
-                f"| {L} ({tokenizer_of[L]}) | {models[L].config.codebook_size} | {batch} | {seconds[L]:.2f} "
-                f"| {batch / seconds[L]:.3f} | {speed} | {dec_rate} | {dec_speed} |",
+                f"| {L} ({tokenizer_of[L]}) | {models[L].config.codebook_size} | {batch} | {len(times[L])} "
+                f"| {seconds[L]:.2f} | {batch / seconds[L]:.3f} | {speed} | {dec_rate} | {dec_speed} |",
                 flush=True,
             )
 
@@ -162,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-tokenizers", action="store_true", help="table 2 only (no decoding columns)")
+    parser.add_argument("--skip-sampling", action="store_true", help="table 1 only")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -171,9 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     decode = {}
     if not args.skip_tokenizers:
         decode = bench_tokenizers(args.tokenizers.split(","), args.tokenizer_batch, args.repeats, device)
-    lengths = [int(n) for n in args.lengths.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
-    bench_sampling(args.preset, lengths, batches, args.repeats, decode, device)
+    if not args.skip_sampling:
+        lengths = [int(n) for n in args.lengths.split(",")]
+        batches = [int(b) for b in args.batches.split(",")]
+        bench_sampling(args.preset, lengths, batches, args.repeats, decode, device)
     return 0
 
 
