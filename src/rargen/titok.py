@@ -17,7 +17,8 @@ Decoding: l2-normalised code vectors -> Linear(T, D) -> decoder -> per-patch log
 MaskGIT codes -> softmax mix of its code vectors -> MaskGIT-VQGAN decoder -> clamp to [0, 1].
 
 Implements ``rargen.tokenizer.Tokenizer`` with 1D tokens: ``token_shape(S, S) == (K,)``.
-Parameter names follow the official ones except the transformer blocks (``rargen.titok_convert``).
+Parameter names follow the official ones except the transformer blocks and the pre/post LayerNorms
+(the mapping is one table in ``rargen.titok_convert``).
 """
 
 from __future__ import annotations
