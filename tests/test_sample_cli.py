@@ -97,3 +97,23 @@ def test_sample_command_rejects_bad_labels(tmp_path, capsys) -> None:
         ]
     )
     assert code == 2 and "labels must be" in capsys.readouterr().err
+
+
+def test_sample_command_checks_the_tokenizer_before_sampling(tmp_path, capsys, monkeypatch) -> None:
+    """A generator (or a tokenizer with another codebook) passed as --tokenizer is refused before
+    any token is sampled (it used to fail only when decoding, after all the sampling)."""
+    save(RAR(ModelConfig.from_name("rar-tiny")), tmp_path / "gen")
+    save(TinyTokenizer(TinyTokenizerConfig(codebook_size=16)), tmp_path / "tok16")
+    sampled = []
+    monkeypatch.setattr("rargen.sample_images.generate_images", lambda *a, **k: sampled.append(1))
+    for tokenizer, message in (
+        (tmp_path / "gen", "not an image tokenizer"),
+        (tmp_path / "tok16", "has 16 codes"),
+    ):
+        argv = ["sample", str(tmp_path / "gen"), "--tokenizer", str(tokenizer), "--labels", "1"]
+        assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "tok16"), "--tokenizer", str(tmp_path / "gen"), "--labels", "1",
+                 "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "not a RAR generator" in capsys.readouterr().err
+    assert not sampled

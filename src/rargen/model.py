@@ -32,6 +32,13 @@ from rargen.orders import check_orders
 
 LN_EPS = 1e-6
 INIT_STD = 0.02
+# Upper bounds of the size fields, far above every paper model (RAR-XXL: D 1408, depth 40), so a
+# mistyped or hostile config.json is refused before anything is built (depth 10**9 would build
+# blocks for ever). codebook_size is bounded by the token store's uint16 codes.
+MAX_SIZES = {
+    "codebook_size": 2**16, "num_classes": 2**20, "num_image_tokens": 2**16, "dim": 2**15,
+    "depth": 1024, "num_heads": 1024, "mlp_dim": 2**17,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,10 +57,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("codebook_size", "num_image_tokens", "dim", "depth", "num_heads", "mlp_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            raise ValueError(f"ModelConfig.num_classes must be >= 0, got {self.num_classes}")
+            if not 1 <= getattr(self, name) <= MAX_SIZES[name]:
+                raise ValueError(
+                    f"ModelConfig.{name} must be in [1, {MAX_SIZES[name]}], got {getattr(self, name)}"
+                )
+        if not 0 <= self.num_classes <= MAX_SIZES["num_classes"]:
+            raise ValueError(
+                f"ModelConfig.num_classes must be in [0, {MAX_SIZES['num_classes']}], got {self.num_classes}"
+            )
         if self.dim % self.num_heads:
             raise ValueError(
                 f"ModelConfig.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})"
