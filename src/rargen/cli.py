@@ -305,6 +305,10 @@ def _pretokenize_command(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--num-workers", type=_positive_int, default=4, help="image decoding threads")
     parser.add_argument(
+        "--max-pixels", type=_positive_int, default=None,
+        help="skip (and report) images with more pixels (default 40,000,000; decompression bombs)",
+    )  # fmt: skip
+    parser.add_argument(
         "--device", default=None, help="tokenizer device (default: cuda if available, else cpu)"
     )
     parser.set_defaults(run=_run_pretokenize)
@@ -336,6 +340,7 @@ def _run_pretokenize(args: argparse.Namespace) -> None:
             shard_size=args.shard_size,
             num_workers=args.num_workers,
             device=device,
+            **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
         )
     finally:
         if distributed:
