@@ -109,8 +109,8 @@ def _set(section: str | None, key: str, value):
     ("edit", "message"),
     [
         # size fields: refused before anything is built (depth 10**9 used to build blocks for ever)
-        (_set("config", "depth", 10**9), r"depth must be in \[1, 1024\], got 1000000000"),
-        (_set("config", "codebook_size", 2**40), r"codebook_size must be in"),
+        (_set("config", "depth", 10**9), r"depth must be positive and at most 1024, got 1000000000"),
+        (_set("config", "codebook_size", 2**40), r"codebook_size must be positive and at most 65536"),
         (_set("config", "num_classes", -1), r"num_classes must be in"),
         # wrong JSON types
         (_set("config", "dim", "192"), r"RAR|ModelConfig\.dim is '192'; expected an integer"),

@@ -59,7 +59,8 @@ class ModelConfig:
         for name in ("codebook_size", "num_image_tokens", "dim", "depth", "num_heads", "mlp_dim"):
             if not 1 <= getattr(self, name) <= MAX_SIZES[name]:
                 raise ValueError(
-                    f"ModelConfig.{name} must be in [1, {MAX_SIZES[name]}], got {getattr(self, name)}"
+                    f"ModelConfig.{name} must be positive and at most {MAX_SIZES[name]}, "
+                    f"got {getattr(self, name)}"
                 )
         if not 0 <= self.num_classes <= MAX_SIZES["num_classes"]:
             raise ValueError(
@@ -344,8 +345,11 @@ class RAR(nn.Module):
         else:
             positions = torch.arange(L, device=tokens.device).expand(B, L)
         class_emb = self.class_embed(labels)  # (B, D)
-        target = self.target_pos_embed[positions]  # (B, L, D), what position i predicts = i-th
-        x_tokens = self.token_embed(tokens) + self.pos_embed[2 + positions]  # (B, L, D)
+        # Row lookups through F.embedding, not table[positions]: the backward of advanced indexing
+        # (index_put_ with accumulate) adds rows in a thread-dependent order on CPUs, so two runs at
+        # 2 threads differed by ~1e-9 per step; the embedding backward's order is fixed.
+        target = F.embedding(positions, self.target_pos_embed)  # (B, L, D): what position i predicts
+        x_tokens = self.token_embed(tokens) + F.embedding(2 + positions, self.pos_embed)  # (B, L, D)
         # Token i carries the target of token i+1; the last token has none.
         x_tokens = x_tokens + F.pad(target[:, 1:], (0, 0, 0, 1))
         x_cls = (self.cls_token + self.pos_embed[0]).expand(B, 1, -1)  # (B, 1, D)

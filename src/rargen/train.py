@@ -291,7 +291,9 @@ def train(
     Writes ``out/checkpoints/step-XXXXXXX/`` every ``checkpoint_every`` steps and at the end (the last
     ``keep_checkpoints`` kept), ``out/final/`` (loadable with ``rargen.load``), ``out/metrics.jsonl``
     and, with a ``tokenizer`` folder (or a ``sample_hook(model, step, png_path)``), sample grids in
-    ``out/samples/``. ``resume=True`` continues from the newest complete checkpoint, bit-exactly on CPU.
+    ``out/samples/``. ``resume=True`` continues from the newest complete checkpoint, bit-exactly on
+    CPU at the same thread count and world size (on another world size the all-reduce order
+    differs, ~1e-6). Half-written checkpoint folders of a killed run are removed first.
     Returns ``out/final``. Under torchrun every rank calls this.
     """
     out = Path(out)
