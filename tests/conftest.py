@@ -1,6 +1,8 @@
-"""Shared fixtures: tiny random-weight models whose every parameter is non-zero."""
+"""Shared fixtures: tiny random-weight models whose every parameter is non-zero; ``requires``."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -36,3 +38,32 @@ def tiny_config() -> ModelConfig:
 @pytest.fixture
 def tiny_model(tiny_config: ModelConfig) -> RAR:
     return randomize(RAR(tiny_config)).double().eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests that need something from outside the repository. The one way to skip in this suite:
+# a skip names what is missing and how to get it (`-ra` prints it in the summary), and under CI
+# (the `CI` variable set, as .ci/run does) a missing requirement fails the test instead.
+
+
+def requires(missing: str | None, fix: str) -> pytest.MarkDecorator:
+    """Mark a test (or a module, through ``pytestmark``) that needs ``missing`` (None: present)."""
+    return pytest.mark.requires(missing=missing, fix=fix)
+
+
+def under_ci() -> bool:
+    # RARGEN_REQUIRE_BROWSER: the older name CI set for the browser test alone.
+    return any(os.environ.get(name, "") not in ("", "0") for name in ("CI", "RARGEN_REQUIRE_BROWSER"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "requires(missing, fix): skip (fail under CI) when missing is set")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("requires"):
+        if mark.kwargs["missing"]:
+            message = f"missing {mark.kwargs['missing']} ({mark.kwargs['fix']})"
+            if under_ci():
+                pytest.fail(f"CI runs every test, but this one is {message}", pytrace=False)
+            pytest.skip(message)

@@ -6,13 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import requires
 from rargen.cpu_decoding import PackedLinear, is_packed, packed_for_cpu_decoding
 from rargen.model import RAR
 from rargen.sampling import SampleConfig, generate, token_probs
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
-    pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN"),
+    requires(
+        None if torch.backends.mkldnn.is_available() else "oneDNN in this torch build",
+        "install a torch build with oneDNN; the x86 CPU wheels have it",
+    ),
 ]
 
 

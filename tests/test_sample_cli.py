@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch import nn
@@ -97,3 +98,71 @@ def test_sample_command_rejects_bad_labels(tmp_path, capsys) -> None:
         ]
     )
     assert code == 2 and "labels must be" in capsys.readouterr().err
+
+
+def test_sample_command_checks_the_tokenizer_before_sampling(tmp_path, capsys, monkeypatch) -> None:
+    """A generator (or a tokenizer with another codebook) passed as --tokenizer is refused before
+    any token is sampled (it used to fail only when decoding, after all the sampling)."""
+    save(RAR(ModelConfig.from_name("rar-tiny")), tmp_path / "gen")
+    save(TinyTokenizer(TinyTokenizerConfig(codebook_size=16)), tmp_path / "tok16")
+    sampled = []
+    monkeypatch.setattr("rargen.sample_images.generate_images", lambda *a, **k: sampled.append(1))
+    for tokenizer, message in (
+        (tmp_path / "gen", "not an image tokenizer"),
+        (tmp_path / "tok16", "has 16 codes"),
+    ):
+        argv = ["sample", str(tmp_path / "gen"), "--tokenizer", str(tokenizer), "--labels", "1"]
+        assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "tok16"), "--tokenizer", str(tmp_path / "gen"), "--labels", "1",
+                 "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "not a RAR generator" in capsys.readouterr().err
+    assert not sampled
+
+
+def _sample_rank(rank: int, world: int, port: int, root: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from rargen.sample_images import sample_to_folder
+
+    try:
+        config = SampleConfig(cfg_scale=2.0, cfg_power=1.0)
+        labels = [c for c in range(10) for _ in range(2)][:14]
+        sample_to_folder(f"{root}/gen", f"{root}/tok", labels, config, f"{root}/two", seed=3, batch_size=3,
+                         progress=False)  # fmt: skip
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_give_the_same_image_set_as_one_process(tmp_path) -> None:
+    """ "Any rank count gives the same image set": 14 samples in batches of 3 (5 chunks, split
+    unevenly over 2 ranks) against one process; the files, labels and pixels are identical."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from rargen.sample_images import sample_to_folder
+
+    model = randomize(RAR(ModelConfig.from_name("rar-tiny", dropout=0.0, attn_dropout=0.0))).eval()
+    save(model, tmp_path / "gen")
+    save(TinyTokenizer(TinyTokenizerConfig()), tmp_path / "tok")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sample_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    labels = [c for c in range(10) for _ in range(2)][:14]
+    config = SampleConfig(cfg_scale=2.0, cfg_power=1.0)
+    one_folder = tmp_path / "one"
+    sample_to_folder(tmp_path / "gen", tmp_path / "tok", labels, config, one_folder, seed=3, batch_size=7,
+                     progress=False)  # fmt: skip
+    one, two = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
+    assert one["labels"].tolist() == two["labels"].tolist() == labels
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and len(set(map(bytes, one["arr_0"]))) > 7
+    assert sorted(p.name for p in (tmp_path / "two" / "images").iterdir()) == [
+        f"{i:06d}.png" for i in range(14)
+    ]
+    assert json.loads((tmp_path / "two" / "meta.json").read_text())["world_size"] == 2

@@ -330,4 +330,4 @@ def test_the_cli_serves_on_loopback_and_stops_on_ctrl_c(pair):
             assert json.load(response)["status"] == "ok"
     finally:
         process.send_signal(signal.SIGINT)
-        assert process.wait(120) == 0  # generous: CI machines can be busy
+        assert process.wait(120) == 0, process.stderr.read()[-3000:]  # generous: CI machines can be busy

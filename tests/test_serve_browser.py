@@ -1,13 +1,12 @@
 """The serve page in real headless Chromium (Debian's ``chromium`` package) driven by Playwright.
 
 Playwright only drives the browser here: no ``playwright install``, no downloaded browser. The
-test skips when /usr/bin/chromium is absent (install: ``apt-get install -y chromium``); CI
-installs it. Screenshots land in tests/artifacts/ (git-ignored).
+test skips, naming it, when /usr/bin/chromium is absent (install: ``apt-get install -y chromium``);
+CI installs it and fails without it. Screenshots land in tests/artifacts/ (git-ignored).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import rargen.sampling as sampling_module
+from conftest import requires
 from serve_helpers import request, running_server, save_tiny_pair, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -30,13 +30,9 @@ ARGS = [
     "--disable-sync",
 ]
 
-# CI installs Chromium and sets RARGEN_REQUIRE_BROWSER=1, so there a missing browser fails the
-# run instead of skipping this test.
+# CI installs Chromium; there (CI set) a missing browser fails the run instead of skipping.
 pytestmark = [
-    pytest.mark.skipif(
-        not Path(CHROMIUM).exists() and not os.environ.get("RARGEN_REQUIRE_BROWSER"),
-        reason="Chromium is not installed (apt-get install -y chromium)",
-    ),
+    requires(None if Path(CHROMIUM).exists() else f"Chromium at {CHROMIUM}", "apt-get install -y chromium"),
     pytest.mark.usefixtures("one_torch_thread"),
 ]
 

@@ -225,3 +225,108 @@ def test_cli_pretokenize(tmp_path, capsys):
     assert main(argv) == 0  # already complete: a no-op
     assert main([*argv[:-6], "--augment", "none", "--image-size", "16"]) == 2  # different settings refused
     assert "different settings" in capsys.readouterr().err
+
+
+def test_16_bit_greyscale_is_scaled_not_saturated(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values to 255 (a white square); they scale to 8 bits."""
+    values = (np.arange(20 * 20, dtype=np.int64).reshape(20, 20) * 163).astype(np.uint16)  # 0..65037
+    (tmp_path / "grey").mkdir()
+    Image.fromarray(values).save(tmp_path / "grey" / "a.png")  # 16-bit greyscale PNG (mode I;16)
+    Image.fromarray(values.astype(">u2")).save(tmp_path / "grey" / "b.tif")  # big-endian 16-bit TIFF
+    source = FolderSource(tmp_path / "grey")
+    expected = np.round(values / 257.0).astype(np.uint8)
+    for index in range(2):
+        rgb = np.asarray(source.load(index))
+        assert rgb.shape == (20, 20, 3) and rgb.dtype == np.uint8
+        for channel in range(3):
+            np.testing.assert_array_equal(rgb[..., channel], expected)
+    assert expected.min() == 0 and expected.max() == 253  # the whole range survives
+
+
+def _png_bomb(path: Path, side: int = 10_000) -> None:
+    """A real decompression bomb: a valid greyscale PNG of side x side zero pixels (~100 KB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor, row, parts = zlib.compressobj(9), bytes(side + 1), []
+    for _ in range(side):
+        parts.append(compressor.compress(row))
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+    )
+
+
+def test_unusable_files_are_skipped_and_reported_never_hanging(tmp_path):
+    """A FIFO named .png (used to hang the reader), a folder named .png, a real decompression bomb,
+    an image over a configured pixel limit: each is skipped and listed in report.json."""
+    import os
+    import threading
+
+    root = tmp_path / "images"
+    (root / "cat").mkdir(parents=True)
+    images = _blocks(3, 20, 5)
+    for k in range(3):
+        Image.fromarray(images[k]).save(root / "cat" / f"ok{k}.png")
+    Image.fromarray(_blocks(1, 80, 5)[0]).save(root / "cat" / "large.png")  # 6400 px > the limit below
+    os.mkfifo(root / "cat" / "fifo.png")
+    (root / "cat" / "folder.png").mkdir()
+    _png_bomb(root / "cat" / "bomb.png")
+    assert (root / "cat" / "bomb.png").stat().st_size < 200_000
+
+    result: dict = {}
+
+    def run() -> None:
+        result["out"] = pretokenize(
+            FolderSource(root, max_pixels=5000),
+            PoolTokenizer(),
+            tmp_path / "s",
+            image_size=16,
+            progress=False,
+        )
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive(), "pretokenize hung on a non-regular file"
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    reasons = {item["name"]: item["error"] for item in report["skipped"]}
+    assert sorted(reasons) == ["cat/bomb.png", "cat/fifo.png", "cat/folder.png", "cat/large.png"]
+    assert "a FIFO" in reasons["cat/fifo.png"] and "a folder" in reasons["cat/folder.png"]
+    assert "10000x10000 = 100,000,000 pixels is over the limit of 5,000" in reasons["cat/bomb.png"]
+    assert "80x80 = 6,400 pixels" in reasons["cat/large.png"] and "--max-pixels" in reasons["cat/large.png"]
+    assert report["num_images"] == 3 == len(TokenStore(result["out"]))
+    # The default limit (40 M pixels) also refuses the bomb, before decoding it.
+    with pytest.raises(ValueError, match="over the limit of 40,000,000"):
+        FolderSource(root).load(
+            [str(p) for p in FolderSource(root).files].index(str(root / "cat" / "bomb.png"))
+        )
+
+
+def test_pretokenize_on_a_complete_read_only_store(tmp_path, monkeypatch):
+    """A complete store is only read: nothing in it is rewritten (plan.json used to be), so the
+    command succeeds on a read-only disk."""
+    import os
+
+    source = ArraySource(_blocks(4, 16, 4), np.array([0, 1, 0, 1]))
+    out = pretokenize(source, PoolTokenizer(), tmp_path / "s", image_size=16, shard_size=2, progress=False)
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.rglob("*")}
+    for path in [out, *out.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)  # read-only (for a non-root user)
+
+    def no_writes(*args, **kwargs):  # root ignores file modes: any write attempt fails the test
+        raise PermissionError(13, "Permission denied", str(args[0]) if args else None)
+
+    monkeypatch.setattr("rargen.store._write_json", no_writes)
+    monkeypatch.setattr("rargen.checkpoint.atomic_write_dir", no_writes)
+    try:
+        assert pretokenize(source, PoolTokenizer(), out, image_size=16, shard_size=2, progress=False) == out
+        assert {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.rglob("*")} == before
+        assert len(TokenStore(out)) == 4
+    finally:
+        for path in [out, *out.rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)

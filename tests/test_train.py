@@ -175,6 +175,54 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, sharding: str) -> No
         distributed.teardown()
 
 
+def _resume_worker(rank: int, world: int, port: int, out: str) -> None:
+    sys.path.insert(0, str(TESTS))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from rargen import distributed
+
+    try:
+        cfg = tiny(steps=6, batch_size=16, checkpoint_every=3, model_overrides=NO_DROPOUT, label_dropout=0.3)
+        train(cfg, data_factory(make_store(), log=f"{out}.rank{rank}.batches"), out, resume=True,
+              progress=False, device="cpu")  # fmt: skip
+    finally:
+        distributed.teardown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size(tmp_path):
+    """A run checkpointed by one process and resumed on two gloo ranks continues from its step (the
+    global batches are the same images) and ends where the one-process run ends (up to the order
+    of the gradient all-reduce)."""
+    import shutil
+
+    import torch.multiprocessing as mp
+
+    cfg = tiny(steps=6, batch_size=16, checkpoint_every=3, model_overrides=NO_DROPOUT, label_dropout=0.3)
+    single = train(cfg, data_factory(make_store()), tmp_path / "one", progress=False)
+    cut = tmp_path / "cut" / "checkpoints"
+    cut.mkdir(parents=True)
+    shutil.copytree(tmp_path / "one" / "checkpoints" / "step-0000003", cut / "step-0000003")
+    mp.spawn(_resume_worker, args=(2, _free_port(), str(tmp_path / "cut")), nprocs=2, join=True)
+    # 64 images, global batch 16: 4 global steps per epoch; rank r draws per-rank batch 2 * s + r.
+    for rank in range(2):
+        drawn = _batches(Path(f"{tmp_path / 'cut'}.rank{rank}.batches"))
+        assert drawn == [(0, 3), (1, 0), (1, 1)], (rank, drawn)  # steps 3, 4, 5: not from step 0
+    state = torch.load(cut / "step-0000006" / "train_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and state["step"] == 6
+    wa, wb = weights(single), weights(tmp_path / "cut" / "final")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 2e-6
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_processes_equal_one_process(tmp_path, sharding):
@@ -203,13 +251,13 @@ RUN_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 import torch
-torch.set_num_threads(1)
 from train_data import data_factory, make_store
 from rargen.train import TrainConfig, train
 cfg = TrainConfig(preset="rar-tiny", steps=24, batch_size=8, warmup=4, lr=1e-3, log_every=4,
                   checkpoint_every=4, keep_checkpoints=2, ema_decay=0.9, anneal_start=0.25, anneal_end=0.75)
-train(cfg, data_factory(make_store(num=40), delay={delay}), sys.argv[1], resume="--resume" in sys.argv,
-      progress=False)
+log = sys.argv[1] + ("-resumed" if "--resume" in sys.argv else "") + ".batches"
+train(cfg, data_factory(make_store(num=40), delay={delay}, log=log), sys.argv[1],
+      resume="--resume" in sys.argv, progress=False)
 """
 
 
@@ -220,7 +268,37 @@ def _run_script(tmp_path: Path, delay: float) -> Path:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    # The default thread count of this project's machine (2 cores): resume is bit-exact there too.
+    return {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "2"}
+
+
+def _batches(log: Path) -> list[tuple[int, int]]:
+    return [tuple(int(n) for n in line.split()) for line in log.read_text().splitlines()]
+
+
+def test_gradients_are_bit_identical_run_to_run_at_two_threads():
+    """The backward of table[positions] (index_put_ with accumulate) summed rows in a
+    thread-dependent order on CPUs, so two runs at 2 threads drifted apart (1e-9 per step, 4e-6
+    after a short run); the model looks positions up with F.embedding, whose order is fixed."""
+    from conftest import randomize
+    from rargen.orders import sample_orders
+
+    torch.set_num_threads(2)  # big enough for the multi-threaded paths (the fixture resets it)
+    config = ModelConfig.from_name("rar-digits", dropout=0.0, attn_dropout=0.0)
+    model = randomize(RAR(config), std=0.02)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.codebook_size, (32, config.num_image_tokens), generator=generator)
+    labels = torch.randint(0, config.num_classes, (32,), generator=generator)
+    orders = sample_orders(32, config.num_image_tokens, random_prob=1.0, generator=generator)
+    grads = []
+    for _ in range(3):
+        model.zero_grad()
+        logits = model(tokens, labels, orders)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.gather(1, orders).flatten())
+        loss.backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for other in grads[1:]:
+        assert [n for n in grads[0] if not torch.equal(grads[0][n], other[n])] == []
 
 
 @pytest.mark.slow
@@ -238,6 +316,13 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     proc.wait()
     assert not (tmp_path / "cut" / "final").exists()
     subprocess.run([sys.executable, slow, tmp_path / "cut", "--resume"], env=_env(), check=True)
+    # Where the resumed run started: at the newest checkpoint it found (step 8 or later, the kill
+    # came after it was written), never at step 0. 40 images / 8 = 5 batches per epoch.
+    resumed = _batches(tmp_path / "cut-resumed.batches")
+    start = 24 - len(resumed)
+    assert start >= 8 and start % 4 == 0, start
+    assert resumed[0] == divmod(start, 5) and len(_batches(tmp_path / "ref.batches")) == 24
+    assert _batches(tmp_path / "ref.batches")[start:] == resumed
     for name in ("model.safetensors", "ema.safetensors"):
         ref, cut = weights(tmp_path / "ref" / "final", name), weights(tmp_path / "cut" / "final", name)
         assert all(torch.equal(ref[k], cut[k]) for k in ref), name
@@ -396,6 +481,42 @@ def test_cli_trains_on_a_token_store(tmp_path):
     # 4 steps x 2 micro-batches of 4 images = 8 batches; 24 images = 6 batches per epoch
     assert torch.load(state_file, weights_only=True)["loader"] == {"epoch": 1, "step": 2}
     assert main([*argv[:-1], "--model", "codebook_size=32"]) == 2  # mismatch: a clear error, exit code 2
+
+
+def test_cli_resume_on_a_token_store(tmp_path, monkeypatch):
+    """`rargen train --resume` through TokenLoader on a real store: the resumed run starts at the
+    newest checkpoint (it writes only the later ones) and ends bit-identical to an uninterrupted run."""
+    import shutil
+
+    from rargen.cli import main
+
+    store = _write_store(tmp_path / "store")
+
+    def argv(out: Path) -> list[str]:
+        return ["train", "--data", str(store), "--out", str(out), "--preset", "rar-tiny", "--steps", "6",
+                "--batch-size", "8", "--warmup", "1", "--checkpoint-every", "2", "--keep-checkpoints", "5",
+                "--model", "depth=1", "--no-progress"]  # fmt: skip
+
+    assert main(argv(tmp_path / "full")) == 0
+    # The same run, killed after its step-2 checkpoint: later checkpoints and final/ never written,
+    # plus a half-written checkpoint folder of the killed writer (pid 2**22 + 1: never a live pid).
+    cut = tmp_path / "cut" / "checkpoints"
+    cut.mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-0000002", cut / "step-0000002")
+    (cut / f".step-0000004.tmp-{2**22 + 1}-ab12").mkdir()
+    saved = []
+    original = train_module.save_checkpoint
+    monkeypatch.setattr(
+        train_module, "save_checkpoint", lambda out, step, *a: saved.append(step) or original(out, step, *a)
+    )
+    assert main([*argv(tmp_path / "cut"), "--resume"]) == 0
+    assert saved == [4, 6]  # a silent restart at step 0 would save 2 again
+    assert sorted(p.name for p in cut.iterdir()) == ["step-0000002", "step-0000004", "step-0000006"]
+    for name in ("model.safetensors",):
+        full, resumed = weights(tmp_path / "full" / "final", name), weights(tmp_path / "cut" / "final", name)
+        assert all(torch.equal(full[k], resumed[k]) for k in full)
+    loader = torch.load(cut / "step-0000006" / "train_state.pt", weights_only=True)["loader"]
+    assert loader == {"epoch": 2, "step": 0}  # 24 images / 8 = 3 batches per epoch; 6 steps
 
 
 def test_sample_grid_hook_checks_the_tokenizer_and_never_stops_training(tmp_path):

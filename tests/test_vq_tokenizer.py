@@ -141,7 +141,16 @@ def test_short_training_keeps_most_of_the_codebook_in_use(tmp_path):
     assert report["heldout"]["psnr"] > 15.5, report["heldout"]
 
 
-def test_resume_is_bit_exact(tmp_path):
+def test_resume_is_bit_exact(tmp_path, monkeypatch):
+    import rargen.tokenizer_train as tokenizer_train
+
+    saved = []
+    original = tokenizer_train._save_checkpoint
+    monkeypatch.setattr(
+        tokenizer_train,
+        "_save_checkpoint",
+        lambda path, model, opt, step, cfg: saved.append(step) or original(path, model, opt, step, cfg),
+    )
     images, _ = load_digit_images("train", image_size=16)
     data = (images[:64], images[64:80])
     common = dict(batch_size=8, warmup_steps=2, restart_every=2, sample_every=0, checkpoint_every=3)
@@ -158,7 +167,9 @@ def test_resume_is_bit_exact(tmp_path):
         stop_after=3,
     )
     mid = load_file(str(tmp_path / "split" / "tokenizer" / "model.safetensors"))
+    saved.clear()
     train_tokenizer(tmp_path / "split", data, train_config=config6, resume=True, progress=False)
+    assert saved == [6]  # the resumed run started at step 3 (a restart at 0 would save step 3 again)
     full = load_file(str(tmp_path / "full" / "tokenizer" / "model.safetensors"))
     split = load_file(str(tmp_path / "split" / "tokenizer" / "model.safetensors"))
     assert full.keys() == split.keys()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import rargen
+from conftest import requires
 from rargen.checkpoint import save
 from rargen.tokenizer import Tokenizer
 from rargen.vqgan import (
@@ -47,9 +47,7 @@ def test_official_preset_size_and_layout():
     assert model.downsample_factor == 16 and model.grid_shape(256, 256) == (16, 16)
 
 
-@pytest.mark.skipif(
-    not SPEC.exists() and not os.environ.get("CI"), reason=f"the official layout list {SPEC} is not here"
-)
+@requires(None if SPEC.exists() else str(SPEC), "check out ../shared beside the repository")
 def test_official_preset_key_layout_matches_the_official_state_dict():
     with torch.device("meta"):
         model = MaskGITVQGAN(VQGANConfig.from_name("maskgit-vqgan-f16-256"))

@@ -29,7 +29,9 @@ class ArrayStore:
 
 
 class ArrayLoader:
-    def __init__(self, store: ArrayStore, batch_size: int, rank: int, world_size: int, seed: int, delay=0.0):
+    def __init__(
+        self, store: ArrayStore, batch_size: int, rank: int, world_size: int, seed: int, delay=0.0, log=None
+    ):
         self.store, self.batch_size, self.rank, self.world_size, self.seed = (
             store,
             batch_size,
@@ -39,7 +41,7 @@ class ArrayLoader:
         )
         self.steps_per_epoch = len(store) // (batch_size * world_size)
         assert self.steps_per_epoch > 0
-        self.epoch, self.step, self.delay = 0, 0, delay
+        self.epoch, self.step, self.delay, self.log = 0, 0, delay, log
 
     def __iter__(self):
         import time
@@ -50,6 +52,9 @@ class ArrayLoader:
             start = (step * self.world_size + self.rank) * self.batch_size
             rows = order[start : start + self.batch_size]
             self.epoch, self.step = (epoch, step + 1) if step + 1 < self.steps_per_epoch else (epoch + 1, 0)
+            if self.log:  # which batches a run drew: a resumed run must start where it stopped
+                with open(self.log, "a") as f:
+                    f.write(f"{epoch} {step}\n")
             if self.delay:
                 time.sleep(self.delay)
             yield torch.from_numpy(self.store.tokens[rows]), torch.from_numpy(self.store.labels[rows])
@@ -72,8 +77,10 @@ def make_store(
     return ArrayStore(tokens.astype(np.int64), labels.astype(np.int64), codebook_size, num_classes)
 
 
-def data_factory(store: ArrayStore, delay: float = 0.0):
+def data_factory(store: ArrayStore, delay: float = 0.0, log: str | None = None):
+    """``log``: a file each drawn batch appends its ``epoch step`` to."""
+
     def make(batch_size, rank, world_size, seed):
-        return ArrayLoader(store, batch_size, rank, world_size, seed, delay)
+        return ArrayLoader(store, batch_size, rank, world_size, seed, delay, log)
 
     return make

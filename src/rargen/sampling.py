@@ -104,17 +104,25 @@ def guided_logits(logits: Tensor, weight: Tensor, guided: bool) -> Tensor:
 def filter_logits(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Temperature, then top-k, then top-p (smallest set with mass >= p); removed = -inf.
 
-    Returns a new tensor; ``logits`` is never modified.
+    Returns a new tensor; ``logits`` is never modified. Any temperature > 0 and top_p > 0 give a
+    valid distribution: a tiny temperature is the argmax (ties shared), a tiny top_p keeps the top
+    token; never inf - inf = NaN.
     """
-    logits = logits / temperature
+    # Shifted so the row maximum is 0 (softmax is shift-invariant): the quotient cannot overflow to
+    # +inf. A temperature below the dtype's smallest normal number would round to 0 in the
+    # division (0 / 0 = NaN); there the distribution is already the argmax, so it is clamped.
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # the top token always stays (mass_before = 0)
-        drop = (mass_before >= top_p).scatter(-1, order, mass_before >= top_p)
+        mass_before = probs.cumsum(-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False  # the top token always stays (top_p may round to 0 in float32)
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, -math.inf)
     return logits
 

@@ -18,13 +18,18 @@ carry their settings in PNG text chunks and in their file names.
 
 Safety: loopback by default; batch size, requests per minute per client and concurrent jobs are
 capped; bad settings get 422 with the reason; a client that disconnects cancels its job (checked
-between decode steps) and frees its worker.
+between decode steps) and frees its worker. Every request gets an HTTP answer: 400 for a body that
+is not JSON (also 5000-digit numbers, 30,000 nested brackets), 422 naming the field, 408 for a
+client that does not send its request within ``Handler.request_deadline`` seconds, 503 beyond
+``Server.max_connections`` open connections, 500 with a short message for a bug (the server keeps
+serving). A client that half-closes its side after the request (``nc -N``) still gets its answer.
 """
 
 from __future__ import annotations
 
 import base64
 import copy
+import errno
 import io
 import json
 import math
@@ -33,8 +38,10 @@ import secrets
 import select
 import signal
 import socket
+import struct
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -81,6 +88,8 @@ class ServeConfig:
         for name in ("port", "rate_limit", "stream_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServeConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.port > 65535:
+            raise ValueError(f"ServeConfig.port must be in [0, 65535] (0 = any free port), got {self.port}")
 
 
 class RequestError(ValueError):
@@ -157,22 +166,34 @@ class GenerationRequest:
         return out
 
 
+def _shown(value: Any, limit: int = 40) -> str:
+    """``repr(value)``, shortened: an error message never echoes a 5000-digit number whole."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's 4300-digit str() limit
+        return "an integer too large to show"
+    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text)} characters)"
+
+
 def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
     value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(f"{name} must be a number, got {value!r}", name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{name} must be a number, got {_shown(value)}", name)
+    # Compare before converting: float() of a 400-digit JSON integer overflows.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RequestError(f"{name} must be a finite number, got {_shown(value)}", name)
     if not (low < value if low_open else low <= value) or value > high:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise RequestError(f"{name} must be in {interval}, got {value!r}", name)
+        raise RequestError(f"{name} must be in {interval}, got {_shown(value)}", name)
     return float(value)
 
 
 def _integer(body: dict, name: str, default: int, low: int, high: int, hint: str = "") -> int:
     value = body.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"{name} must be an integer, got {value!r}", name)
+        raise RequestError(f"{name} must be an integer, got {_shown(value)}", name)
     if not low <= value <= high:
-        raise RequestError(f"{name} must be in [{low}, {high}]{hint}, got {value}", name)
+        raise RequestError(f"{name} must be in [{low}, {high}]{hint}, got {_shown(value)}", name)
     return value
 
 
@@ -277,24 +298,30 @@ class Engine:
                 "class is required: a class id or, when the checkpoint has names, a name", "class"
             )
         value, C = body["class"], self.model.config.num_classes
-        if isinstance(value, str) and not value.strip().isdigit():
+        # ASCII digits only: str.isdigit() is also true of '²' and '٣', which int() refuses or reads.
+        if isinstance(value, str) and not re.fullmatch(r"[0-9]+", value.strip()):
             if self.class_names is None:
                 raise RequestError(
-                    f"class {value!r} is a name but this checkpoint has no class names; "
+                    f"class {_shown(value)} is a name but this checkpoint has no class names; "
                     f"pass an id in [0, {C - 1}]",
                     "class",
                 )
             lowered = [n.lower() for n in self.class_names]
             if value.strip().lower() not in lowered:
-                raise RequestError(f"class {value!r} is not one of this checkpoint's class names", "class")
+                raise RequestError(
+                    f"class {_shown(value)} is not one of this checkpoint's class names", "class"
+                )
             index = lowered.index(value.strip().lower())
             return index, self.class_names[index]
         if isinstance(value, str):
-            value = int(value)
+            digits = value.strip().lstrip("0") or "0"
+            if len(digits) > 18:  # no class id is that long; int() of 5000 digits would raise
+                raise RequestError(f"class must be in [0, {C - 1}], got {_shown(value)}", "class")
+            value = int(digits)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise RequestError(f"class must be an integer id or a name, got {value!r}", "class")
+            raise RequestError(f"class must be an integer id or a name, got {_shown(value)}", "class")
         if not 0 <= value < C:
-            raise RequestError(f"class must be in [0, {C - 1}], got {value}", "class")
+            raise RequestError(f"class must be in [0, {C - 1}], got {_shown(value)}", "class")
         return value, self.class_names[value] if self.class_names else None
 
     # -- admission --------------------------------------------------------------------------
@@ -427,19 +454,136 @@ _FIELDS = {
 # HTTP
 
 
+# Connections whose response has begun (its status line is out), and those sent a `100 Continue`
+# probe. Weak: an entry goes with its socket.
+_ANSWERING: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+_PROBED: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+_TCP_CLOSE, _TCP_CLOSE_WAIT = 7, 8  # linux/tcp_states.h
+
+
+def _tcp_state(connection: socket.socket) -> int | None:
+    """The kernel's TCP state of ``connection`` (Linux), or None where it cannot be read."""
+    try:
+        return struct.unpack("B", connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0]
+    except (AttributeError, OSError, struct.error):
+        return None
+
+
 def client_gone(connection: socket.socket) -> bool:
-    """True when the peer closed its end (readable with no data), without consuming anything."""
+    """True when the peer is gone, without consuming anything it sent.
+
+    End of stream alone is not enough: a client that half-closes its side after a complete request
+    (``nc -N``, ``shutdown(SHUT_WR)``) still reads the answer, and its FIN looks like a close. So
+    at end of stream, before any answer went out, the connection gets one ``100 Continue`` (an
+    interim response every HTTP/1.1 client must accept): a peer that really closed answers it with
+    a reset, which the next check sees; a half-closed one stays. Once the answer has begun, its own
+    writes fail when the peer is gone. Where the TCP state cannot be read, end of stream is gone.
+    """
     try:
         readable, _, _ = select.select([connection], [], [], 0)
-        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+        if not readable or connection.recv(1, socket.MSG_PEEK) != b"":
+            return False
     except (OSError, ValueError):
         return True
+    state = _tcp_state(connection)
+    if state is None or state == _TCP_CLOSE:
+        return True
+    if state != _TCP_CLOSE_WAIT or connection in _ANSWERING:
+        return state != _TCP_CLOSE_WAIT
+    if connection not in _PROBED:
+        _PROBED.add(connection)
+        try:
+            connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except OSError:
+            return True
+    return False
+
+
+class RequestDeadline(Exception):
+    """A client did not send its whole request within ``Handler.request_deadline`` seconds."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket reader that gives up when the request's overall deadline passes.
+
+    The per-read timeout alone lets a client that sends one byte every 59 s hold a thread for ever.
+    """
+
+    def __init__(self, connection: socket.socket, per_read: float) -> None:
+        self.connection, self.per_read, self.deadline = connection, per_read, math.inf
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise RequestDeadline()
+        self.connection.settimeout(min(self.per_read, remaining))
+        try:
+            return self.connection.recv_into(buffer)
+        except TimeoutError:
+            if self.deadline - time.monotonic() <= 0:
+                raise RequestDeadline() from None
+            raise
+        finally:
+            self.connection.settimeout(self.per_read)
 
 
 class Handler(BaseHTTPRequestHandler):
     server: Server
     server_version = "rargen"
     timeout = 60  # seconds a socket read/write may stall: a client that never sends its body lets go
+    request_deadline = 30.0  # seconds to send a whole request (line, headers, body)
+    default_request_version = "HTTP/1.0"  # not 0.9: every answer, errors included, has a status line
+
+    # -- every request gets an answer -----------------------------------------------------------
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # replaced by a reader with an overall deadline (the socket stays open)
+        self._reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        self._answered = False
+        # What an answer before the request line was read needs (send_response logs them).
+        self.requestline, self.request_version, self.command = "", self.default_request_version, None
+        self._reader.deadline = time.monotonic() + self.request_deadline
+        try:
+            super().handle_one_request()
+        except RequestDeadline:
+            self.close_connection = True
+            self._answer_if_silent(
+                408, f"the request was not complete within {self.request_deadline:g} s; send it at once"
+            )
+        except (ConnectionError, TimeoutError):  # the client went away mid-answer: nobody to tell
+            self.close_connection = True
+        except Exception as error:  # noqa: BLE001 - a bug: answer this client, keep serving the rest
+            self.close_connection = True
+            self.log_error("internal error: %r", error)
+            self._answer_if_silent(500, f"internal error ({type(error).__name__}); the server keeps serving")
+        finally:
+            self._reader.deadline = math.inf  # no deadline while a job runs or an answer streams
+
+    def _answer_if_silent(self, status: int, message: str) -> None:
+        if self._answered:
+            return
+        try:
+            self.send_json(status, {"error": message, "field": None}, {"Connection": "close"})
+        except OSError:
+            pass
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        if code >= 200:
+            self._answered = True
+            _ANSWERING.add(self.connection)
+        super().send_response(code, message)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's own errors (a malformed request line, 414, 431, 501) as JSON too."""
+        self.close_connection = True
+        self._answer_if_silent(code, message or explain or "bad request")
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:
@@ -471,10 +615,16 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(f"Content-Length must be >= 0, got {length}", status=400)
         if length > MAX_BODY_BYTES:
             raise RequestError(f"the body is {length} bytes; the limit is {MAX_BODY_BYTES}", status=413)
+        data = self.rfile.read(length)
+        if len(data) < length:
+            raise RequestError(f"the body ended after {len(data)} of {length} bytes", status=400)
         try:
-            return json.loads(self.rfile.read(length) or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RequestError(f"the body is not valid JSON: {error}", status=400) from None
+            return json.loads(data or b"{}")
+        except RecursionError:
+            raise RequestError("the body is nested too deeply to be settings", status=400) from None
+        except ValueError as error:  # JSONDecodeError, bad UTF-8, an integer of over 4300 digits
+            reason = str(error).split(";")[0][:120]
+            raise RequestError(f"the body is not valid JSON settings: {reason}", status=400) from None
 
     # -- routes -----------------------------------------------------------------------------
 
@@ -571,18 +721,84 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
-    """A ThreadingHTTPServer that owns an Engine; one thread per connection."""
+    """A ThreadingHTTPServer that owns an Engine; one thread per connection, at most
+    ``max_connections`` of them (more get an immediate 503), on IPv4 or IPv6."""
 
     daemon_threads = True  # a stuck client never blocks shutdown
+    request_queue_size = 128  # the listen backlog (socketserver's default of 5 made bursts queue)
+    max_connections = 64  # open connections served at once; each holds a thread
 
     def __init__(self, engine: Engine, *, quiet: bool = False) -> None:
         self.engine, self.quiet = engine, quiet
-        super().__init__((engine.config.host, engine.config.port), Handler)
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        host, port = engine.config.host, engine.config.port
+        self.address_family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        try:
+            super().__init__((host.strip("[]"), port), Handler)
+        except OverflowError:
+            raise ValueError(f"--port {port} is out of range; pass 0-65535 (0 = any free port)") from None
+        except OSError as error:
+            raise ValueError(_bind_error(host, port, error)) from None
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            # "::" serves IPv4 clients too (dual stack), as "0.0.0.0" serves all IPv4 interfaces.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            _refuse(request, self.max_connections)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return (
+            f"http://[{host}]:{port}" if self.address_family == socket.AF_INET6 else f"http://{host}:{port}"
+        )
+
+
+def _bind_error(host: str, port: int, error: OSError) -> str:
+    """One line for a socket that cannot listen: what, why, and the fix."""
+    where = f"cannot listen on {host} port {port}"
+    if error.errno == errno.EADDRINUSE:
+        return f"{where}: the port is in use (another server?); pass another --port (0 = any free port)"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"{where}: permission denied (ports below 1024 need privileges); pass a --port >= 1024"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: no interface has that address; pass --host 127.0.0.1, ::1, 0.0.0.0 or ::"
+    if isinstance(error, socket.gaierror):
+        return f"{where}: the host name does not resolve ({error.strerror}); pass an address"
+    return f"{where}: {error.strerror or error}"
+
+
+def _refuse(connection: socket.socket, limit: int) -> None:
+    """Answer a connection beyond the cap without a thread: 503 and close."""
+    body = json.dumps(
+        {"error": f"the server is at its {limit} open connections; retry shortly", "field": None}
+    )
+    response = (
+        "HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    )
+    try:
+        connection.settimeout(1.0)
+        connection.sendall(response.encode())
+    except OSError:
+        pass
 
 
 def make_server(

@@ -8,6 +8,8 @@ label (``num_classes``), so a store of unconditional data trains an unconditiona
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,49 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+# Images with more pixels are skipped (and listed in the store's report.json) before they are
+# decoded: a 97 KB PNG can declare 10000 x 10000 pixels and take 1 GB to decode. 40 M pixels is
+# about 6300 x 6300, beyond any ImageNet photo; raise it with `max_pixels` (`--max-pixels`).
+DEFAULT_MAX_PIXELS = 40_000_000
+# Single-channel modes with more than 8 bits per pixel; PIL's convert("RGB") clips them to 255.
+_HIGH_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of ``image``, scaling high-bit-depth greyscale (16-bit PNG/TIFF) to 8 bits.
+
+    PIL's own ``convert("RGB")`` clips 16-bit values to 255, which stored a 16-bit greyscale PNG
+    as a white square. 16-bit values v map to round(v / 257) (65535 -> 255); PNG's 16-bit grey
+    opens as ``I;16`` (or ``I``), whose values are 16-bit.
+    """
+    if image.mode in _HIGH_BIT_GREY:
+        values = np.asarray(image).astype(np.float64)
+        grey = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The decoded RGB image of the file ``path``; ValueError for what must be skipped.
+
+    Not a regular file (a FIFO named .png would block the reader for ever, a folder, a device),
+    or more than ``max_pixels`` pixels (checked from the header, before decoding), raise a
+    ValueError that says so; a corrupt file raises PIL's error.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
+        raise ValueError(f"not a regular file ({kind})")
+    with warnings.catch_warnings():  # the size is checked below, before any decoding
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ValueError(
+                    f"{width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,} "
+                    "(a decompression bomb or a huge image); raise max_pixels (--max-pixels) to keep it"
+                )
+            return to_rgb(image)  # forces the full decode, so corrupt files raise here
 
 
 class ImageSource:
@@ -137,8 +182,10 @@ class FolderSource(ImageSource):
     Files are found by extension and sorted, so the order (and therefore the store) is reproducible.
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        if max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+        self.root, self.max_pixels = Path(root), max_pixels
         if not self.root.is_dir():
             raise FileNotFoundError(f"no image folder at {str(self.root)!r}")
         folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -169,8 +216,7 @@ class FolderSource(ImageSource):
         return len(self.files)
 
     def load(self, index: int) -> Image.Image:
-        with Image.open(self.files[index]) as image:
-            return image.convert("RGB")  # convert() forces the full decode, so corrupt files raise here
+        return open_image_file(self.files[index], self.max_pixels)
 
     def label(self, index: int) -> int:
         return int(self.labels[index])
@@ -182,10 +228,13 @@ class FolderSource(ImageSource):
         return {"type": "folder", "path": str(self.root.resolve()), "num_images": len(self)}
 
 
-def open_source(spec: str | os.PathLike, image_size: int = 256) -> ImageSource:
+def open_source(
+    spec: str | os.PathLike, image_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ImageSource:
     """``"digits"`` / ``"digits:train|heldout|all"``, a folder of images, or an ``.npz`` file.
 
-    ``image_size`` only matters for the digits, which are upscaled straight to the target size.
+    ``image_size`` only matters for the digits, which are upscaled straight to the target size;
+    ``max_pixels`` for a folder (larger images are skipped).
     """
     text = str(spec)
     if text == "digits" or text.startswith("digits:"):
@@ -193,7 +242,7 @@ def open_source(spec: str | os.PathLike, image_size: int = 256) -> ImageSource:
         return digit_source(split, image_size=image_size)
     path = Path(text)
     if path.is_dir():
-        return FolderSource(path)
+        return FolderSource(path, max_pixels)
     if path.suffix == ".npz":
         return npz_source(path)
     choices = "pass 'digits[:split]', a folder of images or an .npz file"

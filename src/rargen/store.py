@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from rargen.preprocess import image_variants, num_variants
-from rargen.sources import ImageSource, open_source
+from rargen.sources import DEFAULT_MAX_PIXELS, ImageSource, open_source
 from rargen.tokenizer import token_shape_of
 
 STORE_FORMAT = "rargen-token-store"
@@ -147,7 +147,10 @@ def _barrier() -> None:
 
 
 def _check_plan(out: Path, plan: dict[str, Any]) -> None:
-    """Refuse to mix two different runs in one folder; record the plan for future resumes."""
+    """Refuse to mix two different runs in one folder; record the plan for future resumes.
+
+    An unchanged plan is not rewritten, so that a complete store on a read-only disk can be checked.
+    """
     for name in (META_NAME, PLAN_NAME):
         if (out / name).is_file():
             found = json.loads((out / name).read_text())
@@ -159,7 +162,10 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
                     f"{[found[k] for k in differing]} there, {[plan[k] for k in differing]} now); "
                     "pass another --out or delete the folder"
                 )
-    _write_json(out / PLAN_NAME, plan)
+    recorded = out / PLAN_NAME
+    if (out / META_NAME).is_file() or (recorded.is_file() and json.loads(recorded.read_text()) == plan):
+        return
+    _write_json(recorded, plan)
 
 
 def _load_variants(source: ImageSource, index: int, image_size: int, augment: str) -> np.ndarray | str:
@@ -253,6 +259,7 @@ def pretokenize(
     rank: int | None = None,
     world_size: int | None = None,
     progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Path:
     """Tokenize every image of ``source`` (all ``augment`` variants) into a token store at ``out``.
 
@@ -263,6 +270,8 @@ def pretokenize(
     put in eval mode (and moved to ``device`` if given). ``batch_size`` counts crops per ``encode``
     call (rounded down to whole images). ``rank``/``world_size`` default to the torchrun env vars.
     Resumable: rerunning with the same arguments keeps finished shards. Returns ``out``.
+    Images that cannot be used (corrupt, not a regular file, over ``max_pixels`` pixels) are skipped
+    and listed in ``report.json``. A complete store is only read (it may be read-only).
     """
     if image_size <= 0 or batch_size <= 0 or shard_size <= 0 or num_workers <= 0:
         raise ValueError(
@@ -273,7 +282,7 @@ def pretokenize(
     rank, world_size = _dist_rank_world(rank, world_size)
     out = Path(out)
     if not isinstance(source, ImageSource):
-        source = open_source(source, image_size=image_size)
+        source = open_source(source, image_size=image_size, max_pixels=max_pixels)
     tokenizer_path = None
     if not isinstance(tokenizer, nn.Module):
         from rargen.checkpoint import load
@@ -313,7 +322,8 @@ def pretokenize(
         from rargen.checkpoint import checkpoint_hash
 
         tokenizer_meta = {"path": str(tokenizer_path.resolve()), "sha256": checkpoint_hash(tokenizer_path)}
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.is_dir():
+        out.mkdir(parents=True)
     _check_plan(out, plan)
     if (out / META_NAME).is_file():
         return out  # already complete

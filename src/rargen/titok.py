@@ -37,6 +37,12 @@ from rargen.vqgan import VectorQuantizer as PixelCodebook
 from rargen.vqgan import VQGANConfig
 
 HEAD_DIM = 64  # every official size (small 512/8, base 768/12, large 1024/16)
+# Upper bounds checked before anything is built (a corrupt config must not allocate for ever).
+MAX_SIZES = {
+    "image_size": 8192, "patch_size": 512, "num_latent_tokens": 65536, "codebook_size": 2**16,
+    "token_size": 4096, "width": 16384, "depth": 512, "heads": 256, "mlp_dim": 65536,
+    "pixel_codebook_size": 2**16,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,8 +77,10 @@ class TiTokConfig:
             "decoder_width", "decoder_depth", "decoder_heads", "decoder_mlp_dim", "pixel_codebook_size",
         )  # fmt: skip
         for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"TiTokConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+            part, _, field = name.partition("_")
+            value, bound = getattr(self, name), MAX_SIZES[field if part in ("encoder", "decoder") else name]
+            if not isinstance(value, int) or not 1 <= value <= bound:
+                raise ValueError(f"TiTokConfig.{name} must be an int in [1, {bound}], got {value!r}")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"TiTokConfig.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rargen.checkpoint import read_weights_file
 from rargen.titok import HEAD_DIM, TiTok, TiTokConfig
 
 SNAPSHOT_CONFIG = "config.json"
@@ -107,14 +108,7 @@ def read_snapshot(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             f"{list(SNAPSHOT_WEIGHTS)}, found {found or 'nothing'}"
         )
     config = json.loads((folder / SNAPSHOT_CONFIG).read_text())
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(weights))
-    else:  # weights_only: never unpickle arbitrary objects from a downloaded file
-        state = torch.load(str(weights), map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(state, dict):
-            raise ValueError(f"{weights} holds a {type(state).__name__}, not a state dict")
+    state = read_weights_file(weights)  # weights_only for a .bin: never unpickle arbitrary objects
     return config, state
 
 

@@ -25,7 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rargen.checkpoint import WEIGHTS_NAME, atomic_write_dir, config_from_dict, read_record, save
+from rargen.checkpoint import (
+    WEIGHTS_NAME,
+    atomic_write_dir,
+    config_from_dict,
+    read_record,
+    read_weights_file,
+    remove_stale_temporaries,
+    save,
+    verify_weights,
+)
 from rargen.vq_tokenizer import VQTokenizer, VQTokenizerConfig
 
 CHECKPOINT_DIR = "tokenizer"
@@ -164,13 +173,13 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(path: Path) -> tuple[VQTokenizer, dict[str, Any]]:
-    from safetensors.torch import load_file
-
     record = read_record(path)
     if record["kind"] != VQTokenizer.checkpoint_kind:
         raise ValueError(f"{path} holds a {record['kind']!r} checkpoint, not a VQ tokenizer training run")
-    model = VQTokenizer(config_from_dict(VQTokenizerConfig, record["config"]))
-    model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
+    model = VQTokenizer(config_from_dict(VQTokenizerConfig, record["config"], str(path / "config.json")))
+    weights = read_weights_file(path / WEIGHTS_NAME)
+    verify_weights(path / WEIGHTS_NAME, record)
+    model.load_state_dict(weights, strict=True)
     state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
     return model, state
 
@@ -201,6 +210,7 @@ def train_tokenizer(
     train_config = train_config or TokenizerTrainConfig()
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT_DIR
+    remove_stale_temporaries(out_dir)  # half-written checkpoints of a killed run
     if resume:
         if not (ckpt_path / TRAIN_STATE).exists():
             raise FileNotFoundError(f"nothing to resume: {str(ckpt_path)!r} has no {TRAIN_STATE}")

@@ -26,7 +26,6 @@ Launch: ``rargen train`` or ``torchrun ... -m rargen.cli train``; see docs/train
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -41,11 +40,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rargen import distributed
-from rargen.checkpoint import atomic_write_dir, config_to_dict, save
+from rargen.checkpoint import (
+    WEIGHTS_NAME,
+    atomic_write_dir,
+    config_from_dict,
+    config_to_dict,
+    read_record,
+    read_weights_file,
+    remove_stale_temporaries,
+    save,
+    verify_weights,
+)
 from rargen.model import RAR, ModelConfig
 from rargen.orders import random_order_prob, sample_orders
 
@@ -131,16 +139,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; valid fields: {sorted(names)}")
-        values = dict(values)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        if "model_overrides" in values:
-            values["model_overrides"] = tuple(tuple(pair) for pair in values["model_overrides"])
-        return cls(**values)
+        # Field by field against the annotations (a JSON list becomes a tuple), then __post_init__.
+        return config_from_dict(cls, values, "train config")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,6 +253,9 @@ def check_run_folder(out: Path, config: TrainConfig, resume: bool) -> Path | Non
         raise ValueError(
             f"cannot write to the output folder {str(out)!r} ({error}); pass another --out"
         ) from None
+    # Half-written checkpoint folders of a killed run (only rank 0 writes them, and it is here).
+    remove_stale_temporaries(out / "checkpoints")
+    remove_stale_temporaries(out)
     found = checkpoints(out)
     if found and not resume:
         raise ValueError(
@@ -288,7 +291,9 @@ def train(
     Writes ``out/checkpoints/step-XXXXXXX/`` every ``checkpoint_every`` steps and at the end (the last
     ``keep_checkpoints`` kept), ``out/final/`` (loadable with ``rargen.load``), ``out/metrics.jsonl``
     and, with a ``tokenizer`` folder (or a ``sample_hook(model, step, png_path)``), sample grids in
-    ``out/samples/``. ``resume=True`` continues from the newest complete checkpoint, bit-exactly on CPU.
+    ``out/samples/``. ``resume=True`` continues from the newest complete checkpoint, bit-exactly on
+    CPU at the same thread count and world size (on another world size the all-reduce order
+    differs, ~1e-6). Half-written checkpoint folders of a killed run are removed first.
     Returns ``out/final``. Under torchrun every rank calls this.
     """
     out = Path(out)
@@ -327,13 +332,18 @@ def train(
     torch.manual_seed(config.seed * 1_000_003 + rank)  # model dropout, per rank
     state: dict[str, Any] | None = None
     if resume_from is not None:
-        raw.load_state_dict(load_file(str(resume_from / "model.safetensors")))
+        record = read_record(resume_from)
+        weights = read_weights_file(resume_from / WEIGHTS_NAME)
+        verify_weights(resume_from / WEIGHTS_NAME, record)
+        raw.load_state_dict(weights)
         state = torch.load(resume_from / "train_state.pt", weights_only=True)
     raw.to(env.device)
     ema = None
     if config.ema_decay > 0:
         ema_file = resume_from / "ema.safetensors" if resume_from is not None else None
-        source = load_file(str(ema_file)) if ema_file is not None else raw.state_dict()
+        source = read_weights_file(ema_file) if ema_file is not None else raw.state_dict()
+        if ema_file is not None:
+            verify_weights(ema_file, record)
         ema = {
             name: source[name].detach().to(env.device, torch.float32).clone()
             for name, _ in raw.named_parameters()
@@ -564,9 +574,8 @@ def save_checkpoint(
             extra = {"step": step, "train_config": config.to_dict()} | (
                 {"class_names": names} if names else {}
             )
-            save(raw, tmp, state_dict=weights, extra=extra)
-            if ema is not None:
-                save_file({k: v.contiguous() for k, v in ema_full.items()}, str(tmp / "ema.safetensors"))
+            more = {"ema.safetensors": ema_full} if ema is not None else {}
+            save(raw, tmp, state_dict=weights, extra=extra, extra_weights=more)
             torch.save(train_state, tmp / "train_state.pt")
             (tmp / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 

@@ -26,6 +26,13 @@ from torch import Tensor, nn
 
 from rargen.tokenizer import VQImageTokenizer
 
+# Upper bounds of the size fields (far above the released model) so that a bad config.json is
+# refused before anything is built.
+MAX_SIZES = {
+    "hidden_channels": 4096, "num_res_blocks": 64, "z_channels": 4096, "codebook_size": 2**16,
+    "codebook_dim": 4096, "image_size": 8192, "levels": 10, "channel_mult": 64,
+}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class VQGANConfig:
@@ -38,6 +45,25 @@ class VQGANConfig:
     image_size: int = 256  # training resolution; the network itself is fully convolutional
 
     def __post_init__(self) -> None:
+        for name in (
+            "hidden_channels",
+            "num_res_blocks",
+            "z_channels",
+            "codebook_size",
+            "codebook_dim",
+            "image_size",
+        ):
+            if getattr(self, name) > MAX_SIZES[name]:
+                raise ValueError(
+                    f"VQGANConfig.{name} must be at most {MAX_SIZES[name]}, got {getattr(self, name)}"
+                )
+        if len(self.channel_mult) > MAX_SIZES["levels"] or any(
+            m > MAX_SIZES["channel_mult"] for m in self.channel_mult
+        ):
+            raise ValueError(
+                f"channel_mult {self.channel_mult}: at most {MAX_SIZES['levels']} levels of at most "
+                f"{MAX_SIZES['channel_mult']} each"
+            )
         if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
             raise ValueError(f"channel_mult must be non-empty positive ints, got {self.channel_mult}")
         if self.codebook_dim != self.z_channels:
@@ -313,14 +339,9 @@ def convert_official_vqgan(source: str | os.PathLike | dict[str, Tensor]) -> Mas
                 f"no VQGAN checkpoint at {origin!r}; download maskgit-vqgan-imagenet-f16-256.bin from "
                 "the Hugging Face repo fun-research/TiTok and pass its local path"
             )
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        from rargen.checkpoint import read_weights_file
 
-            state_dict = load_file(str(path))
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state_dict, dict):
-            raise ValueError(f"{origin} holds a {type(state_dict).__name__}, not a state dict")
+        state_dict = read_weights_file(path)
     if not is_official_vqgan_state_dict(state_dict):
         raise ValueError(
             f"{origin} is not an official MaskGIT-VQGAN state dict (expected keys {list(_REQUIRED_KEYS)} "
