@@ -341,3 +341,23 @@ def test_published_digest_prefix_is_checked(fake_hub: FakeHub) -> None:
     with pytest.raises(hub.IntegrityError, match="does not start with the published 6726825d"):
         hub.url_download(url, sha256_prefix="6726825d")
     assert not list((hub.cache_settings().rargen_cache / "files").rglob("x.pth*"))
+
+
+def test_quickstart_example_runs_against_the_fake_hub(fake_hub: FakeHub, tmp_path, monkeypatch, capsys):
+    import runpy
+
+    fake_hub.add_hub_file("owner/RAR", "gen.bin", paired_generator_bin())
+    fake_hub.add_hub_file("owner/TiTok", "vq.bin", official_bin("official_vqgan_small"))
+    releases = dict(pretrained.RELEASES)
+    releases["tiny-rar"] = pretrained.Release(
+        "tiny-rar", "generator", "hf://owner/RAR/gen.bin@main", "rar-b", "tiny-vq"
+    )
+    releases["tiny-vq"] = pretrained.Release("tiny-vq", "tokenizer", "hf://owner/TiTok/vq.bin@main")
+    monkeypatch.setattr(pretrained, "RELEASES", releases)
+    script = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+    out = tmp_path / "grid.png"
+    argv = ["quickstart.py", "--model", "tiny-rar", "--labels", "0,1,2", "--out", str(out)]
+    monkeypatch.setattr("sys.argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert out.is_file() and printed.count("nats/token") == 3
