@@ -202,6 +202,9 @@ def test_compiled_generate_equals_eager(tiny_model: RAR) -> None:
 
 
 def test_bf16_generate_runs_close(tiny_model: RAR) -> None:
+    """bf16 weights and activations (8-bit mantissa) against float32: per-step total variation
+    0.011 on average and 0.032 at most here (measured), bounded at 0.02 / 0.06. For scale: moving
+    the guidance scale from 2.0 to 2.2 moves these distributions by 0.07 on average."""
     model = tiny_model.float()
     tokens = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
     config = SampleConfig(cfg_scale=2.0)
@@ -209,7 +212,10 @@ def test_bf16_generate_runs_close(tiny_model: RAR) -> None:
     with pytest.raises(ValueError, match="bf16 weights"):
         token_probs(model, [1, 2], tokens, config, bf16=True)
     approx = token_probs(model.to(torch.bfloat16), [1, 2], tokens, config, bf16=True)
-    assert approx.dtype == torch.float32 and (approx - ref).abs().max() < 0.1
+    assert approx.dtype == torch.float32
+    torch.testing.assert_close(approx.sum(-1), torch.ones(2, 16), rtol=0, atol=1e-5)
+    variation = (approx - ref).abs().sum(-1) / 2  # (B, L)
+    assert variation.mean() < 0.02 and variation.max() < 0.06, variation
 
 
 @pytest.mark.parametrize(
