@@ -7,9 +7,11 @@ and the same CFG setting, and are timed in one process, alternately. ``--steps S
 tokens of a generation and reports time / S; both samplers' steps grow with t (attention reads the
 prefix), so quote whole generations (``--steps 256``). ``--full-official B`` also times one full
 256-step official generation at batch B. rargen's eager variants run on a model packed once for
-oneDNN (``rargen.cpu_decoding``), as ``rargen sample`` does; the packing time is printed above
-the table (``generate`` on a plain model packs on every call). The roofline floor per step is
-max(weight bytes / bandwidth, FLOPs / matmul rate), both measured here. The official tree (an
+oneDNN by ``rargen.decoding.prepare_for_decoding`` once per model, as ``rargen sample`` does (the
+packing time is printed above the table; ``generate`` on a plain model prepares on every call),
+and drive the same ``rargen.sampling.Sampler`` step that ``generate`` and the web server drive.
+The roofline floor per step is max(weight bytes / bandwidth, FLOPs / matmul rate), both measured here.
+The official tree (an
 extracted checkout, never vendored) is imported as in tests/reference: namespace-package stubs
 and a ``timm.layers.Mlp`` stand-in, so neither torchvision nor timm is needed.
 """
@@ -32,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "referenc
 from official_shim import import_official  # noqa: E402
 
 from rargen.convert import to_official
-from rargen.cpu_decoding import packed_for_cpu_decoding
+from rargen.decoding import Decoder, prepare_for_decoding
 from rargen.model import RAR, ModelConfig
-from rargen.sampling import SampleConfig, decode_loop, filter_logits, modulation_chunk, sample_from_logits
+from rargen.sampling import SampleConfig, Sampler
 
 
 def sync(device: torch.device) -> None:
@@ -65,7 +67,7 @@ def official_model(root: str, model: RAR) -> nn.Module:
     official = rar.RAR(_Tree(model=dict(vq_model=dict(codebook_size=c.codebook_size), generator=generator)))
     official.load_state_dict(to_official(model), strict=True)
     official.set_random_ratio(0.0)
-    return official.eval().requires_grad_(False).to(model.head.weight.device)
+    return official.eval().requires_grad_(False).to(model.device)
 
 
 class _Stop(Exception):
@@ -98,17 +100,20 @@ def time_official(official: nn.Module, labels: torch.Tensor, config: SampleConfi
 # rargen
 
 
-def time_rargen(model: RAR, labels, config: SampleConfig, steps: int, bf16=False, compile=False) -> float:
-    noise = torch.empty(len(labels), steps, model.config.codebook_size, device=labels.device).exponential_()
-
-    def choose(t, logits):  # what generate() does per step
-        return sample_from_logits(filter_logits(logits, config.temperature), noise=noise[:, t])
-
-    sync(labels.device)
+def time_rargen(decoder: Decoder, labels, config: SampleConfig, steps: int) -> float:
+    """Seconds for the first ``steps`` tokens of the engine ``generate`` drives (prefill included)."""
+    c = decoder.model.config
+    labels = labels.tolist()
+    noise = torch.empty(len(labels), c.num_image_tokens, c.codebook_size, device=decoder.model.device)
+    noise.exponential_()
+    sync(decoder.model.device)
     start = time.perf_counter()
-    for _ in decode_loop(model, labels, config, choose, bf16, compile, steps=steps):
-        pass
-    sync(labels.device)
+    with torch.inference_mode():
+        sampler = Sampler(decoder, len(labels), guided=config.guided, conditions=len(set(labels)) + 1)
+        sampler.add(labels, config, noise=noise)  # token 0
+        for _ in range(steps - 1):
+            sampler.step()
+    sync(decoder.model.device)
     return time.perf_counter() - start
 
 
@@ -155,12 +160,12 @@ def step_cost(model: RAR, batch: int, guided: bool, distinct_labels: int) -> dic
     mean_slots = sum(t + 2 for t in range(1, L)) / (L - 1)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     adaln = [block.adaln for block in model.blocks] + [model.final_adaln]
-    size = model.head.weight.element_size()
+    size = model.dtype.itemsize
     nbytes = {id(m): sum(p.numel() * p.element_size() for p in m.parameters()) for m in linears}
     all_weight_bytes = sum(nbytes.values())
     adaln_bytes = sum(nbytes[id(m)] for m in adaln)
     kv_bytes = 2 * rows * c.depth * mean_slots * D * size
-    chunk = modulation_chunk(model, conditions)
+    chunk = Decoder(model).modulation_chunk(conditions)
     per_block = 2 * rows * (4 * D * D + 2 * D * c.mlp_dim) + 2 * 2 * rows * mean_slots * D
     flops = c.depth * (per_block + 2 * conditions * 6 * D * D) + 2 * rows * D * c.codebook_size
     return {
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         models[preset] = model
         if device.type == "cpu":
             start = time.perf_counter()
-            packed_for_cpu_decoding(model)
+            prepare_for_decoding(model)
             seconds = time.perf_counter() - start
             print(f"# {preset}: packing the weights for oneDNN takes {seconds:.2f} s, once per model")
     print(
@@ -243,14 +248,12 @@ def main(argv: list[str] | None = None) -> int:
             for variant in args.variants.split(","):
                 bf16, compile = "bf16" in variant, "compiled" in variant
                 m = copy.deepcopy(model).to(torch.bfloat16) if bf16 else model
-                if not compile:  # packed once per model, as `rargen sample` does (timed above)
-                    m = packed_for_cpu_decoding(m)
+                # prepared once per model, as `rargen sample` does (packing timed above)
+                decoder = prepare_for_decoding(m, bf16=bf16, compile=compile)
                 timers.append(
                     (
                         f"rargen {variant}",
-                        lambda n, m=m, bf16=bf16, compile=compile, labels=labels: time_rargen(
-                            m, labels, config, n, bf16, compile
-                        ),
+                        lambda n, decoder=decoder, labels=labels: time_rargen(decoder, labels, config, n),
                     )
                 )
             for name, timer in timers:

@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from rargen.cpu_decoding import packed_for_cpu_decoding
+from rargen.decoding import Decoder, prepare_for_decoding
 from rargen.model import RAR, ModelConfig
-from rargen.sampling import SampleConfig, decode_loop, draw_noise, filter_logits, generate, sample_from_logits
+from rargen.sampling import SampleConfig, Sampler, draw_noise, generate
 from rargen.titok import TiTok, TiTokConfig
 from rargen.vqgan import MaskGITVQGAN, VQGANConfig
 
@@ -88,7 +88,7 @@ def bench_tokenizers(names: list[str], batch: int, repeats: int, device: torch.d
     return decode_per_image
 
 
-def generator(preset: str, length: int, device: torch.device) -> RAR:
+def generator(preset: str, length: int, device: torch.device) -> Decoder:
     """Random weights at the preset's widths; TiTok's 4096 codes at 32/64/128 tokens, else 1024."""
     codebook = 4096 if length in TITOK_OF_LENGTH else 1024
     config = ModelConfig.from_name(
@@ -99,23 +99,27 @@ def generator(preset: str, length: int, device: torch.device) -> RAR:
     with torch.no_grad():  # random weights; adaLN-zero init would make every block an identity
         for p in model.parameters():
             p.normal_(0, 0.02)
-    return packed_for_cpu_decoding(model)  # a no-op off the CPU
+    return prepare_for_decoding(model)  # packed for oneDNN on a CPU
 
 
-def new_generation(model: RAR, labels: torch.Tensor, seeds: list[int], config: SampleConfig) -> Iterator[int]:
-    """One generation of ``generate`` (same noise, same sampling) as an iterator over its steps."""
-    cfg = model.config
+def new_generation(
+    decoder: Decoder, labels: torch.Tensor, seeds: list[int], config: SampleConfig
+) -> Iterator[int]:
+    """One generation of ``generate`` (same engine, same noise) as an iterator over its steps."""
+    cfg = decoder.model.config
     noise = draw_noise((len(seeds), cfg.num_image_tokens, cfg.codebook_size), labels.device, None, seeds)
-
-    def choose(t: int, logits: torch.Tensor) -> torch.Tensor:
-        logits = filter_logits(logits, config.temperature, config.top_k, config.top_p)
-        return sample_from_logits(logits, noise=noise[:, t])
-
-    return decode_loop(model, labels, config, choose)
+    with torch.inference_mode():
+        sampler = Sampler(decoder, len(seeds), guided=config.guided)
+        sampler.add(labels.tolist(), config, noise=noise)  # prefill and token 0
+    yield 0
+    while sampler.samples:
+        with torch.inference_mode():  # per step, not across the yield
+            _, logits = sampler.step()
+        yield int(logits.shape[0])
 
 
 def interleaved_generations(
-    models: dict[int, RAR], batch: int, config: SampleConfig, repeats: int, device: torch.device
+    models: dict[int, Decoder], batch: int, config: SampleConfig, repeats: int, device: torch.device
 ) -> dict[int, list[float]]:
     """Seconds of whole generations, the models' steps interleaved one by one (a new generation starts
     when one ends) until the longest has finished ``repeats`` times: a drift of the host hits all alike."""
@@ -182,8 +186,9 @@ def bench_sampling(
             dec = with_decode[L]
             dec_rate = f"{batch / dec:.3f}" if dec else "-"
             dec_speed = f"{base_dec / dec:.1f}x" if dec and base_dec else "-"
+            codebook = models[L].model.config.codebook_size
             print(
-                f"| {L} ({tokenizer_of[L]}) | {models[L].config.codebook_size} | {batch} | {len(times[L])} "
+                f"| {L} ({tokenizer_of[L]}) | {codebook} | {batch} | {len(times[L])} "
                 f"| {seconds[L]:.2f} | {batch / seconds[L]:.3f} | {speed} | {dec_rate} | {dec_speed} |",
                 flush=True,
             )

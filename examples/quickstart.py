@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> Path:
     probs = rargen.token_probs(model, labels, tokens, config)  # (B, L, V)
     log_p = probs.gather(-1, tokens[..., None]).squeeze(-1).log()
     for label, row in zip(labels, log_p, strict=True):
-        print(
-            f"class {label}: log p = {row.sum().item():.1f} nats ({-row.mean().item():.3f} nats/token)"
-        )
+        print(f"class {label}: log p = {row.sum().item():.1f} nats ({-row.mean().item():.3f} nats/token)")
     print(f"wrote {out}")
     return out
 

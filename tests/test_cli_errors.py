@@ -66,7 +66,7 @@ def test_bad_values_of_other_commands(folders, capsys) -> None:
     root, gen, tok = folders
     cases = [
         (["serve", str(gen), "--tokenizer", str(tok), "--port", "70000"], ["--port", "out of range"]),
-        (["serve", str(gen), "--tokenizer", str(tok), "--max-jobs", "0"], ["--max-jobs"]),
+        (["serve", str(gen), "--tokenizer", str(tok), "--max-rows", "0"], ["--max-rows"]),
         (
             ["sweep", str(gen), "--tokenizer", str(tok), "--out", "o", "--cfg-scales", "1,,2"],
             ["--cfg-scales"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rargen.model import RAR, ModelConfig, count_params_official
+from rargen.model import RAR, CacheAt, KVCache, ModelConfig, cache_mask, count_params_official
 from rargen.orders import raster_orders, sample_orders
 
 # Official totals (spec Sec. 1.7) minus exactly the never-used rows (MaskGIT mask-token row,
@@ -80,39 +80,40 @@ def test_fresh_model_blocks_are_identity(tiny_config: ModelConfig) -> None:
     assert torch.count_nonzero(model.cls_token) == 0
 
 
-@pytest.mark.parametrize("step_kind", [int, torch.tensor], ids=["eager-int-step", "fixed-shape-tensor-step"])
-def test_kv_cache_decode_equals_full_forward(tiny_model: RAR, step_kind) -> None:
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["eager-runs", "fixed-shape-mask"])
+def test_kv_cache_decode_equals_full_forward(tiny_model: RAR, fixed_shapes: bool) -> None:
+    """Rows prefilled at different steps, each then decoding at its own position, give the full
+    forward's logits."""
     generator = torch.Generator().manual_seed(4)
     B, L = 3, 16
     tokens = torch.randint(0, 32, (B, L), generator=generator)
     labels = torch.tensor([0, 9, 10])
     full = tiny_model(tokens, labels)
-    tiny_model.setup_cache(B)
+    cache = KVCache(tiny_model.config, B, tiny_model.dtype, tiny_model.device)
+    start = [0, 0, 5]  # row b is prefilled at step start[b]
+    out = torch.zeros_like(full)
     with torch.no_grad():
-        steps = [tiny_model.prefill(labels)]
-        for t in range(1, L):
-            modulation = tiny_model.decode_modulations(labels, t, 1)[:, 0]
-            steps.append(tiny_model.decode_step(tokens[:, t - 1], step_kind(t), modulation))
-    tiny_model.clear_cache()
-    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=0, atol=1e-12)
-
-
-def test_shared_conditions_equal_per_row(tiny_model: RAR) -> None:
-    labels = torch.tensor([3, 10, 3, 10])
-    cond_labels, cond_index = labels.unique(return_inverse=True)
-    tokens = torch.randint(0, 32, (4,), generator=torch.Generator().manual_seed(5))
-    outputs = []
-    for shared in (False, True):
-        tiny_model.setup_cache(4)
-        kwargs = {"cond_labels": cond_labels, "cond_index": cond_index} if shared else {}
-        first = tiny_model.prefill(labels, **kwargs)
-        if shared:
-            modulation = tiny_model.decode_modulations(cond_labels, 1, 1)[cond_index, 0]
-        else:
-            modulation = tiny_model.decode_modulations(labels, 1, 1)[:, 0]
-        second = tiny_model.decode_step(tokens, torch.tensor(1), modulation)
-        outputs.append(torch.cat([first, second]))
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-13)
+        out[:2, 0] = tiny_model.prefill(labels[:2], cache, 0)  # two rows in one prefill
+        for step in range(1, L + max(start)):
+            if step == start[2]:
+                out[2, 0] = tiny_model.prefill(labels[2:], cache, 2)[0]
+            live = [b for b in range(B) if start[b] < step < start[b] + L]
+            a, z = live[0], live[-1] + 1
+            positions = torch.tensor([step - start[b] + 1 for b in live])  # feeds token step-start-1
+            fed = tokens[live, positions - 2]
+            modulation = tiny_model.decode_modulations(labels[a:z], positions)
+            if fixed_shapes:
+                at = CacheAt(positions, mask=cache_mask(positions, L + 1))
+            else:
+                p = positions.tolist()
+                at = CacheAt(positions, runs=tuple((i, i + 1, p[i]) for i in range(len(live))))
+            rows = slice(a, z)
+            sub = KVCache.__new__(KVCache)  # the live rows' view of the cache
+            sub.k, sub.v = [k[rows] for k in cache.k], [v[rows] for v in cache.v]
+            logits = tiny_model.decode_step(fed, modulation, sub, at)
+            for i, b in enumerate(live):
+                out[b, step - start[b]] = logits[i]
+    torch.testing.assert_close(out, full, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -12,11 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from rargen.convert import from_official
-from rargen.model import RAR
+from rargen.decoding import DecodeBatch, Decoder, decode_fixed_shapes
+from rargen.model import RAR, KVCache
 from rargen.sampling import (
     SampleConfig,
     cfg_schedule,
-    decode_fixed_shapes,
     filter_logits,
     generate,
     sample_seed,
@@ -46,11 +45,20 @@ def to_config(setting: dict) -> SampleConfig:
     )
 
 
+@pytest.fixture(params=["default-chunk", "chunk-3"])
+def modulation_chunk(request, monkeypatch) -> str:
+    """The adaLN-ahead tables at their default size (one table covers the tiny models' whole
+    sequence) and forced to 3 positions, so decoding crosses many table boundaries."""
+    if request.param == "chunk-3":
+        monkeypatch.setattr(Decoder, "modulation_chunk", lambda self, conditions: 3)
+    return request.param
+
+
 # float32: both implementations carry ~1e-6 of rounding (the official float32 itself is 7e-7 off
 # its float64 run); config b (96 wide, 3 layers) is a little noisier than a.
 @pytest.mark.parametrize(("name", "atol32"), [("a", 1e-6), ("b", 2e-6)])
 @pytest.mark.parametrize("case", ["cfg_a", "cfg_b", "cfg_c"])
-def test_token_probs_equal_official_generate(name: str, atol32: float, case: str) -> None:
+def test_token_probs_equal_official_generate(name: str, atol32: float, case: str, modulation_chunk) -> None:
     model, tensors, settings = official_case(name)
     config = to_config(settings[case])
     labels, tokens = tensors["gen_labels"], tensors["gen_tokens"]
@@ -75,7 +83,7 @@ def test_schedule_matches_official_weights() -> None:
     assert w[0] == 1.0 and 15.9 < w[-1] < 16.0 and bool((w.diff() >= 0).all())
 
 
-def test_cached_sampling_probs_equal_full_forward(tiny_model: RAR) -> None:
+def test_cached_sampling_probs_equal_full_forward(tiny_model: RAR, modulation_chunk) -> None:
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 32, (3, 16), generator=generator)
     labels = torch.tensor([0, 4, 9])
@@ -86,22 +94,25 @@ def test_cached_sampling_probs_equal_full_forward(tiny_model: RAR) -> None:
 def test_scale_one_is_unguided_and_not_doubled(tiny_model: RAR, monkeypatch) -> None:
     labels, seeds = torch.tensor([1, 2, 2, 7]), [11, 12, 13, 14]
     tokens = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(1))
-    batch_sizes = []
-    original = RAR.setup_cache
-    monkeypatch.setattr(
-        RAR, "setup_cache", lambda self, b, d=None: (batch_sizes.append(b), original(self, b, d))
-    )
+    batch_rows = []
+    original = DecodeBatch.__init__
+
+    def counting(self, decoder, rows, conditions=None):
+        batch_rows.append(rows)
+        original(self, decoder, rows, conditions)
+
+    monkeypatch.setattr(DecodeBatch, "__init__", counting)
     config = SampleConfig(cfg_scale=1.0, cfg_power=2.0)
     plain_probs = token_probs(tiny_model, labels, tokens, config)
     plain = generate(tiny_model, labels, config, seeds=seeds)
-    assert batch_sizes == [4, 4]
+    assert batch_rows == [4, 4]
     # Force the doubled [cond; null] path: with w == 1 it must give the same distributions.
     monkeypatch.setattr(SampleConfig, "guided", property(lambda self: True))
     torch.testing.assert_close(
         token_probs(tiny_model, labels, tokens, config), plain_probs, rtol=0, atol=1e-12
     )
     assert torch.equal(generate(tiny_model, labels, config, seeds=seeds), plain)
-    assert batch_sizes[2:] == [8, 8]
+    assert batch_rows[2:] == [8, 8]
 
 
 def test_seeds_give_same_tokens_across_runs_and_batch_splits(tiny_model: RAR) -> None:
@@ -118,20 +129,35 @@ def test_seeds_give_same_tokens_across_runs_and_batch_splits(tiny_model: RAR) ->
     assert torch.equal(generate(tiny_model, labels, config, g1), generate(tiny_model, labels, config, g2))
 
 
-@pytest.mark.parametrize("config", [SampleConfig(top_k=3), SampleConfig(top_p=0.6, cfg_scale=2.0)])
-def test_truncation_never_samples_outside_its_set(tiny_model: RAR, config: SampleConfig) -> None:
-    labels = torch.arange(10).repeat(6)
+@pytest.mark.parametrize(
+    "config",
+    [SampleConfig(top_k=3, temperature=0.8), SampleConfig(top_p=0.6, cfg_scale=2.0, cfg_power=1.0)],
+    ids=["top-k", "top-p"],
+)
+def test_truncation_keeps_exactly_the_right_tokens(tiny_model: RAR, config: SampleConfig) -> None:
+    """Every step's surviving set is the top-k tokens, or the smallest most-probable set with mass
+    >= p, of the untruncated distribution at the same temperature and guidance; the sampled token
+    is always in it."""
+    labels = torch.arange(10).repeat(3)
     tokens = generate(tiny_model, labels, config, torch.Generator().manual_seed(3))
     probs = token_probs(tiny_model, labels, tokens, config)
+    untruncated = SampleConfig(config.cfg_scale, config.cfg_power, config.temperature)
+    full = token_probs(tiny_model, labels, tokens, untruncated)
     assert bool((probs.gather(-1, tokens[..., None]) > 0).all())
-    kept = probs > 0
+    order = full.argsort(-1, descending=True)
     if config.top_k:
-        assert bool((kept.sum(-1) == 3).all())
-    else:
-        full = token_probs(tiny_model, labels, tokens, SampleConfig(cfg_scale=2.0))
-        mass = (full * kept).sum(-1)
-        smallest_kept = full.masked_fill(~kept, 2.0).min(-1).values
-        assert bool((mass >= 0.6 - 1e-12).all()) and bool((mass - smallest_kept < 0.6).all())
+        count = torch.full(full.shape[:-1], config.top_k)
+    else:  # the first k in descending order whose mass reaches p
+        mass = full.gather(-1, order).cumsum(-1)
+        count = (mass < config.top_p).sum(-1) + 1
+    expected = torch.zeros_like(full, dtype=torch.bool)
+    ranks = torch.arange(full.shape[-1]).expand_as(full)
+    expected.scatter_(-1, order, ranks < count[..., None])
+    assert torch.equal(probs > 0, expected)
+    assert int(count.min()) >= 1 and (config.top_k or int(count.max()) > 1)
+    # Survivors keep their relative probabilities: renormalised untruncated ones.
+    kept = full * expected
+    torch.testing.assert_close(probs, kept / kept.sum(-1, keepdim=True), rtol=0, atol=1e-12)
 
 
 def test_filter_logits_does_not_modify_input() -> None:
@@ -157,17 +183,14 @@ def test_sampled_frequencies_match_token_probs(tiny_model: RAR) -> None:
 
 
 def test_compiled_decode_step_has_no_graph_breaks(tiny_model: RAR) -> None:
-    start = time.perf_counter()
     model = tiny_model.float()
     labels = torch.tensor([1, 2, 10, 10])
-    cond_labels, cond_index = labels.unique(return_inverse=True)
-    model.setup_cache(4)
-    args = (model, torch.tensor([3, 4]).repeat(2), torch.tensor(1), cond_labels, cond_index)
-    weight = torch.tensor(2.0, dtype=torch.float64)
-    explanation = torch._dynamo.explain(decode_fixed_shapes)(*args, weight, True)
-    model.clear_cache()
+    cache = KVCache(model.config, 4, model.dtype, model.device)
+    positions = torch.tensor([0, 3, 3, 7])  # rows at their own positions
+    explanation = torch._dynamo.explain(decode_fixed_shapes)(
+        model, torch.tensor([3, 4, 3, 4]), labels, positions, cache
+    )
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-    assert time.perf_counter() - start < 20
 
 
 @pytest.mark.slow
@@ -179,6 +202,9 @@ def test_compiled_generate_equals_eager(tiny_model: RAR) -> None:
 
 
 def test_bf16_generate_runs_close(tiny_model: RAR) -> None:
+    """bf16 weights and activations (8-bit mantissa) against float32: per-step total variation
+    0.011 on average and 0.032 at most here (measured), bounded at 0.02 / 0.06. For scale: moving
+    the guidance scale from 2.0 to 2.2 moves these distributions by 0.07 on average."""
     model = tiny_model.float()
     tokens = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
     config = SampleConfig(cfg_scale=2.0)
@@ -186,7 +212,10 @@ def test_bf16_generate_runs_close(tiny_model: RAR) -> None:
     with pytest.raises(ValueError, match="bf16 weights"):
         token_probs(model, [1, 2], tokens, config, bf16=True)
     approx = token_probs(model.to(torch.bfloat16), [1, 2], tokens, config, bf16=True)
-    assert approx.dtype == torch.float32 and (approx - ref).abs().max() < 0.1
+    assert approx.dtype == torch.float32
+    torch.testing.assert_close(approx.sum(-1), torch.ones(2, 16), rtol=0, atol=1e-5)
+    variation = (approx - ref).abs().sum(-1) / 2  # (B, L)
+    assert variation.mean() < 0.02 and variation.max() < 0.06, variation
 
 
 @pytest.mark.parametrize(

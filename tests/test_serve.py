@@ -20,10 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-import rargen.sampling as sampling_module
 from rargen.checkpoint import load
+from rargen.decoding import DecodeBatch
 from rargen.sampling import SampleConfig, generate, sample_seed
-from rargen.serve import sample_steps
 from serve_helpers import CLASS_NAMES, events, open_stream, request, running_server, save_tiny_pair, wait_for
 
 GUIDED = {"cfg_scale": 3.0, "cfg_power": 1.5, "temperature": 0.9, "top_k": 20, "top_p": 0.95}
@@ -40,15 +39,16 @@ def pair(tmp_path_factory):
 @pytest.fixture
 def slow_decode(monkeypatch):
     """Make every decode step take ``delay`` seconds (while ``gate`` is clear) and count the steps."""
-    state = {"delay": 0.05, "calls": 0}
-    original = sampling_module.decode
+    state = {"delay": 0.05, "calls": 0, "peak_rows": 0}
+    original = DecodeBatch.step
 
-    def decode(*args, **kwargs):
+    def step(self):
         state["calls"] += 1
+        state["peak_rows"] = max(state["peak_rows"], len(self))  # cache rows decoding together
         time.sleep(state["delay"])
-        return original(*args, **kwargs)
+        return original(self)
 
-    monkeypatch.setattr(sampling_module, "decode", decode)
+    monkeypatch.setattr(DecodeBatch, "step", step)
     return state
 
 
@@ -63,40 +63,6 @@ def reference_pixels(pair, class_id: int, seed: int, count: int, config: SampleC
     tokens = generate(model, [class_id] * count, config, seeds=seeds)
     images = tokenizer.decode(tokens.view(count, 4, 4)).float().clamp(0, 1)
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-# ---------------------------------------------------------------------------------------------
-# The step-wise sampler
-
-
-@pytest.mark.parametrize("config", [SampleConfig(), SampleConfig(**GUIDED)])
-def test_sample_steps_yields_exactly_the_tokens_of_generate(pair, config):
-    model = load(pair[0])
-    labels = [3, 3, 7]
-    seeds = [sample_seed(11, i) for i in range(3)]
-    expected = generate(model, labels, config, seeds=seeds)
-    seen = []
-    for t, tokens in sample_steps(model, labels, config, seeds=seeds):
-        assert torch.equal(tokens[:, : t + 1], expected[:, : t + 1])
-        assert not tokens[:, t + 1 :].any()  # nothing after step t is set yet
-        seen.append(t)
-    assert seen == list(range(model.config.num_image_tokens))
-    # The generator path too: one torch.Generator drives both.
-    expected = generate(model, labels, config, torch.Generator().manual_seed(5))
-    *_, (_, last) = sample_steps(model, labels, config, torch.Generator().manual_seed(5))
-    assert torch.equal(last, expected)
-    assert model.blocks[0].attn.kv_cache is None  # released
-
-
-def test_sample_steps_stopped_early_leave_no_cache_on_the_model(pair):
-    model = load(pair[0])
-    steps = sample_steps(model, [1], SampleConfig(), seeds=[0])
-    t, tokens = next(steps)
-    assert t == 0 and tokens.shape == (1, model.config.num_image_tokens)
-    # CPU decoding caches keys and values on a packed per-call view, never on the caller's model.
-    assert model.blocks[0].attn.kv_cache is None
-    steps.close()
-    assert model.blocks[0].attn.kv_cache is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,14 +215,15 @@ def test_rate_limit_per_client(pair):
     assert health[0] == 200
 
 
-def test_concurrent_jobs_are_capped_and_a_freed_worker_takes_the_next_job(pair, slow_decode):
-    with running_server(pair, max_jobs=1, rate_limit=0) as server:
+def test_the_queue_is_capped_and_freed_rows_take_the_next_job(pair, slow_decode):
+    with running_server(pair, max_rows=1, max_batch_size=1, max_queue=0, rate_limit=0) as server:
         conn, response = open_stream(server, {"class": 4, "seed": 1})
         stream = events(response)
-        assert next(stream)[0] == "start"  # the job holds the only worker now
+        assert next(stream)[0] == "start"  # the job holds the only row now
+        assert wait_for(lambda: request(server, "GET", "/health")[1]["rows_in_flight"] == 1)
         status, reply, headers = request(server, "POST", "/generate", {"class": 4, "seed": 2})
-        assert status == 503 and "all 1 generation workers are busy" in reply["error"]
-        assert headers["Retry-After"] == "1"
+        assert status == 503 and "requests are waiting for the batch" in reply["error"]
+        assert 1 <= int(headers["Retry-After"]) <= 60
         assert [name for name, _ in stream][-1] == "done"
         conn.close()
         assert wait_for(lambda: request(server, "GET", "/health")[1]["active_jobs"] == 0)
@@ -265,25 +232,82 @@ def test_concurrent_jobs_are_capped_and_a_freed_worker_takes_the_next_job(pair, 
         assert status == 200
 
 
-def test_two_workers_run_two_jobs_at_once_with_the_same_results(pair, slow_decode):
-    slow_decode["delay"] = 0.01
-    body = {"class": 6, "seed": 8, "batch_size": 2, **GUIDED}
-    with running_server(pair, max_jobs=2, rate_limit=0) as server:
-        replies = [None, None]
+MIXED = [  # (path, body, cancel after this many progress events or None)
+    ("/generate", {"class": 0, "seed": 1, "batch_size": 3, **GUIDED}, None),
+    ("/generate/stream", {"class": 1, "seed": 2, "batch_size": 2, "stream_every": 1}, None),
+    ("/generate", {"class": 2, "seed": 3, "cfg_scale": 5.0, "cfg_power": 0.0, "temperature": 0.7}, None),
+    ("/generate/stream", {"class": 3, "seed": 4, "batch_size": 4, "top_k": 3, "stream_every": 1}, 2),
+    ("/generate", {"class": 4, "seed": 5, "batch_size": 2, "top_p": 0.5, "cfg_scale": 2.0}, None),
+    (
+        "/generate/stream",
+        {"class": 5, "seed": 6, "cfg_scale": 8.0, "cfg_power": 2.75, "stream_every": 1},
+        None,
+    ),
+    ("/generate", {"class": 6, "seed": 7, "batch_size": 3, "temperature": 1.5, "top_k": 10}, None),
+    ("/generate/stream", {"class": 7, "seed": 8, "batch_size": 2, **GUIDED, "stream_every": 1}, 1),
+    ("/generate", {"class": 8, "seed": 9, "cfg_scale": 1.5, "top_p": 0.9, "temperature": 0.8}, None),
+    ("/generate", {"class": 9, "seed": 10, "batch_size": 4, "cfg_scale": 0.0}, None),
+]
+
+
+def final_pngs(server, path: str, body: dict, cancel_after: int | None = None) -> list[str] | None:
+    """The final PNGs of one request, or None when it was cancelled after ``cancel_after`` progress
+    events (the connection is closed mid-stream)."""
+    if path == "/generate":
+        status, reply, _ = request(server, "POST", path, body)
+        assert status == 200, reply
+        return [image["png"] for image in reply["images"]]
+    conn, response = open_stream(server, body)
+    try:
+        seen = 0
+        for name, payload in events(response):
+            if name == "progress":
+                seen += 1
+                if cancel_after is not None and seen == cancel_after:
+                    return None  # hang up half-way
+            if name == "done":
+                return [image["png"] for image in payload["images"]]
+        raise AssertionError("the stream ended without done")
+    finally:
+        conn.close()
+
+
+def test_concurrent_mixed_requests_share_the_batch_and_get_their_images_alone(pair, slow_decode):
+    """10 requests at once (different classes, guidance, temperatures, top-k/top-p, batch sizes; two
+    cancelled half-way) decode in one batch, and every completed request's images are pixel-identical
+    to what the same request gets alone."""
+    slow_decode["delay"] = 0.02  # every request overlaps the others
+    with running_server(pair, max_rows=24, max_batch_size=4, rate_limit=0) as server:
+        results: list = [None] * len(MIXED)
 
         def run(i):
-            replies[i] = request(server, "POST", "/generate", body)
+            results[i] = final_pngs(server, *MIXED[i])
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(MIXED))]
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(30)
-    assert replies[0][0] == replies[1][0] == 200
-    # Separate KV caches: concurrent jobs do not corrupt each other.
-    assert replies[0][1]["images"] == replies[1][1]["images"]
-    expected = reference_pixels(pair, 6, 8, 2, SampleConfig(**GUIDED))
-    np.testing.assert_array_equal(np.asarray(decode_png(replies[0][1]["images"][1]["png"])), expected[1])
+            thread.join(60)
+        assert wait_for(lambda: request(server, "GET", "/health")[1]["active_jobs"] == 0)
+        _, health, _ = request(server, "GET", "/health")
+        assert health["cancelled"] == 2 and health["completed"] == 8 and health["rows_in_flight"] == 0
+        # They really shared the batch (23 images, 40 cache rows in all; at least several at once).
+        assert slow_decode["peak_rows"] >= 12, slow_decode
+        slow_decode["delay"] = 0.0
+        alone = [final_pngs(server, path, body) for path, body, _ in MIXED]  # one at a time
+    for i, (_, body, cancel) in enumerate(MIXED):
+        if cancel is not None:
+            assert results[i] is None
+            continue
+        assert len(results[i]) == body.get("batch_size", 1)
+        for together, single in zip(results[i], alone[i], strict=True):
+            np.testing.assert_array_equal(
+                np.asarray(decode_png(together)), np.asarray(decode_png(single)), err_msg=f"request {i}"
+            )
+    # And alone is what generate() gives.
+    settings = {k: v for k, v in MIXED[0][1].items() if k in GUIDED}
+    expected = reference_pixels(pair, 0, 1, 3, SampleConfig(**settings))
+    np.testing.assert_array_equal(np.asarray(decode_png(results[0][2])), expected[2])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +316,7 @@ def test_two_workers_run_two_jobs_at_once_with_the_same_results(pair, slow_decod
 
 @pytest.mark.parametrize("path", ["/generate/stream", "/generate"])
 def test_a_client_that_disconnects_cancels_its_job_and_frees_the_worker(pair, slow_decode, path):
-    with running_server(pair, max_jobs=1, rate_limit=0) as server:
+    with running_server(pair, rate_limit=0) as server:
         with socket.create_connection(server.server_address[:2], timeout=5) as client:
             body = json.dumps({"class": 5, "seed": 3}).encode()
             head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -300,6 +324,8 @@ def test_a_client_that_disconnects_cancels_its_job_and_frees_the_worker(pair, sl
             assert wait_for(lambda: slow_decode["calls"] >= 2)
         # 15 decode steps at 50 ms would take 0.65 s more; the job stops within a step or two.
         assert wait_for(lambda: request(server, "GET", "/health")[1]["cancelled"] == 1, timeout=2)
+        # Its rows leave the batch at the next step boundary.
+        assert wait_for(lambda: request(server, "GET", "/health")[1]["rows_in_flight"] == 0, timeout=1)
         _, health, _ = request(server, "GET", "/health")
         assert health["active_jobs"] == 0 and health["completed"] == 0
         assert slow_decode["calls"] < 10

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import rargen.sampling as sampling_module
 from conftest import requires
+from rargen.decoding import DecodeBatch
 from serve_helpers import request, running_server, save_tiny_pair, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -40,13 +40,13 @@ pytestmark = [
 @pytest.fixture
 def slow_decode(monkeypatch):
     """20 ms per decode step, so the page sees several partial images even on a fast machine."""
-    original = sampling_module.decode
+    original = DecodeBatch.step
 
-    def decode(*args, **kwargs):
+    def step(self):
         time.sleep(0.02)
-        return original(*args, **kwargs)
+        return original(self)
 
-    monkeypatch.setattr(sampling_module, "decode", decode)
+    monkeypatch.setattr(DecodeBatch, "step", step)
 
 
 def test_page_generates_and_shows_images_forming_row_by_row(tmp_path, slow_decode):

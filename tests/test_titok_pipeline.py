@@ -111,3 +111,38 @@ def test_sample_with_a_converted_full_size_titok_l32_writes_256px_pngs(tmp_path)
     png = Image.open(tmp_path / "out" / "images" / "000000.png")
     assert png.size == (256, 256) and png.mode == "RGB"
     assert np.asarray(png).std() > 0  # an image, not a constant
+
+
+def test_serve_over_1d_tokens_streams_token_progress_then_the_images_of_generate(tmp_path):
+    """rargen serve with a TiTok: no rows to paint, so progress counts tokens (no partial images) and
+    the final PNGs are exactly generate()'s samples decoded by the 1D tokenizer."""
+    import base64
+    import io
+
+    from rargen.sampling import generate, sample_seed
+    from serve_helpers import events, open_stream, request, running_server
+
+    tokenizer = _titok()
+    generator = randomize(RAR(ModelConfig.from_name("rar-tiny", num_image_tokens=8, codebook_size=64)))
+    save(generator.eval(), tmp_path / "gen")
+    save(tokenizer, tmp_path / "tok")
+    body = {"class": 3, "seed": 4, "batch_size": 2, "cfg_scale": 2.0, "stream_every": 3}
+    with running_server((tmp_path / "gen", tmp_path / "tok")) as server:
+        status, info, _ = request(server, "GET", "/info")
+        conn, response = open_stream(server, body)
+        received = list(events(response))
+        conn.close()
+        status, plain, _ = request(server, "POST", "/generate", body)
+    assert status == 200 and info["progressive"] is False and info["grid"] == [8, 1]
+    names = [name for name, _ in received]
+    assert names == ["start", "progress", "progress", "done"]
+    assert received[0][1]["rows"] == 8 and received[0][1]["unit"] == "tokens"
+    assert [p["rows_done"] for _, p in received[1:3]] == [3, 6]
+    assert all(p["images"] == [] for _, p in received[1:3])  # a partial 1D sequence shows nothing
+    final = received[-1][1]["images"]
+    assert [image["png"] for image in final] == [image["png"] for image in plain["images"]]
+    seeds = [sample_seed(4, i) for i in range(2)]
+    tokens = generate(generator.eval(), [3, 3], SampleConfig(cfg_scale=2.0), seeds=seeds)
+    expected = (tokenizer.decode(tokens).float().clamp(0, 1) * 255).round().to(torch.uint8)
+    for image, pixels in zip(final, expected.permute(0, 2, 3, 1).numpy(), strict=True):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(image["png"])))), pixels)

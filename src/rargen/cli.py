@@ -564,7 +564,18 @@ def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=_port, default=8000, help="port (0 = any free port)")
     parser.add_argument("--max-batch-size", type=_positive_int, default=8, help="images per request")
-    parser.add_argument("--max-jobs", type=_positive_int, default=1, help="generations running at once")
+    parser.add_argument(
+        "--max-rows",
+        type=_positive_int,
+        default=16,
+        help="images decoding at once, all requests together (one batch)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=_positive_int,
+        default=32,
+        help="requests waiting for rows (beyond: 503 + Retry-After)",
+    )
     parser.add_argument(
         "--rate-limit",
         type=_non_negative_int,
@@ -591,7 +602,8 @@ def _run_serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         max_batch_size=args.max_batch_size,
-        max_jobs=args.max_jobs,
+        max_rows=args.max_rows,
+        max_queue=args.max_queue,
         rate_limit=args.rate_limit,
         stream_every=args.stream_every,
         device=device,

@@ -124,42 +124,54 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class KVCache(nn.Module):
-    """Static key/value buffers for one attention layer, written in place at given positions.
+    """Static key/value buffers of every attention layer, one row per decoding slot.
 
-    Non-persistent: a cache never ends up in a checkpoint.
+    ``k[layer]`` and ``v[layer]`` are (rows, H, L + 1, hd): slot ``r`` holds the keys and values of
+    its own sequence at indices 0 .. its position (cls, class, image tokens 0 .. L - 2; the last
+    token is never fed). Rows are independent: each slot may be at its own position. Buffers, not
+    persistent: a cache never ends up in a checkpoint.
     """
 
-    def __init__(self, batch_size: int, num_heads: int, max_len: int, head_dim: int, dtype, device) -> None:
+    def __init__(self, config: ModelConfig, rows: int, dtype: torch.dtype, device: Any) -> None:
         super().__init__()
-        shape = (batch_size, num_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (rows, config.num_heads, config.num_image_tokens + 1, config.head_dim)
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        for layer in range(config.depth):
+            for name, store in (("k", self.k), ("v", self.v)):
+                buffer = torch.zeros(shape, dtype=dtype, device=device)
+                self.register_buffer(f"{name}{layer}", buffer, persistent=False)
+                store.append(buffer)
 
-    def update(self, at: CacheAt, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, n, hd) at ``at.positions``; return what the new rows attend to."""
-        if isinstance(at.positions, slice):  # a plain strided copy, no index kernel
-            self.k[:, :, at.positions].copy_(k)
-            self.v[:, :, at.positions].copy_(v)
-        else:
-            self.k.index_copy_(2, at.positions, k)
-            self.v.index_copy_(2, at.positions, v)
-        if at.length is not None:  # only the filled prefix
-            return self.k[:, :, : at.length], self.v[:, :, : at.length]
-        return self.k, self.v
+    @property
+    def rows(self) -> int:
+        return self.k[0].shape[0]
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        """Copy slot ``source``'s first ``length`` positions to slot ``target`` (batch compaction)."""
+        for buffers in (self.k, self.v):
+            for buffer in buffers:
+                buffer[target, :, :length].copy_(buffer[source, :, :length])
 
 
 class CacheAt(NamedTuple):
-    """Where decoded rows go in the KV cache and what they may attend to.
+    """Where each decoded row writes its key/value and what it attends to.
 
-    ``positions``: the sequence indices written, (n,) int64 or a slice (eager decoding). Either
-    ``length``: attend to cache slots ``0 .. length-1`` (a Python int: shapes change every
-    step, the cheapest eager path), or ``mask`` (n, L+1) bool over the whole cache (fixed
-    shapes: compiled / CUDA-graph decoding).
+    ``positions`` (n,) int64: the sequence index row ``i`` feeds (slot ``i`` of the cache); the
+    row attends to its own slots ``0 .. positions[i]``. Either ``runs`` (eager): spans
+    ``(start, stop, position)`` of consecutive rows at the same position, each attended with
+    exactly its prefix length (no mask, so a row's numbers do not depend on the other rows), or
+    ``mask`` (n, 1, 1, L + 1) bool over the whole cache (fixed shapes: compiled / CUDA graphs).
     """
 
-    positions: Tensor | slice
+    positions: Tensor
+    runs: tuple[tuple[int, int, int], ...] | None = None
     mask: Tensor | None = None
-    length: int | None = None
+
+
+def cache_mask(positions: Tensor, slots: int) -> Tensor:
+    """(n, 1, 1, slots) bool: the row at sequence index ``positions[i]`` sees slots <= it."""
+    return (torch.arange(slots, device=positions.device) <= positions[:, None])[:, None, None]
 
 
 class Attention(nn.Module):
@@ -173,37 +185,63 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.dim, config.dim)
         self.attn_dropout = config.attn_dropout
         self.proj_dropout = nn.Dropout(config.dropout)
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, at: CacheAt | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, kv: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None
+    ) -> Tensor:
         """Causal self-attention over x (B, n, D).
 
-        Without ``at`` the n rows are a whole sequence (causal). With ``at`` they are written into
-        the KV cache at ``at.positions`` and attend to the cache (see ``CacheAt``).
+        Without ``kv`` the n rows are whole sequences (causal). With ``kv`` (the cache rows of these
+        B sequences, (B, H, L + 1, hd) each) they are the first n positions: written at 0 .. n-1,
+        attending to the cache through ``mask`` (n, L + 1) (the prefill).
         """
         B, n, D = x.shape
         qkv = self.qkv(x).view(B, n, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, n, hd)
         q, k = self.q_norm(q), self.k_norm(k)
-        if at is None:
+        if kv is None:
             dropout = self.attn_dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
-            assert self.kv_cache is not None, "call model.setup_cache() before decoding"
-            k, v = self.kv_cache.update(at, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=at.mask)
+            k_cache, v_cache = kv
+            k_cache[:, :, :n].copy_(k)
+            v_cache[:, :, :n].copy_(v)
+            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, n, D)
         return self.proj_dropout(self.proj(y))
 
-    def decode(self, x: Tensor, at: CacheAt) -> Tensor:
-        """``forward`` for one new row per sequence, x (B, D) -> (B, D), with fewer ops."""
-        B, D = x.shape
-        q, k, v = self.qkv(x).view(B, 3, self.num_heads, D // self.num_heads).unbind(1)  # (B, H, hd)
+    def decode(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, at: CacheAt) -> Tensor:
+        """One new position per row, x (n, D) -> (n, D): written into rows 0 .. n-1 of the
+        layer's cache at ``at.positions``, each row attending to its own prefix."""
+        n, D = x.shape
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, D // self.num_heads).unbind(1)  # (n, H, hd)
         q, k = self.q_norm(q), self.k_norm(k)
-        assert self.kv_cache is not None, "call model.setup_cache() before decoding"
-        k, v = self.kv_cache.update(at, k[:, :, None], v[:, :, None])
-        y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=at.mask)  # (B, H, 1, hd)
-        return self.proj(y.reshape(B, D))
+        q = q[:, :, None]  # (n, H, 1, hd)
+        if at.runs is None:  # fixed shapes: scatter, then attend over the whole cache with a mask
+            rows = torch.arange(n, device=x.device)
+            k_cache[rows, :, at.positions] = k
+            v_cache[rows, :, at.positions] = v
+            y = F.scaled_dot_product_attention(q, k_cache[:n], v_cache[:n], attn_mask=at.mask)
+        elif len(at.runs) == 1:  # every row at the same position: plain strided copies
+            _, _, position = at.runs[0]
+            k_cache[:n, :, position].copy_(k)
+            v_cache[:n, :, position].copy_(v)
+            y = F.scaled_dot_product_attention(
+                q, k_cache[:n, :, : position + 1], v_cache[:n, :, : position + 1]
+            )
+        else:
+            rows = torch.arange(n, device=x.device)
+            k_cache[rows, :, at.positions] = k
+            v_cache[rows, :, at.positions] = v
+            y = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q[a:b], k_cache[a:b, :, : position + 1], v_cache[a:b, :, : position + 1]
+                    )
+                    for a, b, position in at.runs
+                ]
+            )
+        return self.proj(y.reshape(n, D))
 
 
 class MLP(nn.Module):
@@ -231,27 +269,32 @@ class Block(nn.Module):
         self.adaln = nn.Linear(config.dim, 6 * config.dim)
 
     def forward(
-        self, x: Tensor, cond: Tensor, at: CacheAt | None = None, cond_index: Tensor | None = None
+        self,
+        x: Tensor,
+        cond: Tensor,
+        kv: tuple[Tensor, Tensor] | None = None,
+        mask: Tensor | None = None,
+        cond_index: Tensor | None = None,
     ) -> Tensor:
         """x (B, n, D); cond (Bc, n, D), one row per batch row unless ``cond_index`` (B,)
-        maps batch rows to the (fewer, shared) condition rows."""
+        maps batch rows to the (fewer, shared) condition rows; ``kv``/``mask``: see Attention."""
         modulation = self.adaln(F.silu(cond))  # (Bc, n, 6D)
         if cond_index is not None:
             modulation = modulation[cond_index]  # (B, n, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), at)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), kv, mask)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
-    def decode(self, x: Tensor, modulation: Tensor, at: CacheAt) -> Tensor:
-        """``forward`` for one new row per sequence: x (B, D), ``modulation`` (B, 6, D) rows
+    def decode(self, x: Tensor, modulation: Tensor, k_cache: Tensor, v_cache: Tensor, at: CacheAt) -> Tensor:
+        """``forward`` for one new row per sequence: x (n, D), ``modulation`` (n, 6, D) rows
         (shift, 1 + scale, gate) for attention then for the MLP (``RAR.decode_modulations``).
 
         The same arithmetic in fewer kernels: each modulation and each gated residual is one
         fused multiply-add (``addcmul``), and ``1 + scale`` was added once per chunk of steps.
         """
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.unbind(1)
-        attended = self.attn.decode(torch.addcmul(shift_msa, self.norm1(x), scale_msa), at)
+        attended = self.attn.decode(torch.addcmul(shift_msa, self.norm1(x), scale_msa), k_cache, v_cache, at)
         x = torch.addcmul(x, gate_msa, attended)
         return torch.addcmul(x, gate_mlp, self.mlp(torch.addcmul(shift_mlp, self.norm2(x), scale_mlp)))
 
@@ -376,87 +419,72 @@ class RAR(nn.Module):
         return self.head(modulate(self.final_norm(x), shift, scale))
 
     # ----------------------------------------------------------------------------------------
-    # Sampling: raster order with a static KV cache (see rargen.sampling)
+    # Sampling: raster order with a static KV cache, each row at its own position (rargen.decoding)
 
-    def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate a static KV cache for ``batch_size`` rows (positions 0 .. L)."""
-        param = self.head.weight
-        dtype = dtype or param.dtype
-        cfg = self.config
-        for block in self.blocks:
-            block.attn.kv_cache = KVCache(
-                batch_size, cfg.num_heads, cfg.num_image_tokens + 1, cfg.head_dim, dtype, param.device
-            )
+    @property
+    def device(self) -> torch.device:
+        return self.token_embed.weight.device
 
-    def clear_cache(self) -> None:
-        for block in self.blocks:
-            block.attn.kv_cache = None
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights and activations (float32, bfloat16 or float64)."""
+        return self.token_embed.weight.dtype
 
-    def _cache_mask(self, positions: Tensor) -> Tensor:
-        """(n, L+1) bool: query at sequence index ``positions[j]`` sees cache slots <= it."""
-        slots = torch.arange(self.config.num_image_tokens + 1, device=positions.device)
-        return slots[None, :] <= positions[:, None]
-
-    def prefill(
-        self, labels: Tensor, cond_labels: Tensor | None = None, cond_index: Tensor | None = None
-    ) -> Tensor:
-        """Run the cls and class positions (s = 0, 1) into the cache; logits (B, V) of token 0.
-
-        ``cond_labels``/``cond_index`` optionally give the distinct labels (Bc,) and each row's
-        index into them, so rows with the same label share one adaLN computation.
-        """
-        if cond_labels is None:
-            cond_labels, cond_index = labels, None
+    def prefill(self, labels: Tensor, cache: KVCache, first: int) -> Tensor:
+        """Run the cls and class positions (s = 0, 1) of new rows into cache slots ``first ..
+        first + B - 1``; logits (B, V) of token 0. Rows with the same label share one adaLN."""
         B = labels.shape[0]
+        cond_labels, cond_index = labels.unique(return_inverse=True)
         x_cls = (self.cls_token + self.pos_embed[0]).expand(B, 1, -1)
         x_class = (self.class_embed(labels) + self.pos_embed[1] + self.target_pos_embed[0])[:, None]
         x = torch.cat([x_cls, x_class], dim=1)  # (B, 2, D)
         cond = self.class_embed(cond_labels)[:, None] + self.step_embed[:2]  # (Bc, 2, D)
-        positions = torch.arange(2, device=labels.device)
-        at = CacheAt(positions, mask=self._cache_mask(positions))  # causal between cls and class
-        for block in self.blocks:
-            x = block(x, cond, at, cond_index)
+        mask = cache_mask(torch.arange(2, device=labels.device), cache.k[0].shape[2])[:, 0, 0]
+        for i, block in enumerate(self.blocks):
+            kv = (cache.k[i][first : first + B], cache.v[i][first : first + B])
+            x = block(x, cond, kv, mask, cond_index)
         return self.head_logits(x[:, 1:], cond[:, 1:], cond_index)[:, 0]  # (B, V)
 
-    def decode_step(self, tokens: Tensor, step: Tensor | int, modulation: Tensor) -> Tensor:
-        """Feed token ``step - 1`` (raster position), return logits (B, V) of token ``step``.
+    def decode_inputs(self, tokens: Tensor, positions: Tensor, runs=None) -> Tensor:
+        """Embeddings (n, D) of raster token ``positions[i] - 2`` (``tokens[i]``) fed at sequence
+        index ``positions[i] >= 2``, with its target ``positions[i] - 1``. ``runs`` (see
+        ``CacheAt``) lets the eager path index by a Python int when every row is at one position."""
+        if runs is not None and len(runs) == 1:
+            s = runs[0][2]
+            return self.token_embed(tokens) + self.pos_embed[s] + self.target_pos_embed[s - 1]
+        return self.token_embed(tokens) + self.pos_embed[positions] + self.target_pos_embed[positions - 1]
 
-        tokens (B,) int64; step in [1, L-1]: a Python int (eager: attention reads only the
-        filled part of the cache) or a 0-d int64 tensor (every shape identical at every step,
-        so a compiled step never recompiles); ``modulation`` (B, 6 * depth + 2, D): this step's
-        rows of ``decode_modulations``, one per sequence.
+    def decode_step(self, tokens: Tensor, modulation: Tensor, cache: KVCache, at: CacheAt) -> Tensor:
+        """Feed one image token per row (``decode_inputs``); logits (n, V) of the next token.
+
+        Row ``i`` is slot ``i`` of ``cache`` and feeds sequence index ``at.positions[i]`` in
+        [2, L]; its output is the distribution of raster token ``at.positions[i] - 1``.
+        ``modulation`` (n, 6 * depth + 2, D): the rows' ``decode_modulations``.
         """
-        if isinstance(step, int):
-            x = self.token_embed(tokens) + self.pos_embed[step + 1] + self.target_pos_embed[step]
-            at = CacheAt(slice(step + 1, step + 2), length=step + 2)
-        else:
-            s = (step + 1).reshape(1)  # sequence index of the fed token
-            x = self.token_embed(tokens) + self.pos_embed[s] + self.target_pos_embed[step.reshape(1)]
-            at = CacheAt(s, mask=self._cache_mask(s))
-        for i, block in enumerate(self.blocks):  # x (B, D)
-            x = block.decode(x, modulation[:, 6 * i : 6 * i + 6], at)
+        x = self.decode_inputs(tokens, at.positions, at.runs)
+        for i, block in enumerate(self.blocks):  # x (n, D)
+            x = block.decode(x, modulation[:, 6 * i : 6 * i + 6], cache.k[i], cache.v[i], at)
         scale, shift = modulation[:, -2], modulation[:, -1]  # scale holds 1 + scale
         return self.head(torch.addcmul(shift, self.final_norm(x), scale))
 
-    def decode_modulations(self, cond_labels: Tensor, first_step: Tensor | int, num_steps: int) -> Tensor:
-        """adaLN modulations of decode steps ``first_step .. first_step + num_steps - 1``.
+    def decode_modulations(self, labels: Tensor, positions: Tensor) -> Tensor:
+        """adaLN modulations (m, 6 * depth + 2, D) of (class, sequence index) pairs.
 
-        Returns (Bc, num_steps, 6 * depth + 2, D): per block (shift, 1 + scale, gate) for
-        attention, then for the MLP; last the final layer's (1 + scale, shift). The condition
-        of every future step is known in advance (class + sequence index), so a CPU decoder
-        computes a chunk of steps in one batched product per weight instead of a few rows per
-        step: the same values, with a third of the per-step weight reads gone.
+        Per block (shift, 1 + scale, gate) for attention, then for the MLP; last the final
+        layer's (1 + scale, shift). The condition of every future position is known in advance
+        (class + sequence index), so a decoder computes many positions in one batched product
+        per weight instead of a few rows per step: the same values, with a third of the per-step
+        weight reads gone.
         """
         cfg = self.config
-        s = torch.arange(num_steps, device=cond_labels.device) + (first_step + 1)
-        cond = F.silu(self.class_embed(cond_labels)[:, None] + self.step_embed[s])  # (Bc, n, D)
-        out = cond.new_empty(cond.shape[0], num_steps, 6 * cfg.depth + 2, cfg.dim)
+        cond = F.silu(self.class_embed(labels) + self.step_embed[positions])  # (m, D)
+        out = cond.new_empty(cond.shape[0], 6 * cfg.depth + 2, cfg.dim)
         for i, block in enumerate(self.blocks):
-            out[:, :, 6 * i : 6 * i + 6] = block.adaln(cond).unflatten(-1, (6, cfg.dim))
-            out[:, :, 6 * i + 1] += 1  # scale_msa
-            out[:, :, 6 * i + 4] += 1  # scale_mlp
-        out[:, :, -2:] = self.final_adaln(cond).unflatten(-1, (2, cfg.dim))
-        out[:, :, -2] += 1  # the final layer's scale
+            out[:, 6 * i : 6 * i + 6] = block.adaln(cond).unflatten(-1, (6, cfg.dim))
+            out[:, 6 * i + 1] += 1  # scale_msa
+            out[:, 6 * i + 4] += 1  # scale_mlp
+        out[:, -2:] = self.final_adaln(cond).unflatten(-1, (2, cfg.dim))
+        out[:, -2] += 1  # the final layer's scale
         return out
 
     # ----------------------------------------------------------------------------------------

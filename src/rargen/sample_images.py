@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from rargen.cpu_decoding import packed_for_cpu_decoding
+from rargen.decoding import prepare_for_decoding
 from rargen.sampling import SampleConfig, generate_images, sample_seed
 
 
@@ -91,8 +91,7 @@ def sample_to_folder(
     check_pair(model, tokenizer, checkpoint, tokenizer_path)  # before sampling, not after it
     if bf16:
         model = model.to(torch.bfloat16)
-    if not compile:  # pack the weights for CPU decoding once, not once per batch
-        model = packed_for_cpu_decoding(model)
+    decoder = prepare_for_decoding(model, bf16=bf16, compile=compile)  # once, not once per batch
     num_classes = model.config.num_classes
     if not labels or min(labels) < 0 or max(labels) >= num_classes:
         raise ValueError(f"labels must be classes in [0, {num_classes - 1}], got {list(labels)[:10]}")
@@ -103,9 +102,7 @@ def sample_to_folder(
     for chunk in tqdm(mine, desc=f"sampling (rank {rank})", disable=not progress):
         batch_labels = torch.tensor([labels[i] for i in chunk], device=device)
         seeds = [sample_seed(seed, i) for i in chunk]
-        images = generate_images(
-            model, tokenizer, batch_labels, config, seeds=seeds, bf16=bf16, compile=compile
-        )
+        images = generate_images(decoder, tokenizer, batch_labels, config, seeds=seeds)
         for i, image in zip(chunk, to_uint8(images), strict=True):
             Image.fromarray(image).save(out / "images" / f"{i:06d}.png")
     if world > 1:

@@ -1,16 +1,16 @@
-"""Exact, fast sampling from a RAR generator: static KV cache, shared-adaLN CFG, no host syncs.
+"""Exact, fast sampling from a RAR generator: one engine, per-sample settings, no host syncs.
 
 Draws from exactly the distribution of the official ``RAR.generate`` (spec Sec. 3.2): raster
 order; at step t the conditional and null logits are combined as ``u + (c - u) * w(t)`` with the
 power-cosine weight ``w(t)``, divided by the temperature, then (optionally) top-k / top-p filtered.
-What differs is only the cost (spec Sec. 3.4): one cached one-row decode step per token (with
-fixed shapes when compiled), the adaLN modulations of a chunk of future steps computed in one
-product, one batch ``[cond; null]`` whose null rows share a single adaLN computation, no doubled
-batch when ``cfg_scale == 1``, weights prepacked for oneDNN on CPUs (``rargen.cpu_decoding``),
-and sampling by an exponential race against noise drawn before the loop, so the loop never
-waits for the host. Two deliberate differences from the official code: scale 1
-(not 0) means "no guidance", and ``w(t)`` is computed in float64 (the official float32 values
-differ by <= 1.2e-7).
+What differs is only the cost (spec Sec. 3.4): ``Sampler`` drives a ``rargen.decoding``
+batch (static KV cache, one cached position per row and step, adaLN modulations computed ahead,
+weights prepacked for oneDNN on CPUs), no doubled batch when ``cfg_scale == 1``, and sampling by
+an exponential race against noise drawn before the loop, so the loop never waits for the host.
+Every sample has its own class, guidance schedule, temperature, top-k/top-p and noise, so samples
+with different settings share one batch and may join and leave it at any step (the web server).
+Two deliberate differences from the official code: scale 1 (not 0) means "no guidance", and
+``w(t)`` is computed in float64 (the official float32 values differ by <= 1.2e-7).
 
 Noise is drawn per sample: with ``seeds`` every row has its own generator, so a sample depends on
 its seed only, never on the batch it was generated in.
@@ -21,14 +21,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from rargen.cpu_decoding import is_packed, packed_for_cpu_decoding
+from rargen.decoding import DecodeBatch, Decoder, prepare_for_decoding
 from rargen.model import RAR
 from rargen.tokenizer import codes_from_sequence
 
@@ -89,18 +89,6 @@ def cfg_schedule(num_tokens: int, scale: float, power: float, device: Any = None
     return (scale - 1.0) * (1.0 - torch.cos(math.pi * t.pow(power))) / 2.0 + 1.0
 
 
-def guided_logits(logits: Tensor, weight: Tensor, guided: bool) -> Tensor:
-    """Combine rows ``[cond; null]`` (2B, V) as ``u + (c - u) * w``; identity when not guided.
-
-    float32 at least: bf16 logits are upcast before the subtraction (it cancels).
-    """
-    logits = logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits
-    if not guided:
-        return logits
-    cond, null = logits.chunk(2)
-    return null + (cond - null) * weight.to(logits.dtype)
-
-
 def filter_logits(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Temperature, then top-k, then top-p (smallest set with mass >= p); removed = -inf.
 
@@ -159,126 +147,246 @@ def draw_noise(shape: tuple[int, int, int], device: Any, generator=None, seeds: 
     return noise
 
 
-def prefill(model: RAR, rows: Tensor, cond_labels: Tensor, cond_index: Tensor, weight: Tensor, guided: bool):
-    """Guided logits (B, V) of token 0 (fills the cache)."""
-    return guided_logits(model.prefill(rows, cond_labels, cond_index), weight, guided)
+class Sample:
+    """One image being decoded by a ``Sampler``: its label, settings and tokens so far.
 
-
-def decode(model: RAR, tokens: Tensor, step: Tensor | int, modulation: Tensor, weight: Tensor, guided: bool):
-    """Guided logits (B, V) of token ``step`` after feeding ``tokens`` (rows, repeated for CFG);
-    ``modulation`` (rows, 6 * depth + 2, D) is the step's slice of ``RAR.decode_modulations``."""
-    return guided_logits(model.decode_step(tokens, step, modulation), weight, guided)
-
-
-def decode_fixed_shapes(
-    model: RAR,
-    tokens: Tensor,
-    step: Tensor,
-    cond_labels: Tensor,
-    cond_index: Tensor,
-    weight: Tensor,
-    guided: bool,
-) -> Tensor:
-    """``decode`` with the step's modulation computed inside: one graph with the same shapes at
-    every step (``step`` a 0-d tensor), for ``torch.compile`` and CUDA graphs."""
-    modulation = model.decode_modulations(cond_labels, step, 1)[cond_index, 0]
-    return decode(model, tokens, step, modulation, weight, guided)
-
-
-# Budget for the adaLN modulations computed ahead for a chunk of eager decode steps.
-MODULATION_CHUNK_BYTES = 128 * 2**20
-
-
-def modulation_chunk(model: RAR, num_conditions: int) -> int:
-    """Decode steps whose adaLN modulations are computed in one product (within the budget)."""
-    cfg = model.config
-    row_bytes = num_conditions * (6 * cfg.depth + 2) * cfg.dim * model.head.weight.element_size()
-    return max(1, min(cfg.num_image_tokens - 1, MODULATION_CHUNK_BYTES // row_bytes))
-
-
-_COMPILED: dict[str, Callable] = {}
-
-
-def _compiled_decode(device: torch.device) -> Callable:
-    mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
-    key = str(mode)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(decode_fixed_shapes, fullgraph=True, mode=mode)
-    return _COMPILED[key]
-
-
-def decode_loop(
-    model: RAR,
-    labels: Tensor | Sequence[int],
-    config: SampleConfig,
-    choose: Callable[[int, Tensor], Tensor],
-    bf16: bool = False,
-    compile: bool = False,
-    steps: int | None = None,
-) -> Iterator[int]:
-    """The sampling loop of ``generate``, ``token_probs`` and the web page, as an iterator.
-
-    ``choose(t, guided_logits) -> tokens (B,)`` picks token ``t``; the loop yields ``t`` after
-    each pick (the caller may stop early). ``steps`` stops after that many tokens (benchmarks).
+    ``tokens`` (L,) int64: raster tokens 0 .. ``done - 1`` are set (a view while decoding, a copy
+    once finished). ``forced``: teacher-forced (``token_probs``), else sampled from the noise.
     """
-    cfg = model.config
-    labels = torch.as_tensor(labels, dtype=torch.int64, device=model.head.weight.device)
-    if labels.dim() != 1 or (labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes)):
+
+    __slots__ = ("label", "config", "forced", "slots", "row", "done", "tokens", "finished", "tag")
+
+    def __init__(self, label: int, config: SampleConfig, forced: bool, tag: Any = None) -> None:
+        self.label, self.config, self.forced, self.tag = label, config, forced, tag
+        self.slots: list[int] = []  # cache rows: [cond] or [cond, null]
+        self.row = -1  # row of the sampler's tables
+        self.done = 0
+        self.tokens: Tensor | None = None
+        self.finished = False
+
+
+class Sampler:
+    """The decoding engine: samples with their own class, settings and noise in one batch.
+
+    Every caller drives this one step (``generate``, ``token_probs``, ``generate_images``,
+    ``rargen sample``, the web server, the benchmarks). A sample joins with ``add`` (it decodes
+    from the next step on), leaves when its last token is sampled or when ``remove``d, and its
+    tokens depend only on its label, settings and noise, never on the other samples in the batch:
+    each runs through the same per-row arithmetic whatever its companions.
+
+    Per step, for every sample past its cls position: guidance ``u + (c - u) * w(t)`` with its
+    own schedule (a second cache row with the null label when ``config.guided``), its own
+    temperature / top-k / top-p (``filter_logits``), then its own noise (``sample_from_logits``)
+    or its teacher-forced token.
+    """
+
+    def __init__(
+        self, decoder: Decoder, max_samples: int, *, guided: bool = True, conditions: int | None = None
+    ):
+        model = decoder.model
+        cfg = self.model_config = model.config
+        L, V, device = cfg.num_image_tokens, cfg.codebook_size, model.device
+        self.batch = DecodeBatch(decoder, max_samples * (2 if guided else 1), conditions)
+        self.max_samples, self.guided_capacity = max_samples, guided
+        self._noise = torch.ones(max_samples, L, V, device=device)
+        self._tokens = torch.zeros(max_samples, L, dtype=torch.int64, device=device)
+        self._weights = torch.ones(max_samples, L, dtype=torch.float64, device=device)
+        self._free_rows = list(range(max_samples - 1, -1, -1))
+        self.samples: list[Sample] = []
+        self._plan: _StepPlan | None = None
+        # Called with (samples, their filtered logits) whenever they get a token (token_probs).
+        self.on_emit: Callable[[list[Sample], Tensor], None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def fits(self, count: int, guided: bool) -> bool:
+        """Whether ``count`` more samples fit now."""
+        if guided and not self.guided_capacity:
+            return False
+        return count <= len(self._free_rows) and count * (2 if guided else 1) <= self.batch.free
+
+    def add(
+        self,
+        labels: Sequence[int],
+        config: SampleConfig,
+        *,
+        noise: Tensor | None = None,
+        tokens: Tensor | None = None,
+        tags: Sequence[Any] | None = None,
+    ) -> list[Sample]:
+        """Start one sample per label: sampled with ``noise`` (n, L, V) Exp(1) draws
+        (``draw_noise``), or teacher-forced with ``tokens`` (n, L). Their cls and class
+        positions are prefilled and token 0 drawn now; ``tags`` (one per label) are the
+        caller's, kept on the samples."""
+        cfg = self.model_config
+        n = len(labels)
+        if any(not 0 <= int(label) < cfg.num_classes for label in labels):
+            raise ValueError(
+                f"labels must be a 1-d list of classes in [0, {cfg.num_classes - 1}], got {list(labels)}"
+            )
+        if (noise is None) == (tokens is None):
+            raise ValueError("pass exactly one of noise (to sample) or tokens (to teacher-force)")
+        if not self.fits(n, config.guided):
+            raise ValueError(f"{n} samples do not fit in this sampler ({len(self._free_rows)} free)")
+        device = self._tokens.device
+        schedule = cfg_schedule(cfg.num_image_tokens, config.cfg_scale, config.cfg_power, device)
+        added = []
+        for i, label in enumerate(labels):
+            sample = Sample(
+                int(label), config, forced=tokens is not None, tag=None if tags is None else tags[i]
+            )
+            sample.row = row = self._free_rows.pop()
+            if tokens is not None:
+                self._tokens[row] = tokens[i]
+            else:
+                self._noise[row] = noise[i]
+            self._weights[row] = schedule
+            sample.tokens = self._tokens[row]
+            added.append(sample)
+        # One prefill for the new rows; with guidance the null rows follow: one [cond; null] block.
+        nulls = [cfg.null_label] * n if config.guided else []
+        slots, logits = self.batch.add([s.label for s in added] + nulls)
+        for i, sample in enumerate(added):
+            sample.slots = [slots[i], slots[n + i]] if config.guided else [slots[i]]
+        self._emit(_StepPlan(added, slots[0]), logits)  # token 0, from the prefill
+        self.samples += added
+        self._plan = None
+        return added
+
+    def remove(self, samples: Sequence[Sample]) -> None:
+        """Stop ``samples`` now and free their rows (cancellation); finished ones are gone already."""
+        samples = [s for s in samples if not s.finished and s in self.samples]
+        if samples:
+            self._drop(samples)
+
+    def _drop(self, samples: Sequence[Sample]) -> None:
+        gone = set(map(id, samples))
+        moves = dict(self.batch.remove([slot for s in samples for slot in s.slots]))
+        self.samples = [s for s in self.samples if id(s) not in gone]
+        for s in self.samples:
+            s.slots = [moves.get(slot, slot) for slot in s.slots]
+        for s in samples:
+            s.tokens = self._tokens[s.row].clone()
+            s.finished = True
+            self._free_rows.append(s.row)
+        self._plan = None
+
+    def step(self) -> tuple[list[Sample], Tensor]:
+        """One decode step for the whole batch: every sample gets its next token.
+
+        Returns the samples and their filtered logits (rows in that order; ``softmax`` gives the
+        sampling distribution). Samples whose last token was drawn are finished and removed.
+        """
+        if not self.samples:
+            raise ValueError("the sampler has no samples; add some first")
+        if self._plan is None:
+            self._plan = _StepPlan(self.samples)
+        plan = self._plan
+        out = self._emit(plan, self.batch.step())
+        samples = plan.samples
+        finished = [s for s in samples if s.done == self.model_config.num_image_tokens]
+        if finished:
+            self._drop(finished)
+        return samples, out
+
+    def _emit(self, plan: _StepPlan, logits: Tensor) -> Tensor:
+        """Guidance, truncation and the token of every sample of ``plan`` from its rows' logits;
+        the token goes to the sample and to its rows' next input. Returns the filtered logits."""
+        logits = logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits
+        out = logits.index_select(0, plan.cond_slots)
+        if plan.guided is not None:  # u + (c - u) * w(t), each sample with its own w
+            cond = out if plan.guided_all else out.index_select(0, plan.guided)
+            null = logits.index_select(0, plan.null_slots)
+            weight = self._weights[plan.rows, plan.done]
+            weight = weight if plan.guided_all else weight.index_select(0, plan.guided)
+            mixed = null + (cond - null) * weight.to(logits.dtype)[:, None]
+            out = mixed if plan.guided_all else out.index_copy(0, plan.guided, mixed)
+        if len(plan.groups) == 1:
+            config = plan.groups[0][0]
+            out = filter_logits(out, config.temperature, config.top_k, config.top_p)
+        else:
+            filtered = torch.empty_like(out)
+            for config, index in plan.groups:
+                part = out.index_select(0, index)
+                filtered.index_copy_(
+                    0, index, filter_logits(part, config.temperature, config.top_k, config.top_p)
+                )
+            out = filtered
+        rows, done = plan.rows, plan.done
+        if plan.forced is None:
+            token = sample_from_logits(out, noise=self._noise[rows, done])
+            self._tokens[rows, done] = token
+        elif plan.all_forced:
+            token = self._tokens[rows, done]
+        else:
+            token = sample_from_logits(out, noise=self._noise[rows, done])
+            token = torch.where(plan.forced, self._tokens[rows, done], token)
+            self._tokens[rows, done] = token
+        feed = self.batch.feed
+        feed.index_copy_(0, plan.cond_slots + plan.offset, token)
+        if plan.guided is not None:
+            feed.index_copy_(0, plan.null_slots + plan.offset, token.index_select(0, plan.guided))
+        plan.done.add_(1)
+        for sample in plan.samples:
+            sample.done += 1
+        if self.on_emit is not None:
+            self.on_emit(plan.samples, out)
+        return out
+
+
+class _StepPlan:
+    """Index tensors of one batch composition (rebuilt only when it changes). Slots are
+    relative to ``offset`` (the first slot of the logits they index)."""
+
+    def __init__(self, samples: list[Sample], offset: int = 0) -> None:
+        device = samples[0].tokens.device
+        self.samples, self.offset = samples, offset
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        self.cond_slots = tensor([s.slots[0] - offset for s in samples])
+        guided = [i for i, s in enumerate(samples) if len(s.slots) == 2]
+        self.guided = tensor(guided) if guided else None
+        self.guided_all = len(guided) == len(samples)
+        if guided:
+            self.null_slots = tensor([samples[i].slots[1] - offset for i in guided])
+        self.rows = tensor([s.row for s in samples])
+        self.done = tensor([s.done for s in samples])  # tokens so far, advanced in place
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(samples):
+            groups.setdefault((s.config.temperature, s.config.top_k, s.config.top_p), []).append(i)
+        self.groups = [(samples[index[0]].config, tensor(index)) for index in groups.values()]
+        forced = [s.forced for s in samples]
+        self.all_forced = all(forced)
+        self.forced = torch.tensor(forced, device=device) if any(forced) else None
+
+
+def _decoder(model: RAR | Decoder, bf16: bool, compile: bool) -> Decoder:
+    return prepare_for_decoding(model, bf16=bf16, compile=compile)
+
+
+def _labels(model: Decoder, labels: Tensor | Sequence[int]) -> list[int]:
+    cfg = model.model.config
+    values = torch.as_tensor(labels, dtype=torch.int64)
+    if values.dim() != 1 or (values.numel() and (values.min() < 0 or values.max() >= cfg.num_classes)):
         raise ValueError(f"labels must be a 1-d list of classes in [0, {cfg.num_classes - 1}], got {labels}")
-    device, guided = labels.device, config.guided
-    rows = torch.cat([labels, torch.full_like(labels, cfg.null_label)]) if guided else labels
-    # Distinct labels once, before the loop: all null rows (and repeated classes) share one adaLN.
-    cond_labels, cond_index = rows.unique(return_inverse=True)
-    weights = cfg_schedule(cfg.num_image_tokens, config.cfg_scale, config.cfg_power, device)
-    step_ids = torch.arange(cfg.num_image_tokens, device=device)
-    if not compile:
-        # Eager CPU decoding runs the Linear layers through oneDNN with prepacked weights
-        # (a per-call view: the caller's model is untouched and may change later).
-        model = packed_for_cpu_decoding(model)
-    dtype = torch.bfloat16 if bf16 else model.head.weight.dtype
-    cache = model.blocks[0].attn.kv_cache
-    if cache is None or cache.k.shape[0] != rows.shape[0] or cache.k.dtype != dtype:
-        model.setup_cache(rows.shape[0], dtype)  # reused when possible: no recompiles
-    compiled_step = _compiled_decode(device) if compile else None
-    chunk = modulation_chunk(model, cond_labels.shape[0])
-    try:
-        with torch.inference_mode():
-            token = choose(0, prefill(model, rows, cond_labels, cond_index, weights[0], guided))
-        yield 0
-        for t in range(1, steps or cfg.num_image_tokens):
-            # inference_mode per step, not across the yield: the caller's code runs in between.
-            with torch.inference_mode():
-                fed = torch.cat([token, token]) if guided else token
-                if compiled_step is not None:  # identical shapes every step: a tensor step
-                    step = step_ids[t]
-                    logits = compiled_step(model, fed, step, cond_labels, cond_index, weights[t], guided)
-                else:  # eager: a Python step (attention reads only the filled cache) and the
-                    # adaLN modulations of `chunk` steps at once (one pass over those weights)
-                    if (t - 1) % chunk == 0:
-                        count = min(chunk, cfg.num_image_tokens - t)
-                        tables = model.decode_modulations(cond_labels, t, count)
-                    # (rows, 6 * depth + 2, D); index_select copies whole rows (6x faster than
-                    # advanced indexing here)
-                    modulation = tables[:, (t - 1) % chunk].index_select(0, cond_index)
-                    logits = decode(model, fed, t, modulation, weights[t], guided)
-                token = choose(t, logits)
-            yield t
-    finally:
-        if not compile:
-            model.clear_cache()
+    return values.tolist()
 
 
-def _check_model(model: RAR, bf16: bool, compile: bool) -> None:
-    if compile and is_packed(model):
-        raise ValueError("compile=True needs the model itself, not a packed_for_cpu_decoding view")
-    if model.training:
-        raise ValueError("the model is in training mode (dropout on); call model.eval() before sampling")
-    if bf16 and model.head.weight.dtype != torch.bfloat16:
-        raise ValueError("bf16=True needs bf16 weights: call model.to(torch.bfloat16) first")
+def run_to_end(
+    sampler: Sampler, on_step: Callable[[list[Sample], Tensor | None], None] | None = None
+) -> None:
+    """Step until every sample is finished."""
+    while sampler.samples:
+        emitting, logits = sampler.step()
+        if on_step is not None:
+            on_step(emitting, logits)
 
 
 def generate(
-    model: RAR,
+    model: RAR | Decoder,
     labels: Tensor | Sequence[int],
     config: SampleConfig,
     generator: torch.Generator | None = None,
@@ -290,29 +398,30 @@ def generate(
     """Sample tokens (B, L) int64 in raster order for class ``labels`` (B,).
 
     Randomness: ``seeds`` (one int per sample: batch-split invariant) or ``generator``.
+    ``model``: a RAR (prepared here, on every call) or ``prepare_for_decoding(model)`` made once.
     ``bf16`` runs a bf16 model (weights and activations; guidance in float32); ``compile``
-    compiles the decode step (CUDA graphs on GPU). Both keep the cache between calls.
+    compiles the decode step (CUDA graphs on GPU).
     """
-    _check_model(model, bf16, compile)
-    labels = torch.as_tensor(labels, dtype=torch.int64, device=model.head.weight.device)
-    cfg = model.config
-    noise = draw_noise(
-        (labels.shape[0], cfg.num_image_tokens, cfg.codebook_size), labels.device, generator, seeds
-    )
-    out = torch.empty(labels.shape[0], cfg.num_image_tokens, dtype=torch.int64, device=labels.device)
+    decoder = _decoder(model, bf16, compile)
+    labels = _labels(decoder, labels)
+    cfg, device = decoder.model.config, decoder.model.device
+    noise = draw_noise((len(labels), cfg.num_image_tokens, cfg.codebook_size), device, generator, seeds)
+    if not labels:
+        return torch.empty(0, cfg.num_image_tokens, dtype=torch.int64, device=device)
+    with torch.inference_mode():
+        sampler = Sampler(decoder, len(labels), guided=config.guided, conditions=_conditions(labels, config))
+        samples = sampler.add(labels, config, noise=noise)
+        run_to_end(sampler)
+        return torch.stack([s.tokens for s in samples])
 
-    def choose(t: int, logits: Tensor) -> Tensor:
-        logits = filter_logits(logits, config.temperature, config.top_k, config.top_p)
-        out[:, t] = token = sample_from_logits(logits, noise=noise[:, t])
-        return token
 
-    for _ in decode_loop(model, labels, config, choose, bf16, compile):
-        pass
-    return out
+def _conditions(labels: Sequence[int], config: SampleConfig) -> int:
+    """Distinct adaLN conditions of a batch (its labels, and the null label with guidance)."""
+    return len(set(labels)) + (1 if config.guided else 0)
 
 
 def token_probs(
-    model: RAR,
+    model: RAR | Decoder,
     labels: Tensor | Sequence[int],
     tokens: Tensor,
     config: SampleConfig,
@@ -322,23 +431,28 @@ def token_probs(
 ) -> Tensor:
     """The exact per-step sampling distributions (B, L, V) of ``generate``, ``tokens`` teacher-forced.
 
-    Same cached decode path, guidance, temperature and truncation as ``generate``.
+    Same engine, guidance, temperature and truncation as ``generate``.
     """
-    _check_model(model, bf16, compile)
-    tokens = torch.as_tensor(tokens, device=model.head.weight.device)
-    out: list[Tensor] = []
+    decoder = _decoder(model, bf16, compile)
+    labels = _labels(decoder, labels)
+    cfg = decoder.model.config
+    tokens = torch.as_tensor(tokens, device=decoder.model.device)
+    dtype = torch.float64 if decoder.model.dtype == torch.float64 else torch.float32
+    out = torch.empty(len(labels), cfg.num_image_tokens, cfg.codebook_size, dtype=dtype, device=tokens.device)
+    with torch.inference_mode():
+        sampler = Sampler(decoder, len(labels), guided=config.guided, conditions=_conditions(labels, config))
 
-    def choose(t: int, logits: Tensor) -> Tensor:
-        out.append(filter_logits(logits, config.temperature, config.top_k, config.top_p).softmax(-1))
-        return tokens[:, t]
+        def record(samples: list[Sample], logits: Tensor) -> None:  # rows: samples in label order
+            out[[s.tag for s in samples], [s.done - 1 for s in samples]] = logits.softmax(-1).to(dtype)
 
-    for _ in decode_loop(model, labels, config, choose, bf16, compile):
-        pass
-    return torch.stack(out, dim=1)
+        sampler.on_emit = record
+        sampler.add(labels, config, tokens=tokens, tags=range(len(labels)))  # tag: the row of out
+        run_to_end(sampler)
+    return out
 
 
 def generate_images(
-    model: RAR,
+    model: RAR | Decoder,
     tokenizer: torch.nn.Module,
     labels: Tensor | Sequence[int],
     config: SampleConfig,
@@ -356,16 +470,14 @@ def generate_images(
 __all__ = [
     "PRESETS",
     "SampleConfig",
+    "Sample",
+    "Sampler",
     "cfg_schedule",
-    "decode",
-    "decode_fixed_shapes",
-    "decode_loop",
     "draw_noise",
     "filter_logits",
     "generate",
     "generate_images",
-    "guided_logits",
-    "prefill",
+    "run_to_end",
     "sample_from_logits",
     "sample_seed",
     "token_probs",

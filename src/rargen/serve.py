@@ -11,28 +11,30 @@ need none):
   ``progress`` events with partial images every ``stream_every`` token rows (rows not yet sampled
   are painted grey), then ``done`` with the final PNGs (or ``error``).
 
-Sampling is exactly ``rargen.sampling.generate`` (``sample_steps`` below walks the same functions
-one token at a time, and a test checks the tokens are identical); image ``i`` of seed ``s`` uses
-the per-sample seed ``sample_seed(s, i)``, so it does not depend on the batch size. Final PNGs
-carry their settings in PNG text chunks and in their file names.
+Concurrent requests share one decoding batch (``rargen.batching``: continuous batching; a request
+joins at the next step and leaves when done), and each image is exactly what
+``rargen.sampling.generate`` gives alone: image ``i`` of seed ``s`` uses the per-sample seed
+``sample_seed(s, i)`` and its request's own settings, so it depends neither on the batch size nor
+on the other requests. Final PNGs carry their settings in PNG text chunks and in their file names.
 
-Safety: loopback by default; batch size, requests per minute per client and concurrent jobs are
-capped; bad settings get 422 with the reason; a client that disconnects cancels its job (checked
-between decode steps) and frees its worker. Every request gets an HTTP answer: 400 for a body that
-is not JSON (also 5000-digit numbers, 30,000 nested brackets), 422 naming the field, 408 for a
-client that does not send its request within ``Handler.request_deadline`` seconds, 503 beyond
-``Server.max_connections`` open connections, 500 with a short message for a bug (the server keeps
-serving). A client that half-closes its side after the request (``nc -N``) still gets its answer.
+Safety: loopback by default; batch size, requests per minute per client, images decoding at once
+and queued requests are capped; bad settings get 422 with the reason; a client that disconnects
+cancels its job (its rows leave the batch at the next step). Every request gets an HTTP answer: 400
+for a body that is not JSON (also 5000-digit numbers, 30,000 nested brackets), 422 naming the
+field, 408 for a client that does not send its request within ``Handler.request_deadline``
+seconds, 503 beyond ``Server.max_connections`` open connections or ``max_queue`` waiting requests,
+500 with a short message for a bug (the server keeps serving). A client that half-closes its side
+after the request (``nc -N``) still gets its answer.
 """
 
 from __future__ import annotations
 
 import base64
-import copy
 import errno
 import io
 import json
 import math
+import queue
 import re
 import secrets
 import select
@@ -43,7 +45,6 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -53,16 +54,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rargen.cpu_decoding import packed_for_cpu_decoding
+from rargen.batching import BatchScheduler, Job, QueueFull, retry_after
+from rargen.decoding import prepare_for_decoding
 from rargen.model import RAR
-from rargen.sampling import (
-    SampleConfig,
-    decode_loop,
-    draw_noise,
-    filter_logits,
-    sample_from_logits,
-    sample_seed,
-)
+from rargen.sampling import SampleConfig, draw_noise, sample_seed
+from rargen.tokenizer import codes_from_sequence
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_SEED = 2**63 - 1
@@ -76,16 +72,22 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback: reachable from this machine only
     port: int = 8000  # 0 = any free port
     max_batch_size: int = 8  # images per request
-    max_jobs: int = 1  # concurrent generations (each holds its own KV cache)
+    max_rows: int = 16  # images decoding at once in the shared batch (all requests together)
+    max_queue: int = 32  # requests waiting for rows; beyond it 503 with Retry-After
     rate_limit: int = 30  # generation requests per minute per client address; 0 = no limit
     stream_every: int = 0  # token rows between partial images; 0 = about 8 updates per image
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_jobs"):
+        for name in ("max_batch_size", "max_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("port", "rate_limit", "stream_every"):
+        if self.max_rows < self.max_batch_size:
+            raise ValueError(
+                f"ServeConfig.max_rows ({self.max_rows}) must be >= max_batch_size ({self.max_batch_size}): "
+                "a request of max_batch_size images would never fit in the batch"
+            )
+        for name in ("port", "rate_limit", "stream_every", "max_queue"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServeConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.port > 65535:
@@ -98,43 +100,6 @@ class RequestError(ValueError):
     def __init__(self, message: str, field: str | None = None, status: int = 422, retry_after: int = 0):
         super().__init__(message)
         self.field, self.status, self.retry_after = field, status, retry_after
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling one token at a time
-
-
-def sample_steps(
-    model: RAR,
-    labels: Tensor | Sequence[int],
-    config: SampleConfig,
-    generator: torch.Generator | None = None,
-    *,
-    seeds: Sequence[int] | None = None,
-) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(t, tokens)`` after each sampled token: tokens (B, L) int64, positions ``<= t`` set.
-
-    The same computation as ``rargen.sampling.generate`` (same noise, guidance and filtering), so
-    the last ``tokens`` equal ``generate(model, labels, config, generator, seeds=seeds)``. The
-    caller may stop early; the KV cache is released either way.
-    """
-    if model.training:
-        raise ValueError("the model is in training mode (dropout on); call model.eval() before sampling")
-    cfg = model.config
-    device = model.head.weight.device
-    labels = torch.as_tensor(labels, dtype=torch.int64, device=device)
-    B, L = labels.shape[0], cfg.num_image_tokens
-    with torch.inference_mode():
-        noise = draw_noise((B, L, cfg.codebook_size), device, generator, seeds)
-        tokens = torch.zeros(B, L, dtype=torch.int64, device=device)
-
-    def choose(t: int, logits: Tensor) -> Tensor:  # exactly what generate() does per step
-        logits = filter_logits(logits, config.temperature, config.top_k, config.top_p)
-        tokens[:, t] = token = sample_from_logits(logits, noise=noise[:, t])
-        return token
-
-    for t in decode_loop(model, labels, config, choose):
-        yield t, tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,15 +163,12 @@ def _integer(body: dict, name: str, default: int, low: int, high: int, hint: str
 
 
 # ---------------------------------------------------------------------------------------------
-# The engine: model replicas, validation, generation, PNGs
+# The engine: validation, admission, the shared decoding batch, PNGs
 
 
 class Engine:
-    """Generates for the HTTP layer: validates settings, runs jobs on a pool of model replicas.
-
-    Replicas share the weights (read-only at inference) but not the KV cache, which lives on
-    the attention modules; so ``max_jobs`` replicas cost ``max_jobs`` caches, not copies of the model.
-    """
+    """Generates for the HTTP layer: validates settings, admits requests, and decodes them all in
+    one continuously batched ``rargen.batching.BatchScheduler`` (``start``/``stop`` its thread)."""
 
     def __init__(
         self, model: RAR, tokenizer: torch.nn.Module, config: ServeConfig, checkpoint: dict | None = None
@@ -216,9 +178,10 @@ class Engine:
         if not callable(getattr(tokenizer, "decode", None)):
             raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no decode(codes) method")
         cfg = model.config
-        side = math.isqrt(cfg.num_image_tokens)
-        if side * side != cfg.num_image_tokens:
-            raise ValueError(f"the model's {cfg.num_image_tokens} tokens do not form a square grid")
+        # What the tokenizer decodes: a (B, h, w) grid (2D tokenizers; painted row by row while
+        # sampling) or a (B, K) sequence (TiTok's 1D tokens: no rows to paint, so progress is a
+        # token count and the images come when the sequence is complete).
+        probe_codes = codes_from_sequence(tokenizer, torch.zeros(1, cfg.num_image_tokens, dtype=torch.int64))
         book = getattr(tokenizer, "codebook_size", cfg.codebook_size)
         if book != cfg.codebook_size:
             raise ValueError(
@@ -226,20 +189,20 @@ class Engine:
                 "pass the tokenizer the generator was trained with"
             )
         self.model, self.tokenizer, self.config = model.eval(), tokenizer.eval(), config
-        self.grid = (side, side)
+        # (token rows, tokens per row): (h, w) for a grid, (K, 1) for a 1D sequence (a "row" is a token)
+        self.progressive = probe_codes.ndim == 3
+        self.grid = tuple(probe_codes.shape[1:]) if self.progressive else (cfg.num_image_tokens, 1)
         names = getattr(model, "checkpoint_extra", {}).get("class_names")
         if names is not None and len(names) != cfg.num_classes:
             raise ValueError(f"the checkpoint has {len(names)} class names for {cfg.num_classes} classes")
         self.class_names: list[str] | None = [str(n) for n in names] if names is not None else None
         self.checkpoint = checkpoint or {}
         with torch.inference_mode():
-            probe = self.tokenizer.decode(torch.zeros(1, side, side, dtype=torch.int64, device=config.device))
+            probe = self.tokenizer.decode(probe_codes.to(config.device))
         self.image_size = (int(probe.shape[-2]), int(probe.shape[-1]))
-        # Weights packed for CPU decoding once, not per request (a no-op elsewhere); the replicas
-        # share them, parameters and packed buffers alike.
-        packed = packed_for_cpu_decoding(self.model)
-        shared = {id(t): t for t in [*packed.parameters(), *packed.buffers()]}
-        self._replicas: list[RAR] = [copy.deepcopy(packed, dict(shared)) for _ in range(config.max_jobs)]
+        # Prepared for decoding once (packed for oneDNN on CPUs), not per request.
+        self.scheduler = BatchScheduler(prepare_for_decoding(self.model), config.max_rows, config.max_queue)
+        self.scheduler.start()  # a daemon thread that sleeps while no request is decoding
         self._lock = threading.Lock()
         self._rate: dict[str, deque[float]] = {}
         self.stats = {"active_jobs": 0, "completed": 0, "cancelled": 0, "failed": 0}
@@ -257,12 +220,15 @@ class Engine:
             "class_names": self.class_names,
             "num_classes": self.model.config.num_classes,
             "grid": list(self.grid),
+            "progressive": self.progressive,  # False for 1D tokens: no partial images
             "image_size": list(self.image_size),
             "limits": {
                 "max_batch_size": self.config.max_batch_size,
-                "max_jobs": self.config.max_jobs,
+                "max_rows": self.config.max_rows,
+                "max_queue": self.config.max_queue,
                 "rate_limit_per_minute": self.config.rate_limit,
             },
+            "load": self.scheduler.load(),
             "defaults": {**defaults, "batch_size": 1, "stream_every": self.default_stream_every},
         }
 
@@ -326,8 +292,8 @@ class Engine:
 
     # -- admission --------------------------------------------------------------------------
 
-    def admit(self, client: str) -> RAR:
-        """Take a free replica for ``client``, or raise RequestError 429 (rate) / 503 (busy)."""
+    def admit(self, client: str, request: GenerationRequest) -> Job:
+        """Queue ``request`` for ``client``, or raise RequestError 429 (rate) / 503 (queue full)."""
         now = time.monotonic()
         with self._lock:
             if self.config.rate_limit:
@@ -342,59 +308,79 @@ class Engine:
                         status=429,
                         retry_after=wait,
                     )
-            if not self._replicas:
+            job = self.job(request)
+            try:
+                self.scheduler.submit(job)
+            except QueueFull:
                 raise RequestError(
-                    f"all {self.config.max_jobs} generation workers are busy; retry shortly "
-                    "(the server's --max-jobs)",
+                    f"the server is busy: {self.config.max_queue} requests are waiting for the batch; "
+                    "retry shortly (the server's --max-queue)",
                     status=503,
-                    retry_after=1,
-                )
+                    retry_after=retry_after(self.scheduler.load()),
+                ) from None
             if self.config.rate_limit:
                 times.append(now)
             self.stats["active_jobs"] += 1
-            return self._replicas.pop()
+            return job
 
-    def release(self, replica: RAR, outcome: str) -> None:
+    def job(self, request: GenerationRequest) -> Job:
+        """The scheduler's job for a request: image ``i`` sampled with ``sample_seed(seed, i)``."""
+        cfg = self.model.config
+        seeds = [sample_seed(request.seed, i) for i in range(request.batch_size)]
+        with torch.inference_mode():
+            noise = draw_noise(
+                (request.batch_size, cfg.num_image_tokens, cfg.codebook_size), self.model.device, seeds=seeds
+            )
+        return Job(
+            labels=[request.class_id] * request.batch_size,
+            config=request.sample_config,
+            noise=noise,
+            width=self.grid[1],
+            stream_every=request.stream_every,
+        )
+
+    def release(self, outcome: str) -> None:
         with self._lock:
-            self._replicas.append(replica)
             self.stats["active_jobs"] -= 1
             self.stats[outcome] += 1
 
-    # -- generation -------------------------------------------------------------------------
-
-    def run(
-        self,
-        request: GenerationRequest,
-        replica: RAR,
-        cancelled: Callable[[], bool],
-        on_rows: Callable[[int, Tensor], None] | None = None,
-    ) -> Tensor | None:
-        """Sample a batch; ``on_rows(rows_done, tokens)`` every ``stream_every`` rows (last excluded).
-
-        Returns tokens (B, L), or None when ``cancelled()`` turned true between two steps.
-        """
-        labels = [request.class_id] * request.batch_size
-        seeds = [sample_seed(request.seed, i) for i in range(request.batch_size)]
-        width = self.grid[1]
-        tokens = None
-        for t, tokens in sample_steps(replica, labels, request.sample_config, seeds=seeds):
+    def wait(self, job: Job, cancelled, on_rows=None) -> Tensor | None:
+        """Wait for ``job``'s tokens (B, L), calling ``on_rows(rows_done, tokens)`` on progress;
+        None when ``cancelled()`` turned true first (the job is cancelled: its rows are freed at
+        the next step). RuntimeError when the batch failed."""
+        while True:
+            try:
+                kind, *payload = job.events.get(timeout=0.02)
+            except queue.Empty:
+                if cancelled():
+                    job.cancel()
+                    return None
+                continue
+            if kind == "done":
+                return payload[0]
+            if kind == "error":
+                raise RuntimeError(payload[0])
             if cancelled():
+                job.cancel()
                 return None
-            rows = (t + 1) // width
-            if on_rows and (t + 1) % width == 0 and rows % request.stream_every == 0 and rows < self.grid[0]:
-                on_rows(rows, tokens)
-        return tokens
+            if on_rows is not None:
+                on_rows(*payload)
 
     def images(self, tokens: Tensor, rows_done: int | None = None) -> Tensor:
-        """Decode tokens (B, L) to uint8 images (B, H, W, 3); rows from ``rows_done`` on are grey."""
+        """Decode tokens (B, L) to uint8 images (B, H, W, 3); rows from ``rows_done`` on are grey.
+
+        A 1D tokenizer has no rows to paint: a partial sequence gives no images (B, 0, 0, 3)."""
         h, w = self.grid
-        codes = tokens.reshape(-1, h, w).clone()
-        if rows_done is not None and rows_done < h:
+        partial = rows_done is not None and rows_done < h
+        if partial and not self.progressive:
+            return torch.zeros(tokens.shape[0], 0, 0, 3, dtype=torch.uint8)
+        codes = codes_from_sequence(self.tokenizer, tokens).clone()
+        if partial:
             # Repeat the last finished row below it: a guess the decoder blends less harshly than 0s.
             codes[:, rows_done:] = codes[:, max(rows_done - 1, 0)][:, None] if rows_done else 0
         with torch.inference_mode():
             images = self.tokenizer.decode(codes).float().clamp(0, 1)
-            if rows_done is not None and rows_done < h:
+            if partial:
                 images[:, :, rows_done * images.shape[2] // h :] = GREY
         return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
@@ -404,7 +390,10 @@ class Engine:
         from PIL.PngImagePlugin import PngInfo
 
         out = []
-        for index, pixels in enumerate(self.images(tokens, rows_done)):
+        images = self.images(tokens, rows_done)
+        if images.shape[1] == 0:  # a partial 1D sequence: nothing to show yet
+            return []
+        for index, pixels in enumerate(images):
             buffer, info = io.BytesIO(), None
             if request is not None:
                 info = PngInfo()
@@ -641,7 +630,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/health":
             with engine._lock:
                 stats = dict(engine.stats)
-            self.send_json(200, {"status": "ok", **stats, "max_jobs": engine.config.max_jobs})
+            self.send_json(200, {"status": "ok", **stats, **engine.scheduler.load()})
         elif path == "/info":
             self.send_json(200, engine.info())
         else:
@@ -655,24 +644,24 @@ class Handler(BaseHTTPRequestHandler):
         engine = self.server.engine
         try:
             request = engine.parse(self.read_json())
-            replica = engine.admit(self.client_address[0])
+            job = engine.admit(self.client_address[0], request)
         except RequestError as error:
             self.send_error_json(error)
             return
         if path == "/generate":
-            self.generate(request, replica)
+            self.generate(request, job)
         else:
-            self.stream(request, replica)
+            self.stream(request, job)
 
     def job(
-        self, request: GenerationRequest, replica: RAR, cancelled, on_rows=None
+        self, request: GenerationRequest, job: Job, cancelled, on_rows=None
     ) -> tuple[str, dict[str, Any] | None]:
-        """Run one job and release its worker *before* the answer goes out, so a client that
-        sends its next request as soon as it has the answer never finds the worker still taken.
+        """Wait for one job and count it *before* the answer goes out, so a client that sends its
+        next request as soon as it has the answer sees consistent counts.
         Returns (outcome, the ``done`` payload or None)."""
         engine, start, outcome = self.server.engine, time.perf_counter(), "failed"
         try:
-            tokens = engine.run(request, replica, cancelled, on_rows)
+            tokens = engine.wait(job, cancelled, on_rows)
             if tokens is None:
                 outcome = "cancelled"
                 return outcome, None
@@ -682,16 +671,18 @@ class Handler(BaseHTTPRequestHandler):
             self.log_error("generation failed: %r", error)
             return outcome, {"error": f"generation failed: {error}"}
         finally:
-            engine.release(replica, outcome)
+            if outcome == "failed":
+                job.cancel()
+            engine.release(outcome)
         seconds = time.perf_counter() - start
         return outcome, {"images": images, "settings": request.settings(), "seconds": seconds}
 
-    def generate(self, request: GenerationRequest, replica: RAR) -> None:
-        outcome, payload = self.job(request, replica, lambda: client_gone(self.connection))
+    def generate(self, request: GenerationRequest, job: Job) -> None:
+        outcome, payload = self.job(request, job, lambda: client_gone(self.connection))
         if payload is not None:
             self.send_json(200 if outcome == "completed" else 500, payload)
 
-    def stream(self, request: GenerationRequest, replica: RAR) -> None:
+    def stream(self, request: GenerationRequest, job: Job) -> None:
         engine = self.server.engine
         gone = False
 
@@ -714,8 +705,16 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
         except OSError:
             gone = True
-        send("start", {"settings": request.settings(), "rows": engine.grid[0], "size": engine.image_size})
-        outcome, payload = self.job(request, replica, lambda: gone or client_gone(self.connection), on_rows)
+        send(
+            "start",
+            {
+                "settings": request.settings(),
+                "rows": engine.grid[0],
+                "unit": "token rows" if engine.progressive else "tokens",
+                "size": engine.image_size,
+            },
+        )
+        outcome, payload = self.job(request, job, lambda: gone or client_gone(self.connection), on_rows)
         if payload is not None:
             send("done" if outcome == "completed" else "error", payload)
 
@@ -800,6 +799,10 @@ def _refuse(connection: socket.socket, limit: int) -> None:
     except OSError:
         pass
 
+    def server_close(self) -> None:
+        super().server_close()
+        self.engine.scheduler.stop()
+
 
 def make_server(
     checkpoint: str | Path, tokenizer: str | Path, config: ServeConfig = ServeConfig(), *, quiet: bool = False
@@ -839,6 +842,5 @@ __all__ = [
     "ServeConfig",
     "Server",
     "make_server",
-    "sample_steps",
     "serve",
 ]
