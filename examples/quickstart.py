@@ -13,7 +13,6 @@ The three lines that do it:
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ import torch
 import rargen
 from rargen.pretrained import find_release
 from rargen.sample_images import save_grid, to_uint8
+from rargen.tokenizer import codes_from_sequence
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -40,9 +40,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Draw tokens, decode them to images, save a labelled grid.
     tokens = rargen.generate(model, labels, config, torch.Generator().manual_seed(args.seed))
-    side = math.isqrt(tokens.shape[1])
-    with torch.inference_mode():
-        images = tokenizer.decode(tokens.view(-1, side, side)).float().clamp(0, 1)
+    with torch.inference_mode():  # (B, L) -> the tokenizer's layout: a square grid, or TiTok's 1D codes
+        images = tokenizer.decode(codes_from_sequence(tokenizer, tokens)).float().clamp(0, 1)
     out = Path(args.out)
     save_grid(to_uint8(images), labels, None, out)
 

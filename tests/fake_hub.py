@@ -14,9 +14,21 @@ that many bytes of the body and drop the connection (an interrupted download).
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from rargen.convert import to_official
+from rargen.model import RAR, ModelConfig
+
+DATA = Path(__file__).parent / "data"
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -121,3 +133,51 @@ class FakeHub:
             handler.send_header(name, value)
         handler.send_header("Content-Length", "0")
         handler.end_headers()
+
+
+@contextmanager
+def serving_hub(tmp_path: Path, monkeypatch) -> Iterator[FakeHub]:
+    """A running FakeHub that huggingface_hub and rargen's plain downloads talk to, with an empty
+    cache under ``tmp_path`` (``monkeypatch`` undoes the environment afterwards)."""
+    import huggingface_hub.constants
+
+    with FakeHub() as server:
+        # huggingface_hub's user-agent telemetry fetches a registry from the endpoint it saw at
+        # import time (huggingface.co): off, so nothing leaves this machine.
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("RARGEN_MIRROR", server.url)
+        for name in ("HF_HUB_OFFLINE", "HF_HUB_CACHE"):
+            monkeypatch.delenv(name, raising=False)
+        yield server
+
+
+def official_bin(name: str) -> bytes:
+    """The official state dict of a tests/data reference file, as the bytes of a torch.save .bin."""
+    state = {
+        k[6:]: v.float() for k, v in load_file(DATA / f"{name}.safetensors").items() if k.startswith("state.")
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def paired_generator_bin(num_classes: int = 3) -> bytes:
+    """A random RAR in the official layout whose 64 tokens and 64 codes fit official_vqgan_small."""
+    config = ModelConfig(
+        codebook_size=64,
+        num_classes=num_classes,
+        num_image_tokens=64,
+        dim=32,
+        depth=1,
+        num_heads=2,
+        mlp_dim=64,
+    )
+    torch.manual_seed(0)
+    model = RAR(config)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    buffer = io.BytesIO()
+    torch.save(to_official(model), buffer)
+    return buffer.getvalue()

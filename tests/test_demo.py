@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,21 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys) -> None:
     assert code == 0
     npz = np.load(tmp_path / "samples" / "samples.npz")
     assert npz["arr_0"].shape == (2, 32, 32, 3) and npz["labels"].tolist() == [0, 1]
+
+    # examples/quickstart.py runs on the demo's trained checkpoints (local paths through from_pretrained):
+    # a grid, and the likelihood of each sample under the sampler's own distribution, better than chance.
+    quickstart = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"))
+    quickstart["main"]([
+        "--model", str(out / "generator"), "--tokenizer", str(out / "tokenizer"),
+        "--labels", "0,5,9", "--out", str(tmp_path / "quickstart.png"),
+    ])  # fmt: skip
+    assert Image.open(tmp_path / "quickstart.png").size[0] > 0
+    nats = [
+        float(line.split("(")[1].split()[0])
+        for line in capsys.readouterr().out.splitlines()
+        if "nats/token" in line
+    ]
+    assert len(nats) == 3 and all(0 < n < math.log(128) for n in nats)  # 128 codes: log(128) is chance
 
     # A rerun with the same settings picks up the finished pieces; other settings are refused.
     assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--seed", "1"]) == 2

@@ -16,55 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import rargen
-from fake_hub import COMMIT, FakeHub
+from fake_hub import COMMIT, FakeHub, official_bin, paired_generator_bin, serving_hub
 from rargen import hub, pretrained
 from rargen.cli import main
-from rargen.convert import to_official
-from rargen.model import RAR, ModelConfig
-
-DATA = Path(__file__).parent / "data"
-
-
-def official_bin(name: str) -> bytes:
-    """The official state dict of a tests/data reference file, as the bytes of a torch.save .bin."""
-    state = {
-        k[6:]: v.float() for k, v in load_file(DATA / f"{name}.safetensors").items() if k.startswith("state.")
-    }
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
-
-
-def paired_generator_bin() -> bytes:
-    """A random RAR in the official layout whose 64 tokens and 64 codes fit official_vqgan_small."""
-    config = ModelConfig(
-        codebook_size=64, num_classes=3, num_image_tokens=64, dim=32, depth=1, num_heads=2, mlp_dim=64
-    )
-    torch.manual_seed(0)
-    model = RAR(config)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    buffer = io.BytesIO()
-    torch.save(to_official(model), buffer)
-    return buffer.getvalue()
+from rargen.model import RAR
 
 
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
-    with FakeHub() as server:
-        # huggingface_hub's user-agent telemetry fetches a registry from the endpoint it saw at
-        # import time (huggingface.co): off, so nothing leaves this machine.
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("RARGEN_MIRROR", server.url)
-        for name in ("HF_HUB_OFFLINE", "HF_HUB_CACHE"):
-            monkeypatch.delenv(name, raising=False)
+    with serving_hub(tmp_path, monkeypatch) as server:
         yield server
 
 
