@@ -325,8 +325,9 @@ def _pretokenize_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="token store folder to write (or resume)")
     parser.add_argument("--augment", choices=["none", "flip", "ten-crop"], default="none")
     parser.add_argument(
-        "--image-size", type=_positive_int, default=256, help="square crop size fed to the tokenizer"
-    )
+        "--image-size", type=_positive_int, default=None,
+        help="square crop size fed to the tokenizer (default: the size the tokenizer was trained at)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="crops per tokenizer call")
     parser.add_argument(
         "--shard-size", type=_positive_int, default=10_000, help="images per shard (resume unit)"
@@ -374,6 +375,12 @@ def _run_pretokenize(args: argparse.Namespace) -> None:
         if distributed:
             torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", 0)) == 0:
+        import json
+
+        from rargen.sources import describe_read
+
+        report = json.loads((out / "report.json").read_text())
+        print(describe_read(f"pretokenize: {args.data}", report["num_images"], report["skipped"]))
         print(f"token store written to {out}")
 
 
@@ -467,11 +474,15 @@ def _run_sample(args: argparse.Namespace) -> None:
 def _train_tokenizer_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train-tokenizer",
-        help="train the small VQ tokenizer on the embedded digits or an .npz of images",
+        help="train the small VQ tokenizer on the digits, an image folder or an .npz of images",
         description="Writes DIR/tokenizer (a rargen.load-able checkpoint), DIR/samples/*.png "
         "(originals over reconstructions) and DIR/report.json (held-out PSNR, codebook usage, perplexity).",
     )
-    parser.add_argument("--data", default="digits", help="'digits' or an .npz with arr_0 (N, H, W, C) images")
+    parser.add_argument(
+        "--data", default="digits",
+        help="'digits', a class-folder tree (root/<class>/<image>), an unlabelled folder or an .npz "
+        "(arr_0 (N, H, W, C), optional labels); 10%% of each class is held out (seeded shuffle)",
+    )  # fmt: skip
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--preset", default="vq-digits", help="VQTokenizerConfig preset (vq-digits, vq-tiny)")
     parser.add_argument(

@@ -1,0 +1,75 @@
+"""Your own images: one source notion, a stratified held-out split, sizes from the tokenizer, skip reports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rargen.sources import FolderSource, read_images, stratified_split
+from rargen.store import TokenStore, pretokenize
+from rargen.tokenizer_train import load_training_images
+from rargen.vq_tokenizer import VQTokenizer, VQTokenizerConfig
+
+
+def _grey_folder(root, classes=3, per_class=6, size=12, corrupt=True):
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            value = np.full((size, size), 40 + 80 * c, dtype=np.uint8)
+            value = np.clip(value + rng.integers(-20, 20, (size, size)), 0, 255).astype(np.uint8)
+            Image.fromarray(value, mode="L").save(folder / f"{i:03d}.png")
+    if corrupt:
+        (root / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    return root
+
+
+def test_stratified_split_holds_out_every_class_and_is_seeded():
+    labels = np.repeat(np.arange(10), 20)  # written in class order, as a folder tree is
+    train, heldout = stratified_split(labels, 0.1, seed=3)
+    assert sorted(set(labels[heldout].tolist())) == list(range(10))
+    assert np.bincount(labels[heldout]).tolist() == [2] * 10
+    assert len(np.intersect1d(train, heldout)) == 0 and len(train) + len(heldout) == 200
+    again = stratified_split(labels, 0.1, seed=3)
+    other = stratified_split(labels, 0.1, seed=4)
+    assert np.array_equal(heldout, again[1]) and not np.array_equal(heldout, other[1])
+    assert heldout.tolist() != list(range(180, 200))  # not the last 10%
+
+
+def test_training_images_from_a_folder_skip_and_report_the_corrupt_file(tmp_path, capsys):
+    root = _grey_folder(tmp_path / "data")
+    train, heldout = load_training_images(root, 8, seed=0)
+    out = capsys.readouterr().out
+    assert "read 18 image(s), skipped 1" in out and "broken.png" in out
+    assert train.shape == (15, 3, 8, 8) and heldout.shape == (3, 3, 8, 8)
+    # One held-out image per class: the class means (40, 120, 200 grey) all appear among them.
+    means = sorted(round(float(x.mean()) * 255 / 40) for x in heldout)
+    assert means == [1, 3, 5]
+
+
+def test_read_images_matches_the_source_and_lists_skips(tmp_path):
+    source = FolderSource(_grey_folder(tmp_path / "data", classes=2, per_class=2))
+    images, labels, kept, skipped = read_images(source, 12)
+    assert images.shape == (4, 12, 12, 3) and labels.tolist() == [0, 0, 1, 1]
+    assert [item["name"] for item in skipped] == ["class_0/broken.png"]
+    np.testing.assert_array_equal(images[0], np.asarray(source.load(int(kept[0]))))
+
+
+def test_pretokenize_takes_the_image_size_from_the_tokenizer(tmp_path):
+    root = _grey_folder(tmp_path / "data", classes=2, per_class=2, size=20)
+    torch.manual_seed(0)
+    tokenizer = VQTokenizer(VQTokenizerConfig.from_name("vq-tiny"))  # trained size 16 -> 4x4 tokens
+    store = TokenStore(pretokenize(root, tokenizer, tmp_path / "s", progress=False))
+    assert store.grid == (4, 4) and len(store) == 4 and store.meta["image_size"] == 16
+    assert store.meta["num_skipped"] == 1
+
+
+def test_pretokenize_records_no_size_needs_one(tmp_path):
+    class Bare(torch.nn.Module):
+        codebook_size = 4
+
+    with pytest.raises(ValueError, match="records no image size"):
+        pretokenize(_grey_folder(tmp_path / "d", 1, 2), Bare(), tmp_path / "s", progress=False)
