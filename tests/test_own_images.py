@@ -73,3 +73,26 @@ def test_pretokenize_records_no_size_needs_one(tmp_path):
 
     with pytest.raises(ValueError, match="records no image size"):
         pretokenize(_grey_folder(tmp_path / "d", 1, 2), Bare(), tmp_path / "s", progress=False)
+
+
+def test_train_without_a_preset_on_a_small_store_uses_the_small_recipe(tmp_path, capsys):
+    from rargen.cli import main
+    from rargen.store import write_store
+
+    rng = np.random.default_rng(0)
+    store = write_store(
+        tmp_path / "store", rng.integers(0, 8, size=(6, 1, 2, 2)), np.arange(6) % 2, codebook_size=8,
+        class_names=("a", "b"),
+    )  # fmt: skip
+    argv = ["train", "--data", str(store), "--out", str(tmp_path / "run"), "--steps", "2", "--threads", "1"]
+    argv += ["--model", "dim=32", "--model", "depth=1", "--model", "num_heads=2", "--model", "mlp_dim=64"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv) == 0
+        assert torch.get_num_threads() == 1  # --threads
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "small-data recipe" in out and "rar-digits" in out
+    # The summary: parameters, images and epochs (2 steps of batch 6 over 6 images = 2 epochs).
+    assert "6 images, 2.0 epochs; 2 steps of batch 6" in out

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -351,7 +352,10 @@ def pretokenize(
     total = sum(min(shard_size, num_source - i * shard_size) for i in todo)
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="img", desc=f"pretokenize rank {rank}", disable=not progress, smoothing=0.1)
+    on_terminal = progress and sys.stderr.isatty()  # no carriage returns in a log file
+    bar = tqdm(
+        total=total, unit="img", desc=f"pretokenize rank {rank}", disable=not on_terminal, smoothing=0.1
+    )
     with ThreadPoolExecutor(num_workers) as pool:
         for shard in todo:
             _remove_stale_temporaries(out, shard)

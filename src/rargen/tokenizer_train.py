@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,7 +271,7 @@ def train_tokenizer(
         range(start_step, train_config.steps),
         initial=start_step,
         total=train_config.steps,
-        disable=not progress,
+        disable=not (progress and sys.stderr.isatty()),  # no carriage returns in a log file
         desc="tokenizer",
     )
     end = train_config.steps if stop_after is None else min(stop_after, train_config.steps)
@@ -296,6 +297,9 @@ def train_tokenizer(
         if done % train_config.log_every == 0:
             recon_avg, vq_avg, n = running.tolist()
             bar.set_postfix(recon=f"{recon_avg / n:.4f}", vq=f"{vq_avg / n:.4f}")
+            if progress and bar.disable:
+                losses = f"recon {recon_avg / n:.4f} vq {vq_avg / n:.4f}"
+                print(f"tokenizer step {done}/{train_config.steps} {losses}", flush=True)
             running.zero_()
         last = done == end
         if (train_config.sample_every and done % train_config.sample_every == 0) or last:
