@@ -96,3 +96,18 @@ def test_train_without_a_preset_on_a_small_store_uses_the_small_recipe(tmp_path,
     assert "small-data recipe" in out and "rar-digits" in out
     # The summary: parameters, images and epochs (2 steps of batch 6 over 6 images = 2 epochs).
     assert "6 images, 2.0 epochs; 2 steps of batch 6" in out
+
+
+def test_grid_has_a_row_for_every_class(tmp_path):
+    from rargen.sample_images import GRID_LABEL_WIDTH, save_grid
+
+    labels = [c for c in range(10) for _ in range(50)]  # 500 images: the old grid showed classes 0 and 1
+    images = np.zeros((500, 4, 4, 3), dtype=np.uint8)
+    images[:, :, :, 0] = np.asarray(labels, dtype=np.uint8)[:, None, None] * 20
+    note = save_grid(images, labels, [f"c{i}" for i in range(10)], tmp_path / "g.png", max_per_class=6)
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape == (10 * 4, GRID_LABEL_WIDTH + 6 * 4, 3)
+    last_column = [int(grid[row * 4, GRID_LABEL_WIDTH + 5 * 4, 0]) for row in range(10)]
+    assert last_column == [20 * c for c in range(10)]
+    assert note == "at most 6 samples per class shown"
+    assert "2 of 10 classes not shown" in save_grid(images, labels, None, tmp_path / "h.png", max_classes=8)

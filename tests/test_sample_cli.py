@@ -67,7 +67,11 @@ def test_sample_command_end_to_end(tmp_path) -> None:
     assert np.array_equal(a["arr_0"], b["arr_0"])  # batch size does not change the samples
     png = np.asarray(Image.open(tmp_path / "a" / "images" / "000007.png"))
     assert np.array_equal(png, a["arr_0"][7])
-    assert Image.open(tmp_path / "a" / "grid.png").size[0] == 8 * 8
+    # One row per class (10), one column per sample (2) after the class-name column.
+    from rargen.sample_images import GRID_LABEL_WIDTH
+
+    assert Image.open(tmp_path / "a" / "grid.png").size == (GRID_LABEL_WIDTH + 2 * 8, 10 * 8)
+    assert json.loads((tmp_path / "a" / "meta.json").read_text())["class_names"] == names
 
     # The pixels are exactly the library's images, rounded.
     loaded, tokenizer = load(tmp_path / "gen").eval(), load(tmp_path / "tok")

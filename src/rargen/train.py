@@ -716,9 +716,10 @@ def _run_sample_hook(hook: Callable, raw: RAR, step: int, out: Path, ema: dict[s
 
 
 def image_grid_hook(
-    tokenizer_path: str | os.PathLike, store: Any, per_class: int = 4, classes: int = 8
+    tokenizer_path: str | os.PathLike, store: Any, per_class: int = 4, classes: int = 32
 ) -> Callable:
-    """A sample hook drawing ``per_class`` images of the first ``classes`` classes with
+    """A sample hook drawing ``per_class`` images of each of the first ``classes`` classes (one row
+    each) with
     ``rargen.sampling.generate`` (imported lazily: training works without the sampler)."""
     from rargen.checkpoint import load
 
