@@ -111,3 +111,17 @@ def test_grid_has_a_row_for_every_class(tmp_path):
     assert last_column == [20 * c for c in range(10)]
     assert note == "at most 6 samples per class shown"
     assert "2 of 10 classes not shown" in save_grid(images, labels, None, tmp_path / "h.png", max_classes=8)
+
+
+def test_tokenizer_trained_on_grey_images_records_one_channel(tmp_path):
+    from rargen.checkpoint import read_record
+    from rargen.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+
+    root = _grey_folder(tmp_path / "data", classes=2, per_class=4, size=16, corrupt=False)
+    config = TokenizerTrainConfig(steps=2, batch_size=4, warmup_steps=1, sample_every=0, checkpoint_every=0)
+    report = train_tokenizer(
+        tmp_path / "tok", root, model_config=VQTokenizerConfig.from_name("vq-tiny"), train_config=config,
+        progress=False,
+    )  # fmt: skip
+    assert report["image_channels"] == 1
+    assert read_record(tmp_path / "tok" / "tokenizer")["extra"]["image_channels"] == 1

@@ -119,6 +119,9 @@ def sample_to_folder(
         model = model.to(torch.bfloat16)
     if not compile:  # pack the weights for CPU decoding once, not once per batch
         model = packed_for_cpu_decoding(model)
+    # A tokenizer trained on grey data records image_channels 1 (rargen.tokenizer_train): its RGB
+    # output is averaged to one grey channel, so a grey data set gets grey images without a tint.
+    channels = int(getattr(tokenizer, "checkpoint_extra", {}).get("image_channels", 3))
     num_classes = model.config.num_classes
     if not labels or min(labels) < 0 or max(labels) >= num_classes:
         raise ValueError(f"labels must be classes in [0, {num_classes - 1}], got {list(labels)[:10]}")
@@ -132,13 +135,18 @@ def sample_to_folder(
         images = generate_images(
             model, tokenizer, batch_labels, config, seeds=seeds, bf16=bf16, compile=compile
         )
+        if channels == 1:
+            images = images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
         for i, image in zip(chunk, to_uint8(images), strict=True):
-            Image.fromarray(image).save(out / "images" / f"{i:06d}.png")
+            picture = Image.fromarray(image)
+            (picture.convert("L") if channels == 1 else picture).save(out / "images" / f"{i:06d}.png")
     if world > 1:
         torch.distributed.barrier()
     npz = out / "samples.npz"
     if rank == 0:
-        arr = np.stack([np.asarray(Image.open(out / "images" / f"{i:06d}.png")) for i in range(len(labels))])
+        # samples.npz stays (N, H, W, 3) (ADM's layout, what the scorers read); grey ones have equal channels.
+        pngs = [out / "images" / f"{i:06d}.png" for i in range(len(labels))]
+        arr = np.stack([np.asarray(Image.open(png).convert("RGB")) for png in pngs])
         np.savez(npz, arr_0=arr, labels=np.asarray(labels, dtype=np.int64))
         names = getattr(model, "checkpoint_extra", {}).get("class_names")
         grid_note = save_grid(arr, labels, names, out / "grid.png")
@@ -153,6 +161,7 @@ def sample_to_folder(
             "seed": seed,
             "num_samples": len(labels),
             "class_names": list(names) if names else None,
+            "image_channels": channels,
             "world_size": world,
             "bf16": bf16,
             "compile": compile,

@@ -162,11 +162,24 @@ def save_reconstruction_grid(model: VQTokenizer, images: Tensor, path: Path) -> 
 # --------------------------------------------------------------------------- checkpoints
 
 
+def image_channels(images: Tensor) -> int:
+    """1 when every image is grey (its three channels equal), else 3: recorded with the tokenizer so
+    that samples come back with the channels the data had (grey in, grey out)."""
+    grey = bool((images[:, 0] == images[:, 1]).all() and (images[:, 0] == images[:, 2]).all())
+    return 1 if grey else 3
+
+
 def _save_checkpoint(
-    path: Path, model: VQTokenizer, optimizer: torch.optim.Optimizer, step: int, config: TokenizerTrainConfig
+    path: Path,
+    model: VQTokenizer,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: TokenizerTrainConfig,
+    channels: int = 3,
 ) -> None:
     def write(tmp: Path) -> None:
-        save(model, tmp, extra={"step": step, "train_config": dataclasses.asdict(config)})
+        extra = {"step": step, "train_config": dataclasses.asdict(config), "image_channels": channels}
+        save(model, tmp, extra=extra)
         state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
         torch.save(state, tmp / TRAIN_STATE)
 
@@ -248,6 +261,7 @@ def train_tokenizer(
             )
         model.grid_shape(images.shape[2], images.shape[3])  # raises for sizes the model cannot tile
     preview = heldout_images[:16]
+    channels = image_channels(train_images)
 
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
@@ -307,13 +321,14 @@ def train_tokenizer(
             save_reconstruction_grid(model, preview, out_dir / "samples" / f"recon_{done:06d}.png")
             model.train()
         if (train_config.checkpoint_every and done % train_config.checkpoint_every == 0) or last:
-            _save_checkpoint(ckpt_path, model, optimizer, done, train_config)
+            _save_checkpoint(ckpt_path, model, optimizer, done, train_config, channels)
 
     model.eval()
     report = {
         "heldout": evaluate_tokenizer(model, heldout_images),
         "train_subset": evaluate_tokenizer(model, train_images[:512]),
         "steps": max(start_step, end),
+        "image_channels": channels,
         "model_config": dataclasses.asdict(config),
         "train_config": dataclasses.asdict(train_config),
         "checkpoint": str(ckpt_path),
