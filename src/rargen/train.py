@@ -736,6 +736,7 @@ def image_grid_hook(
         if _state_sha256(tokenizer) != expected:
             raise ValueError(f"tokenizer {tokenizer_path} is not the one the token store was made with")
     names = list(getattr(store, "class_names", ())) or None
+    channels = int(getattr(tokenizer, "checkpoint_extra", {}).get("image_channels", 3))
 
     def hook(model: RAR, step: int, path: Path) -> None:
         from rargen.sample_images import save_grid, to_uint8
@@ -748,6 +749,8 @@ def image_grid_hook(
         images = generate_images(
             model, tokenizer.to(device), labels, config, torch.Generator(device).manual_seed(step)
         )
+        if channels == 1:  # a tokenizer trained on grey images: grey previews, as rargen sample
+            images = images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
         save_grid(to_uint8(images), labels.tolist(), names, path)
 
     return hook
