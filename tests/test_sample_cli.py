@@ -67,7 +67,11 @@ def test_sample_command_end_to_end(tmp_path) -> None:
     assert np.array_equal(a["arr_0"], b["arr_0"])  # batch size does not change the samples
     png = np.asarray(Image.open(tmp_path / "a" / "images" / "000007.png"))
     assert np.array_equal(png, a["arr_0"][7])
-    assert Image.open(tmp_path / "a" / "grid.png").size[0] == 8 * 8
+    # One row per class (10), one column per sample (2) after the class-name column.
+    from rargen.sample_images import GRID_LABEL_WIDTH
+
+    assert Image.open(tmp_path / "a" / "grid.png").size == (GRID_LABEL_WIDTH + 2 * 8, 10 * 8)
+    assert json.loads((tmp_path / "a" / "meta.json").read_text())["class_names"] == names
 
     # The pixels are exactly the library's images, rounded.
     loaded, tokenizer = load(tmp_path / "gen").eval(), load(tmp_path / "tok")
@@ -166,3 +170,17 @@ def test_two_gloo_ranks_give_the_same_image_set_as_one_process(tmp_path) -> None
         f"{i:06d}.png" for i in range(14)
     ]
     assert json.loads((tmp_path / "two" / "meta.json").read_text())["world_size"] == 2
+
+
+def test_grey_tokenizer_gives_grey_samples(tmp_path) -> None:
+    """A tokenizer that records image_channels 1 (trained on grey data) yields grey PNGs, no tint."""
+    torch.manual_seed(0)
+    model = randomize(RAR(ModelConfig.from_name("rar-tiny", dropout=0.0, attn_dropout=0.0))).eval()
+    save(model, tmp_path / "gen", extra={"class_names": [f"c{i}" for i in range(10)]})
+    save(TinyTokenizer(TinyTokenizerConfig()), tmp_path / "tok", extra={"image_channels": 1})
+    argv = ["sample", str(tmp_path / "gen"), "--tokenizer", str(tmp_path / "tok"), "--labels", "1,2,3"]
+    assert main([*argv, "--out", str(tmp_path / "s")]) == 0
+    assert Image.open(tmp_path / "s" / "images" / "000000.png").mode == "L"
+    arr = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
+    assert arr.shape[-1] == 3 and (arr == arr[..., :1]).all()  # equal channels
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["image_channels"] == 1

@@ -149,7 +149,7 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(
         tokenizer_train,
         "_save_checkpoint",
-        lambda path, model, opt, step, cfg: saved.append(step) or original(path, model, opt, step, cfg),
+        lambda path, model, opt, step, *rest: saved.append(step) or original(path, model, opt, step, *rest),
     )
     images, _ = load_digit_images("train", image_size=16)
     data = (images[:64], images[64:80])

@@ -78,6 +78,13 @@ def _list_of(kind: type, example: str) -> Callable[[str], list]:
     return parse
 
 
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    """``--threads``: torch CPU threads for this command (set once, in ``main``)."""
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rargen import __version__
 
@@ -122,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("RARGEN_DEBUG", "") not in ("", "0")
     try:
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         result = args.run(args)
     except (ValueError, OSError) as error:  # expected: the user can fix them (CheckpointError too)
         if debug:
@@ -283,6 +294,7 @@ def _train_parser(subparsers: argparse._SubParsersAction) -> None:
         else:
             kind = {"int": int, "float": float, "str": str, "int | float": _step_or_fraction}[field.type]
             parser.add_argument(flag, type=kind, default=None, help=f"default {field.default!r}")
+    _add_threads(parser)
     parser.set_defaults(run=_run_train)
 
 
@@ -323,6 +335,20 @@ def _run_train(args: argparse.Namespace) -> int:
         key, value = item.split("=", 1)
         overrides[key] = _parse_value(value)
     values["model_overrides"] = tuple(overrides.items())
+    config = TrainConfig.from_dict(values)  # bad flag values are refused before the store is read
+    if "preset" not in values:  # the same store gives the same recipe, so --resume matches
+        from rargen.store import TokenStore
+        from rargen.train import SMALL_DATA_IMAGES, small_data_recipe
+
+        num_images = len(TokenStore(args.data))
+        if num_images < SMALL_DATA_IMAGES:
+            recipe = small_data_recipe(num_images)
+            values = {**recipe, **values}
+            chosen = ", ".join(f"{key} {values[key]}" for key in recipe)
+            print(
+                f"note: no --preset for a store of {num_images:,} images (< {SMALL_DATA_IMAGES:,}); using "
+                f"the small-data recipe ({chosen}) instead of the ImageNet one (rar-b, 250,000 steps of 2048)"
+            )
     config = TrainConfig.from_dict(values)
     try:
         final = train(
@@ -353,8 +379,9 @@ def _pretokenize_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="token store folder to write (or resume)")
     parser.add_argument("--augment", choices=["none", "flip", "ten-crop"], default="none")
     parser.add_argument(
-        "--image-size", type=_positive_int, default=256, help="square crop size fed to the tokenizer"
-    )
+        "--image-size", type=_positive_int, default=None,
+        help="square crop size fed to the tokenizer (default: the size the tokenizer was trained at)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="crops per tokenizer call")
     parser.add_argument(
         "--shard-size", type=_positive_int, default=10_000, help="images per shard (resume unit)"
@@ -367,6 +394,7 @@ def _pretokenize_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--device", default=None, help="tokenizer device (default: cuda if available, else cpu)"
     )
+    _add_threads(parser)
     parser.set_defaults(run=_run_pretokenize)
 
 
@@ -402,6 +430,12 @@ def _run_pretokenize(args: argparse.Namespace) -> None:
         if distributed:
             torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", 0)) == 0:
+        import json
+
+        from rargen.sources import describe_read
+
+        report = json.loads((out / "report.json").read_text())
+        print(describe_read(f"pretokenize: {args.data}", report["num_images"], report["skipped"]))
         print(f"token store written to {out}")
 
 
@@ -447,6 +481,7 @@ def _evaluate_command(subparsers: argparse._SubParsersAction) -> None:
         print(format_metrics(result))
         return 0
 
+    _add_threads(parser)
     parser.set_defaults(run=run)
 
 
@@ -472,6 +507,7 @@ def _sample_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    _add_threads(parser)
     parser.set_defaults(run=_run_sample)
 
 
@@ -502,11 +538,15 @@ def _run_sample(args: argparse.Namespace) -> None:
 def _train_tokenizer_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train-tokenizer",
-        help="train the small VQ tokenizer on the embedded digits or an .npz of images",
+        help="train the small VQ tokenizer on the digits, an image folder or an .npz of images",
         description="Writes DIR/tokenizer (a rargen.load-able checkpoint), DIR/samples/*.png "
         "(originals over reconstructions) and DIR/report.json (held-out PSNR, codebook usage, perplexity).",
     )
-    parser.add_argument("--data", default="digits", help="'digits' or an .npz with arr_0 (N, H, W, C) images")
+    parser.add_argument(
+        "--data", default="digits",
+        help="'digits', a class-folder tree (root/<class>/<image>), an unlabelled folder or an .npz "
+        "(arr_0 (N, H, W, C), optional labels); 10%% of each class is held out (seeded shuffle)",
+    )  # fmt: skip
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--preset", default="vq-digits", help="VQTokenizerConfig preset (vq-digits, vq-tiny)")
     parser.add_argument(
@@ -684,6 +724,7 @@ def _sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--classifier", default=None, help="digit classifier folder (instead of Inception)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=_positive_int, default=64)
+    _add_threads(parser)
     parser.set_defaults(run=_run_sweep)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 from collections.abc import Sequence
@@ -39,20 +38,47 @@ def class_balanced_labels(num_classes: int, per_class: int) -> list[int]:
     return [c for c in range(num_classes) for _ in range(per_class)]
 
 
-def save_grid(images: np.ndarray, labels: Sequence[int], names: Sequence[str] | None, path: Path) -> None:
-    """A labelled grid PNG: one cell per image with its class name (or index) below."""
-    n, h, w, _ = images.shape
-    cols = min(n, 8)
-    rows_ = math.ceil(n / cols)
-    caption = 12
-    grid = Image.new("RGB", (cols * w, rows_ * (h + caption)), "white")
+# A grid shows at most this many classes (rows) and samples per class (columns); the rest is noted.
+GRID_MAX_CLASSES = 32
+GRID_MAX_PER_CLASS = 10
+GRID_LABEL_WIDTH = 48  # pixels of the left column holding each row's class name
+
+
+def save_grid(
+    images: np.ndarray,
+    labels: Sequence[int],
+    names: Sequence[str] | None,
+    path: Path,
+    max_classes: int = GRID_MAX_CLASSES,
+    max_per_class: int = GRID_MAX_PER_CLASS,
+) -> str | None:
+    """A grid PNG with one row per class (its name on the left) and that class's samples as columns.
+
+    Every class present in ``labels`` gets a row, in class order, up to ``max_classes`` rows of
+    ``max_per_class`` samples (the first ones of each class); a grid of the first 64 images dropped
+    whole classes. Returns a note saying what was left out, or None when everything is shown.
+    """
+    labels = [int(label) for label in labels]
+    classes = sorted(set(labels))
+    shown = classes[:max_classes]
+    rows = {c: [i for i, label in enumerate(labels) if label == c][:max_per_class] for c in shown}
+    cols = max(len(members) for members in rows.values())
+    _, h, w, _ = images.shape
+    grid = Image.new("RGB", (GRID_LABEL_WIDTH + cols * w, len(shown) * h), "white")
     draw = ImageDraw.Draw(grid)
-    for i, (image, label) in enumerate(zip(images, labels, strict=False)):
-        x, y = (i % cols) * w, (i // cols) * (h + caption)
-        grid.paste(Image.fromarray(image), (x, y))
-        text = names[label] if names and label < len(names) else str(label)
-        draw.text((x + 2, y + h), text[: max(1, w // 6)], fill="black")
+    for row, c in enumerate(shown):
+        text = names[c] if names and c < len(names) else str(c)
+        draw.text((2, row * h + max(0, h // 2 - 6)), text[:8], fill="black")
+        for col, i in enumerate(rows[c]):
+            grid.paste(Image.fromarray(images[i]).convert("RGB"), (GRID_LABEL_WIDTH + col * w, row * h))
     grid.save(path)
+    notes = []
+    if len(classes) > len(shown):
+        hidden = len(classes) - len(shown)
+        notes.append(f"{hidden} of {len(classes)} classes not shown (max {max_classes} rows)")
+    if any(labels.count(c) > max_per_class for c in shown):
+        notes.append(f"at most {max_per_class} samples per class shown")
+    return "; ".join(notes) or None
 
 
 def _dist() -> tuple[int, int]:
@@ -92,6 +118,9 @@ def sample_to_folder(
     if bf16:
         model = model.to(torch.bfloat16)
     decoder = prepare_for_decoding(model, bf16=bf16, compile=compile)  # once, not once per batch
+    # A tokenizer trained on grey data records image_channels 1 (rargen.tokenizer_train): its RGB
+    # output is averaged to one grey channel, so a grey data set gets grey images without a tint.
+    channels = int(getattr(tokenizer, "checkpoint_extra", {}).get("image_channels", 3))
     num_classes = model.config.num_classes
     if not labels or min(labels) < 0 or max(labels) >= num_classes:
         raise ValueError(f"labels must be classes in [0, {num_classes - 1}], got {list(labels)[:10]}")
@@ -103,17 +132,23 @@ def sample_to_folder(
         batch_labels = torch.tensor([labels[i] for i in chunk], device=device)
         seeds = [sample_seed(seed, i) for i in chunk]
         images = generate_images(decoder, tokenizer, batch_labels, config, seeds=seeds)
+        if channels == 1:
+            images = images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
         for i, image in zip(chunk, to_uint8(images), strict=True):
-            Image.fromarray(image).save(out / "images" / f"{i:06d}.png")
+            picture = Image.fromarray(image)
+            (picture.convert("L") if channels == 1 else picture).save(out / "images" / f"{i:06d}.png")
     if world > 1:
         torch.distributed.barrier()
     npz = out / "samples.npz"
     if rank == 0:
-        arr = np.stack([np.asarray(Image.open(out / "images" / f"{i:06d}.png")) for i in range(len(labels))])
+        # samples.npz stays (N, H, W, 3) (ADM's layout, what the scorers read); grey ones have equal channels.
+        pngs = [out / "images" / f"{i:06d}.png" for i in range(len(labels))]
+        arr = np.stack([np.asarray(Image.open(png).convert("RGB")) for png in pngs])
         np.savez(npz, arr_0=arr, labels=np.asarray(labels, dtype=np.int64))
         names = getattr(model, "checkpoint_extra", {}).get("class_names")
-        show = min(len(labels), 64)
-        save_grid(arr[:show], labels[:show], names, out / "grid.png")
+        grid_note = save_grid(arr, labels, names, out / "grid.png")
+        if grid_note:
+            print(f"grid.png: {grid_note}")
         meta = {
             "checkpoint": str(checkpoint),
             "checkpoint_sha256": checkpoint_hash(checkpoint),
@@ -122,6 +157,8 @@ def sample_to_folder(
             "sample_config": dataclasses.asdict(config),
             "seed": seed,
             "num_samples": len(labels),
+            "class_names": list(names) if names else None,
+            "image_channels": channels,
             "world_size": world,
             "bf16": bf16,
             "compile": compile,

@@ -1,8 +1,10 @@
-"""Image sources for pre-tokenization: the embedded digits, a class-per-folder tree, an ``.npz`` array.
+"""Image sources for every command that reads images: the digits, a class-folder tree, an ``.npz``.
 
 A source is a random-access list of (PIL image, label) with class names. Unconditional data has no
 class names (``num_classes == 0``) and every label is 0, which is then also the generator's null
 label (``num_classes``), so a store of unconditional data trains an unconditional model as is.
+``stratified_split`` is the one held-out split (seeded, shuffled, per class) and ``read_images``
+the one way to read a source into memory, reporting what it skipped.
 """
 
 from __future__ import annotations
@@ -249,3 +251,71 @@ def open_source(
     if not path.exists():
         raise FileNotFoundError(f"no image source at {text!r}; {choices}")
     raise ValueError(f"cannot read images from {text!r}; {choices}")
+
+
+def stratified_split(
+    labels: np.ndarray, heldout_fraction: float = 0.1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices: a seeded shuffle within each class, ``heldout_fraction`` of each held out.
+
+    Every class with at least two images gives at least one to each side, so a file written in
+    folder (class) order no longer holds out one whole class, as taking the last 10% did. Unlabelled
+    data (all labels 0) is one class, i.e. a plain seeded shuffle. Both index arrays are sorted.
+    """
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) < 2:
+        raise ValueError(f"a held-out split needs at least 2 images, got {len(labels)}")
+    rng = np.random.default_rng(seed)
+    train, heldout = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        wanted = max(1, round(heldout_fraction * len(members)))
+        count = 0 if len(members) < 2 else min(len(members) - 1, wanted)
+        heldout.append(members[:count])
+        train.append(members[count:])
+    heldout_idx = np.sort(np.concatenate(heldout))
+    if len(heldout_idx) == 0:  # every class has a single image: hold out one image anyway
+        heldout_idx = np.sort(rng.permutation(len(labels))[:1])
+    train_idx = np.setdiff1d(np.arange(len(labels)), heldout_idx)
+    return train_idx, heldout_idx
+
+
+def read_images(
+    source: ImageSource, image_size: int, indices: Any = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """(images (n, S, S, 3) uint8, labels (n,), source indices (n,), skipped) of the readable images.
+
+    Each image is centre-cropped and resized to ``image_size`` as ``pretokenize`` does, so a
+    tokenizer is trained on what it will later tokenize. ``skipped`` lists ``{"index", "name",
+    "error"}`` for every image that could not be read (corrupt, not a regular file, too large).
+    """
+    from rargen.preprocess import center_crop
+
+    indices = range(len(source)) if indices is None else indices
+    images, labels, kept, skipped = [], [], [], []
+    for index in indices:
+        index = int(index)
+        try:
+            image = center_crop(source.load(index), image_size)
+        except Exception as error:  # noqa: BLE001 - as in pretokenize: a bad file skips the image, never the run
+            error_text = f"{type(error).__name__}: {error}"
+            skipped.append({"index": index, "name": source.name(index), "error": error_text})
+            continue
+        images.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        labels.append(source.label(index))
+        kept.append(index)
+    shape = (0, image_size, image_size, 3)
+    array = np.stack(images) if images else np.zeros(shape, dtype=np.uint8)
+    return array, np.asarray(labels, dtype=np.int64), np.asarray(kept, dtype=np.int64), skipped
+
+
+def describe_read(what: str, num_read: int, skipped: list[dict[str, Any]], limit: int = 10) -> str:
+    """A console summary: how many images were read, how many skipped and why (the first ``limit``)."""
+    lines = [f"{what}: read {num_read} image(s), skipped {len(skipped)}"]
+    for item in skipped[:limit]:
+        lines.append(f"  skipped {item['name']}: {' '.join(str(item['error']).split())}")
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more (all listed in report.json)")
+    return "\n".join(lines)

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -245,13 +246,31 @@ def _tokenize_range(
     return tokens, kept, skipped
 
 
+def resolve_image_size(tokenizer: nn.Module, image_size: int | None) -> int:
+    """The crop size to tokenize at: the tokenizer's training size (``config.image_size``) when None.
+
+    The old fixed default of 256 silently upscaled a 28 px data set for a 28 px tokenizer to 256 px
+    (a 64x64-token store no generator could train on). An explicit other size is kept (the
+    convolutional tokenizers accept it; a fixed-size one refuses in ``token_shape_of``) with a note.
+    """
+    trained = getattr(getattr(tokenizer, "config", None), "image_size", None)
+    if image_size is None:
+        if trained is None:
+            name = type(tokenizer).__name__
+            raise ValueError(f"{name} records no image size; pass image_size (--image-size)")
+        return int(trained)
+    if trained is not None and int(trained) != image_size:
+        print(f"note: tokenizing at {image_size} px; the tokenizer was trained at {trained} px")
+    return image_size
+
+
 def pretokenize(
     source: ImageSource | str | os.PathLike,
     tokenizer: nn.Module | str | os.PathLike,
     out: str | os.PathLike,
     *,
     augment: str = "none",
-    image_size: int = 256,
+    image_size: int | None = None,
     batch_size: int = 64,
     shard_size: int = 10_000,
     num_workers: int = 4,
@@ -273,6 +292,15 @@ def pretokenize(
     Images that cannot be used (corrupt, not a regular file, over ``max_pixels`` pixels) are skipped
     and listed in ``report.json``. A complete store is only read (it may be read-only).
     """
+    tokenizer_path = None
+    if not isinstance(tokenizer, nn.Module):
+        from rargen.checkpoint import load
+
+        tokenizer_path = Path(tokenizer)
+        tokenizer = load(tokenizer_path, device=device or "cpu")
+    elif device is not None:
+        tokenizer = tokenizer.to(device)
+    image_size = resolve_image_size(tokenizer, image_size)
     if image_size <= 0 or batch_size <= 0 or shard_size <= 0 or num_workers <= 0:
         raise ValueError(
             f"image_size, batch_size, shard_size and num_workers must be positive, got {image_size}, "
@@ -283,14 +311,6 @@ def pretokenize(
     out = Path(out)
     if not isinstance(source, ImageSource):
         source = open_source(source, image_size=image_size, max_pixels=max_pixels)
-    tokenizer_path = None
-    if not isinstance(tokenizer, nn.Module):
-        from rargen.checkpoint import load
-
-        tokenizer_path = Path(tokenizer)
-        tokenizer = load(tokenizer_path, device=device or "cpu")
-    elif device is not None:
-        tokenizer = tokenizer.to(device)
     tokenizer.eval()
     codebook_size = int(tokenizer.codebook_size)
     if not 0 < codebook_size <= MAX_CODEBOOK_SIZE:
@@ -332,7 +352,10 @@ def pretokenize(
     total = sum(min(shard_size, num_source - i * shard_size) for i in todo)
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="img", desc=f"pretokenize rank {rank}", disable=not progress, smoothing=0.1)
+    on_terminal = progress and sys.stderr.isatty()  # no carriage returns in a log file
+    bar = tqdm(
+        total=total, unit="img", desc=f"pretokenize rank {rank}", disable=not on_terminal, smoothing=0.1
+    )
     with ThreadPoolExecutor(num_workers) as pool:
         for shard in todo:
             _remove_stale_temporaries(out, shard)

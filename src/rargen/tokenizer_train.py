@@ -16,11 +16,12 @@ import dataclasses
 import json
 import math
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,6 +36,7 @@ from rargen.checkpoint import (
     save,
     verify_weights,
 )
+from rargen.sources import DEFAULT_MAX_PIXELS, describe_read, open_source, read_images, stratified_split
 from rargen.vq_tokenizer import VQTokenizer, VQTokenizerConfig
 
 CHECKPOINT_DIR = "tokenizer"
@@ -71,36 +73,35 @@ class TokenizerTrainConfig:
 # --------------------------------------------------------------------------- data
 
 
-def load_training_images(data: str | os.PathLike, image_size: int) -> tuple[Tensor, Tensor]:
-    """(train, held-out) images (N, 3, S, S) float32 in [0, 1] from ``"digits"`` or an ``.npz``.
+def load_training_images(
+    data: str | os.PathLike,
+    image_size: int,
+    *,
+    heldout_fraction: float = 0.1,
+    seed: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    log: Callable[[str], None] | None = print,
+) -> tuple[Tensor, Tensor]:
+    """(train, held-out) images (N, 3, S, S) float32 in [0, 1] from any ``open_source`` spec.
 
-    An ``.npz`` holds ``arr_0`` (N, H, W, 3 or 1) uint8 (0..255) or float in [0, 1]; images are
-    resized to ``image_size`` and the last 10% (at least one) are held out.
+    ``"digits"`` uses the digits' own train/held-out split; a class-folder tree, an unlabelled
+    folder or an ``.npz`` is read once (centre-cropped to ``image_size`` as ``pretokenize`` does,
+    unreadable files skipped and reported through ``log``) and split by ``stratified_split``:
+    a seeded shuffle per class, ``heldout_fraction`` of each class held out.
     """
     if str(data) == "digits":
         from rargen.digits import load_digit_images
 
         return load_digit_images("train", image_size)[0], load_digit_images("heldout", image_size)[0]
-    path = Path(data)
-    if path.suffix != ".npz":
-        raise ValueError(f"data must be 'digits' or a path to an .npz of images, got {str(data)!r}")
-    if not path.is_file():
-        raise FileNotFoundError(f"no image archive at {str(path)!r}")
-    with np.load(path) as archive:
-        if "arr_0" not in archive:
-            raise ValueError(f"{path} has arrays {list(archive)}; expected images in 'arr_0' (N, H, W, C)")
-        array = archive["arr_0"]
-    if array.ndim != 4 or array.shape[-1] not in (1, 3) or len(array) < 2:
-        raise ValueError(f"{path}: arr_0 must be (N >= 2, H, W, 1 or 3), got shape {array.shape}")
-    images = torch.from_numpy(array).permute(0, 3, 1, 2)
-    images = images.float() / 255.0 if array.dtype == np.uint8 else images.float()
-    if images.min() < 0 or images.max() > 1:
-        raise ValueError(f"{path}: float images must lie in [0, 1]; store uint8 or rescale")
-    if images.shape[2:] != (image_size, image_size):
-        images = F.interpolate(images, size=(image_size, image_size), mode="bicubic", align_corners=False)
-    images = images.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
-    num_heldout = max(1, len(images) // 10)
-    return images[:-num_heldout], images[-num_heldout:]
+    source = open_source(data, image_size=image_size, max_pixels=max_pixels)
+    images, labels, _, skipped = read_images(source, image_size)
+    if log is not None:
+        log(describe_read(f"train-tokenizer: {data}", len(images), skipped))
+    if len(images) < 2:
+        raise ValueError(f"{str(data)!r}: {len(images)} readable image(s); a tokenizer needs at least 2")
+    train_idx, heldout_idx = stratified_split(labels, heldout_fraction, seed)
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    return tensor[train_idx].contiguous(), tensor[heldout_idx].contiguous()
 
 
 def batch_indices(num_images: int, batch_size: int, step: int, seed: int) -> Tensor:
@@ -161,11 +162,24 @@ def save_reconstruction_grid(model: VQTokenizer, images: Tensor, path: Path) -> 
 # --------------------------------------------------------------------------- checkpoints
 
 
+def image_channels(images: Tensor) -> int:
+    """1 when every image is grey (its three channels equal), else 3: recorded with the tokenizer so
+    that samples come back with the channels the data had (grey in, grey out)."""
+    grey = bool((images[:, 0] == images[:, 1]).all() and (images[:, 0] == images[:, 2]).all())
+    return 1 if grey else 3
+
+
 def _save_checkpoint(
-    path: Path, model: VQTokenizer, optimizer: torch.optim.Optimizer, step: int, config: TokenizerTrainConfig
+    path: Path,
+    model: VQTokenizer,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: TokenizerTrainConfig,
+    channels: int = 3,
 ) -> None:
     def write(tmp: Path) -> None:
-        save(model, tmp, extra={"step": step, "train_config": dataclasses.asdict(config)})
+        extra = {"step": step, "train_config": dataclasses.asdict(config), "image_channels": channels}
+        save(model, tmp, extra=extra)
         state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
         torch.save(state, tmp / TRAIN_STATE)
 
@@ -199,7 +213,7 @@ def train_tokenizer(
 ) -> dict[str, Any]:
     """Train a ``VQTokenizer`` into ``out_dir`` and return the held-out report (also ``report.json``).
 
-    ``data`` is ``"digits"``, a path to an ``.npz`` (see ``load_training_images``) or a
+    ``data`` is ``"digits"``, an image folder or ``.npz`` (see ``load_training_images``) or a
     ``(train, heldout)`` pair of (N, 3, S, S) image tensors in [0, 1]. With ``resume`` the run
     continues from ``out_dir/tokenizer`` (its model config wins; ``model_config`` must then be
     None or equal) up to ``train_config.steps``. ``stop_after`` ends the run (with a checkpoint)
@@ -237,7 +251,7 @@ def train_tokenizer(
     if isinstance(data, tuple):
         train_images, heldout_images = data
     else:
-        train_images, heldout_images = load_training_images(data, config.image_size)
+        train_images, heldout_images = load_training_images(data, config.image_size, seed=train_config.seed)
     for name, images in (("train", train_images), ("heldout", heldout_images)):
         if images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
             raise ValueError(
@@ -245,6 +259,7 @@ def train_tokenizer(
             )
         model.grid_shape(images.shape[2], images.shape[3])  # raises for sizes the model cannot tile
     preview = heldout_images[:16]
+    channels = image_channels(train_images)
 
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
@@ -268,7 +283,7 @@ def train_tokenizer(
         range(start_step, train_config.steps),
         initial=start_step,
         total=train_config.steps,
-        disable=not progress,
+        disable=not (progress and sys.stderr.isatty()),  # no carriage returns in a log file
         desc="tokenizer",
     )
     end = train_config.steps if stop_after is None else min(stop_after, train_config.steps)
@@ -294,6 +309,9 @@ def train_tokenizer(
         if done % train_config.log_every == 0:
             recon_avg, vq_avg, n = running.tolist()
             bar.set_postfix(recon=f"{recon_avg / n:.4f}", vq=f"{vq_avg / n:.4f}")
+            if progress and bar.disable:
+                losses = f"recon {recon_avg / n:.4f} vq {vq_avg / n:.4f}"
+                print(f"tokenizer step {done}/{train_config.steps} {losses}", flush=True)
             running.zero_()
         last = done == end
         if (train_config.sample_every and done % train_config.sample_every == 0) or last:
@@ -301,13 +319,14 @@ def train_tokenizer(
             save_reconstruction_grid(model, preview, out_dir / "samples" / f"recon_{done:06d}.png")
             model.train()
         if (train_config.checkpoint_every and done % train_config.checkpoint_every == 0) or last:
-            _save_checkpoint(ckpt_path, model, optimizer, done, train_config)
+            _save_checkpoint(ckpt_path, model, optimizer, done, train_config, channels)
 
     model.eval()
     report = {
         "heldout": evaluate_tokenizer(model, heldout_images),
         "train_subset": evaluate_tokenizer(model, train_images[:512]),
         "steps": max(start_step, end),
+        "image_channels": channels,
         "model_config": dataclasses.asdict(config),
         "train_config": dataclasses.asdict(train_config),
         "checkpoint": str(ckpt_path),

@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -145,6 +146,23 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------------
 # Pure helpers
+
+
+# Below this many stored images a run without a preset gets ``small_data_recipe`` instead of the
+# paper's ImageNet recipe (RAR-B, 250k steps of 2048), which on 600 images is ~850k epochs.
+SMALL_DATA_IMAGES = 100_000
+
+
+def small_data_recipe(num_images: int) -> dict[str, Any]:
+    """TrainConfig fields for a small store: the README's own-data recipe (rar-digits, 2000 steps).
+
+    The batch is at most the store (a 60-image store gets batch 60); checkpoints and sample grids
+    every 500 steps. Used by ``rargen train`` when neither a preset nor a --config is given.
+    """
+    return {
+        "preset": "rar-digits", "steps": 2000, "batch_size": max(1, min(64, num_images)), "lr": 1e-3,
+        "warmup": 0.05, "log_every": 50, "checkpoint_every": 500, "sample_every": 500,
+    }  # fmt: skip
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -389,12 +407,18 @@ def train(
     logger = MetricsLogger(out, enabled=env.is_main, resume_step=start)
     batches = _forever(loader)
 
+    num_images = len(store) if hasattr(store, "__len__") else None
+    if env.is_main and progress:
+        print(describe_run(config, raw.num_params(), num_images, start), flush=True)
+    timing_step = start + min(10, config.steps - start)  # the expected time is printed after it
+    run_began = time.perf_counter()
     from tqdm import tqdm
 
+    on_terminal = sys.stderr.isatty()  # a log file gets plain lines at log steps, no carriage returns
     bar = tqdm(
         total=config.steps,
         initial=start,
-        disable=not (progress and env.is_main),
+        disable=not (progress and env.is_main and on_terminal),
         unit="step",
         dynamic_ncols=True,
     )
@@ -463,6 +487,12 @@ def train(
                     "seconds_per_step": elapsed / window_steps,
                 }
                 logger.log(row)
+                if progress and env.is_main and not on_terminal:
+                    print(
+                        f"step {done}/{config.steps} loss {row['loss']:.4f} acc {row['accuracy']:.3f} "
+                        f"lr {lr:.2e} {row['seconds_per_step']:.3f} s/step",
+                        flush=True,
+                    )
                 bar.set_postfix(
                     loss=f"{row['loss']:.4f}", r=f"{r:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.3g}"
                 )
@@ -477,6 +507,10 @@ def train(
         ):
             _run_sample_hook(sample_hook, raw, done, out, ema)
         bar.update(1)
+        if done == timing_step and env.is_main and progress and done < config.steps:
+            per_step = (time.perf_counter() - run_began) / (done - start)
+            left = per_step * (config.steps - done)
+            print(f"expected time: {per_step:.3f} s/step, about {_duration(left)} to go", flush=True)
     bar.close()
     logger.close()
     final = out / "final"
@@ -486,6 +520,25 @@ def train(
         atomic_write_dir(final, lambda tmp: [shutil.copy2(newest / n, tmp / n) for n in names])
     distributed.barrier()
     return final
+
+
+def describe_run(config: TrainConfig, num_params: int, num_images: int | None, start: int) -> str:
+    """The start-up summary: model size, data size, steps, batch and the epochs they make."""
+    data = "an unsized source"
+    if num_images:
+        epochs = config.steps * config.batch_size / num_images
+        data = f"{num_images:,} images, {epochs:,.1f} epochs"
+    resumed = f", resuming at step {start}" if start else ""
+    return (
+        f"train: {config.preset} with {num_params:,} parameters; {data}; {config.steps:,} steps of "
+        f"batch {config.batch_size}{resumed}"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _no_sync(model: nn.Module, raw: nn.Module, config: TrainConfig) -> Any:
@@ -663,9 +716,10 @@ def _run_sample_hook(hook: Callable, raw: RAR, step: int, out: Path, ema: dict[s
 
 
 def image_grid_hook(
-    tokenizer_path: str | os.PathLike, store: Any, per_class: int = 4, classes: int = 8
+    tokenizer_path: str | os.PathLike, store: Any, per_class: int = 4, classes: int = 32
 ) -> Callable:
-    """A sample hook drawing ``per_class`` images of the first ``classes`` classes with
+    """A sample hook drawing ``per_class`` images of each of the first ``classes`` classes (one row
+    each) with
     ``rargen.sampling.generate`` (imported lazily: training works without the sampler)."""
     from rargen.checkpoint import load
 
@@ -682,6 +736,7 @@ def image_grid_hook(
         if _state_sha256(tokenizer) != expected:
             raise ValueError(f"tokenizer {tokenizer_path} is not the one the token store was made with")
     names = list(getattr(store, "class_names", ())) or None
+    channels = int(getattr(tokenizer, "checkpoint_extra", {}).get("image_channels", 3))
 
     def hook(model: RAR, step: int, path: Path) -> None:
         from rargen.sample_images import save_grid, to_uint8
@@ -694,6 +749,8 @@ def image_grid_hook(
         images = generate_images(
             model, tokenizer.to(device), labels, config, torch.Generator(device).manual_seed(step)
         )
+        if channels == 1:  # a tokenizer trained on grey images: grey previews, as rargen sample
+            images = images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
         save_grid(to_uint8(images), labels.tolist(), names, path)
 
     return hook
