@@ -24,7 +24,6 @@ deleted from the cache before anything reads it as weights (official ``.bin`` fi
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -36,6 +35,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rargen.checkpoint import file_sha256
 
 HUB_SCHEME = "hf://"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -145,14 +146,6 @@ def update_records(settings: CacheSettings, section: str, key: str, value: dict[
 
 
 # ------------------------------------------------------------------------------------ verification
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_format(path: Path, name: str) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from rargen import hub
+from rargen.checkpoint import file_sha256
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def converted_checkpoint(source: str, release: Release | None = None) -> Path:
         settings,
         "converted",
         digest,
-        {"source": key, "weights_sha256": hub.file_sha256(folder / WEIGHTS_NAME), "path": str(folder)},
+        {"source": key, "weights_sha256": file_sha256(folder / WEIGHTS_NAME), "path": str(folder)},
     )
     return folder
 
@@ -141,7 +142,7 @@ def _valid_converted(settings: hub.CacheSettings, digest: str, records: dict) ->
     folder = settings.rargen_cache / "converted" / digest
     if entry is None or not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
         return None
-    if hub.file_sha256(folder / WEIGHTS_NAME) != entry["weights_sha256"]:
+    if file_sha256(folder / WEIGHTS_NAME) != entry["weights_sha256"]:
         # Changed on disk since it was written: never use it, convert again from the source.
         shutil.rmtree(folder, ignore_errors=True)
         hub.update_records(settings, "converted", digest, None)
