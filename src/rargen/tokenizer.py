@@ -27,6 +27,23 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+# Upper bounds of the convolutional tokenizers' size fields (far above any use: the released
+# MaskGIT-VQGAN and the small VQ tokenizer), so that a bad config.json is refused before anything
+# is built.
+CONV_MAX_SIZES = {
+    "image_size": 8192, "hidden_channels": 4096, "num_res_blocks": 64, "z_channels": 4096,
+    "codebook_size": 2**16, "codebook_dim": 4096, "levels": 10, "channel_mult": 64,
+}  # fmt: skip
+
+
+def check_channel_mult(channel_mult: tuple[int, ...]) -> None:
+    """Per-level width multipliers: 1 to ``levels`` positive ints of at most ``channel_mult``."""
+    levels, widest = CONV_MAX_SIZES["levels"], CONV_MAX_SIZES["channel_mult"]
+    if len(channel_mult) > levels or any(m > widest for m in channel_mult):
+        raise ValueError(f"channel_mult {channel_mult}: at most {levels} levels of at most {widest} each")
+    if not channel_mult or any(m <= 0 for m in channel_mult):
+        raise ValueError(f"channel_mult must be non-empty positive ints, got {channel_mult}")
+
 
 @runtime_checkable
 class Tokenizer(Protocol):

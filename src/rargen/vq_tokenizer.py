@@ -21,17 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rargen.tokenizer import Tokenizer, VQImageTokenizer
+from rargen.tokenizer import CONV_MAX_SIZES, Tokenizer, VQImageTokenizer, check_channel_mult
 
 __all__ = ["VQ_TOKENIZER_PRESETS", "Tokenizer", "VQOutput", "VQTokenizer", "VQTokenizerConfig"]
 
 GROUPS = 8  # GroupNorm groups; every width must be a multiple of it
-# Upper bounds of the size fields (far above any use) so that a bad config.json is refused before
-# anything is built.
-MAX_SIZES = {
-    "image_size": 8192, "hidden_channels": 4096, "num_res_blocks": 64, "z_channels": 4096,
-    "codebook_size": 2**16, "codebook_dim": 4096, "levels": 10, "channel_mult": 64,
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -56,19 +50,10 @@ class VQTokenizerConfig:
             "codebook_size",
             "codebook_dim",
         ):
-            if not 0 <= getattr(self, name) <= MAX_SIZES[name]:
-                raise ValueError(
-                    f"VQTokenizerConfig.{name} must be in [0, {MAX_SIZES[name]}], got {getattr(self, name)}"
-                )
-        if len(self.channel_mult) > MAX_SIZES["levels"] or any(
-            m > MAX_SIZES["channel_mult"] for m in self.channel_mult
-        ):
-            raise ValueError(
-                f"channel_mult {self.channel_mult}: at most {MAX_SIZES['levels']} levels of at most "
-                f"{MAX_SIZES['channel_mult']} each"
-            )
-        if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
-            raise ValueError(f"channel_mult must be non-empty positive ints, got {self.channel_mult}")
+            value, bound = getattr(self, name), CONV_MAX_SIZES[name]
+            if not 0 <= value <= bound:
+                raise ValueError(f"VQTokenizerConfig.{name} must be in [0, {bound}], got {value}")
+        check_channel_mult(self.channel_mult)
         for width in {self.hidden_channels * m for m in self.channel_mult} | {self.z_channels}:
             if width % GROUPS:
                 raise ValueError(

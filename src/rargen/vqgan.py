@@ -24,14 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rargen.tokenizer import VQImageTokenizer
-
-# Upper bounds of the size fields (far above the released model) so that a bad config.json is
-# refused before anything is built.
-MAX_SIZES = {
-    "hidden_channels": 4096, "num_res_blocks": 64, "z_channels": 4096, "codebook_size": 2**16,
-    "codebook_dim": 4096, "image_size": 8192, "levels": 10, "channel_mult": 64,
-}  # fmt: skip
+from rargen.tokenizer import CONV_MAX_SIZES, VQImageTokenizer, check_channel_mult
 
 
 @dataclass(frozen=True)
@@ -53,19 +46,11 @@ class VQGANConfig:
             "codebook_dim",
             "image_size",
         ):
-            if getattr(self, name) > MAX_SIZES[name]:
+            if getattr(self, name) > CONV_MAX_SIZES[name]:
                 raise ValueError(
-                    f"VQGANConfig.{name} must be at most {MAX_SIZES[name]}, got {getattr(self, name)}"
+                    f"VQGANConfig.{name} must be at most {CONV_MAX_SIZES[name]}, got {getattr(self, name)}"
                 )
-        if len(self.channel_mult) > MAX_SIZES["levels"] or any(
-            m > MAX_SIZES["channel_mult"] for m in self.channel_mult
-        ):
-            raise ValueError(
-                f"channel_mult {self.channel_mult}: at most {MAX_SIZES['levels']} levels of at most "
-                f"{MAX_SIZES['channel_mult']} each"
-            )
-        if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
-            raise ValueError(f"channel_mult must be non-empty positive ints, got {self.channel_mult}")
+        check_channel_mult(self.channel_mult)
         if self.codebook_dim != self.z_channels:
             raise ValueError(
                 f"codebook_dim ({self.codebook_dim}) must equal z_channels ({self.z_channels}): "
