@@ -46,6 +46,7 @@ _KINDS: dict[str, str] = {
     "vq-tokenizer": "rargen.vq_tokenizer:VQTokenizer",
     "titok": "rargen.titok:TiTok",
     "digit-classifier": "rargen.digits:DigitClassifier",
+    "image-classifier": "rargen.classifier:ImageClassifier",
 }
 
 

@@ -721,7 +721,9 @@ def _sweep_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--per-class", type=_positive_int, default=10, help="samples per class and setting")
     parser.add_argument("--reference", default=None, help="ADM reference batch .npz (with --inception)")
     parser.add_argument("--inception", default=None, help="Inception weights file (with --reference)")
-    parser.add_argument("--classifier", default=None, help="digit classifier folder (instead of Inception)")
+    parser.add_argument(
+        "--classifier", default=None, help="classifier folder (rargen train-classifier; instead of Inception)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=_positive_int, default=64)
     _add_threads(parser)
@@ -742,3 +744,43 @@ def _run_sweep(args: argparse.Namespace) -> None:
         inception=inception, classifier=args.classifier, seed=args.seed, batch_size=args.batch_size,
     )  # fmt: skip
     print(format_sweep(rows))
+
+
+@command("train-classifier")
+def _train_classifier_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train-classifier",
+        help="train a small image classifier on labelled images: the scorer for sweep/evaluate --classifier",
+        description="Holds out a seeded share of each class, trains on the rest and writes DIR (a "
+        "checkpoint folder with the class names, image size and channels, the held-out features' "
+        "statistics) and DIR/report.json; prints the held-out accuracy.",
+    )
+    parser.add_argument("--data", required=True, help="'digits', a class-folder tree or an .npz with labels")
+    parser.add_argument("--out", required=True, help="classifier folder to write")
+    parser.add_argument(
+        "--image-size", type=_positive_int, default=None,
+        help="square size (default: the data's; use the tokenizer's size to score its samples)",
+    )  # fmt: skip
+    parser.add_argument("--epochs", type=_positive_int, default=12)
+    parser.add_argument("--batch-size", type=_positive_int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--heldout-fraction", type=float, default=0.2, help="share of each class held out")
+    parser.add_argument("--feature-dim", type=_positive_int, default=64, help="features the Fréchet uses")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation, data order and held-out split")
+    parser.add_argument("--max-pixels", type=_positive_int, default=None, help="skip larger images")
+    parser.add_argument("--no-progress", action="store_true", help="no progress report")
+    _add_threads(parser)
+    parser.set_defaults(run=_run_train_classifier)
+
+
+def _run_train_classifier(args: argparse.Namespace) -> None:
+    from rargen.classifier import ClassifierTrainConfig, describe_classifier, train_classifier
+
+    config = ClassifierTrainConfig(
+        image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, heldout_fraction=args.heldout_fraction, feature_dim=args.feature_dim,
+    )  # fmt: skip
+    report = train_classifier(
+        args.data, args.out, config, max_pixels=args.max_pixels, progress=not args.no_progress
+    )
+    print(describe_classifier(report, args.out))

@@ -12,8 +12,15 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from rargen.classifier import (  # noqa: F401 - classifier_accuracy: the digits' name for it
+    ImageClassifier,
+    ImageClassifierConfig,
+    classifier_accuracy,
+    feature_stats,
+    fit_classifier,
+)
 from rargen.metrics import FeatureStats, frechet_distance
 
 DIGIT_CLASS_NAMES = tuple(str(i) for i in range(10))
@@ -73,20 +80,11 @@ def load_digit_images(split: Split = "train", image_size: int = 32) -> tuple[Ten
 
 
 @dataclass(frozen=True)
-class DigitClassifierConfig:
-    image_size: int = 32
-    channels: tuple[int, ...] = (16, 32, 32)  # one conv + 2x2 max-pool stage each
-    feature_dim: int = 64  # penultimate features (the "pool" of this metric)
-    num_classes: int = 10
+class DigitClassifierConfig(ImageClassifierConfig):
+    """The generic classifier's config (``rargen.classifier``), RGB, at a size divisible by 2**stages."""
 
     def __post_init__(self) -> None:
-        # Bounds far above any use, so that a bad config.json is refused before anything is built.
-        sizes = {"image_size": (self.image_size, 4096), "feature_dim": (self.feature_dim, 65536)}
-        sizes |= {"num_classes": (self.num_classes, 65536), "channels": (len(self.channels), 8)}
-        sizes |= {"channel width": (max(self.channels, default=1), 4096)}
-        for name, (value, limit) in sizes.items():
-            if not 1 <= value <= limit:
-                raise ValueError(f"DigitClassifierConfig {name} must be in [1, {limit}], got {value}")
+        super().__post_init__()
         if self.image_size % (2 ** len(self.channels)) != 0:
             raise ValueError(
                 f"image_size {self.image_size} must be divisible by 2**len(channels) = "
@@ -94,45 +92,11 @@ class DigitClassifierConfig:
             )
 
 
-class DigitClassifier(nn.Module):
-    """Small CNN: (conv 3x3 -> ReLU -> max-pool) per stage, then a hidden layer and the logits."""
+class DigitClassifier(ImageClassifier):
+    """The generic classifier under its own checkpoint kind: the demo's scorer of the digits."""
 
     checkpoint_kind: ClassVar[str] = "digit-classifier"
     config_class: ClassVar[type] = DigitClassifierConfig
-
-    def __init__(self, config: DigitClassifierConfig = DigitClassifierConfig()):
-        super().__init__()
-        self.config = config
-        stages, cin = [], 3
-        for cout in config.channels:
-            stages += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-            cin = cout
-        self.stages = nn.Sequential(*stages)
-        side = config.image_size // 2 ** len(config.channels)
-        self.hidden = nn.Linear(cin * side * side, config.feature_dim)
-        self.head = nn.Linear(config.feature_dim, config.num_classes)
-
-    def _check(self, images: Tensor) -> Tensor:
-        size = self.config.image_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise ValueError(f"expected images of shape (N, 3, {size}, {size}), got {tuple(images.shape)}")
-        return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-
-    def features(self, images: Tensor) -> Tensor:
-        """(N, 3, S, S) images in [0, 1] (or uint8) -> (N, feature_dim) penultimate features."""
-        x = self.stages(self._check(images).to(self.head.weight.device) * 2 - 1)
-        return F.relu(self.hidden(x.flatten(1)))
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.features(images))
-
-
-def _shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Translate each image by up to ``max_shift`` pixels (zero fill): the only augmentation."""
-    n, _, h, w = images.shape
-    padded = F.pad(images, (max_shift,) * 4)
-    dy, dx = (torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)).tolist()
-    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
 
 
 def train_digit_classifier(
@@ -144,50 +108,14 @@ def train_digit_classifier(
     progress: bool = False,
 ) -> DigitClassifier:
     """Train a DigitClassifier on the fixed train split (Adam, cosine LR, random shifts)."""
-    from tqdm import tqdm
-
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     images, labels = load_digit_images("train", config.image_size)
-    model = DigitClassifier(config).train()
-    steps_per_epoch = -(-len(images) // batch_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-    max_shift = max(1, config.image_size // 16)
-    for _ in tqdm(range(epochs), desc="digit classifier", disable=not progress):
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(images), batch_size):
-            index = order[start : start + batch_size]
-            logits = model(_shift(images[index], max_shift, generator))
-            loss = F.cross_entropy(logits, labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval().requires_grad_(False)
+    build = lambda: DigitClassifier(config)  # noqa: E731 - built after fit_classifier seeds torch
+    return fit_classifier(build, images, labels, epochs, batch_size, lr, seed, progress, "digit classifier")
 
 
-@torch.no_grad()
-def classifier_accuracy(
-    classifier: DigitClassifier, images: Tensor, labels: Tensor, batch_size: int = 256
-) -> float:
-    """Fraction of ``images`` the classifier assigns to the requested ``labels``."""
-    if len(images) != len(labels):
-        raise ValueError(f"got {len(images)} images but {len(labels)} labels")
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        predicted = classifier(images[start : start + batch_size]).argmax(1).cpu()
-        correct += int((predicted == labels[start : start + batch_size].cpu()).sum())
-    return correct / len(images)
-
-
-@torch.no_grad()
 def digit_feature_stats(classifier: DigitClassifier, images: Tensor, batch_size: int = 256) -> FeatureStats:
     """Streaming Gaussian statistics of the classifier's penultimate features (as for FID)."""
-    stats = FeatureStats(classifier.config.feature_dim)
-    for start in range(0, len(images), batch_size):
-        stats.update(classifier.features(images[start : start + batch_size]))
-    return stats
+    return feature_stats(classifier, images, batch_size)
 
 
 def digit_frechet_distance(

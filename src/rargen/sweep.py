@@ -3,8 +3,9 @@
 Papers pick the guidance scale on a smaller sample count (e.g. 10k images) before the 50k
 evaluation. ``sweep`` does that: every (scale, temperature) pair is sampled class-balanced with
 ``rargen.sample_images.sample_to_folder`` and scored either with the ADM metrics
-(``rargen.evaluate``: a reference batch and Inception weights) or, for the embedded digits, with
-rargen's digit classifier (class accuracy and Fréchet distance in its features).
+(``rargen.evaluate``: a reference batch and Inception weights) or with a classifier of the data
+(``rargen.classifier``, ``rargen train-classifier``): class accuracy and Fréchet distance in its
+features to its held-out split. A classifier that does not fit the generator is refused first.
 """
 
 from __future__ import annotations
@@ -17,24 +18,38 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from rargen.sampling import SampleConfig
 
 
 def score_with_classifier(samples: Path, classifier_path: str | os.PathLike) -> dict[str, float]:
-    """Class accuracy and Fréchet distance (classifier features, vs held-out digits) of a samples.npz."""
-    from rargen.checkpoint import load
-    from rargen.digits import classifier_accuracy, digit_frechet_distance
+    """Class accuracy and Fréchet distance (classifier features, vs its held-out split) of a samples.npz."""
+    from rargen.classifier import load_scorer, score_samples
 
-    classifier = load(classifier_path)
-    with np.load(samples) as data:
-        images = torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2).float() / 255.0
-        labels = torch.from_numpy(data["labels"]).long()
-    return {
-        "class_accuracy": classifier_accuracy(classifier, images, labels),
-        "frechet_distance": digit_frechet_distance(classifier, images),
-    }
+    return score_samples(samples, load_scorer(classifier_path))
+
+
+def check_classifier_for(scorer: Any, checkpoint: str | os.PathLike, tokenizer: str | os.PathLike) -> None:
+    """Refuse, before any sampling, a classifier whose classes, image size or channels are not those
+    of the generator (class names, or count) and tokenizer (its training size and channels)."""
+    from rargen.checkpoint import read_record
+    from rargen.classifier import check_matches
+
+    record = read_record(checkpoint)
+    names = record.get("extra", {}).get("class_names")
+    what = f"the generator {str(checkpoint)!r}"
+    check_matches(scorer, what=what, class_names=names, num_classes=record["config"]["num_classes"])
+    if Path(tokenizer).is_dir():  # official files and released names are checked on the samples
+        from rargen.checkpoint import load
+
+        model = load(tokenizer, verify=False)
+        size = getattr(getattr(model, "config", None), "image_size", None)
+        shape = model.token_shape(size, size) if size and hasattr(model, "token_shape") else ()
+        if int(np.prod(shape)) != record["config"]["num_image_tokens"]:
+            size = None  # tokenized at another size: the samples' own size is checked after sampling
+        channels = getattr(model, "checkpoint_extra", {}).get("image_channels")
+        what = f"the tokenizer {str(tokenizer)!r}"
+        check_matches(scorer, what=what, image_size=size, image_channels=channels)
 
 
 def sweep(
@@ -58,9 +73,18 @@ def sweep(
     from rargen.sample_images import class_balanced_labels, sample_to_folder
 
     if classifier is None and (reference is None or inception is None):
-        raise ValueError("score with --reference and --inception (ADM metrics) or with --classifier (digits)")
+        raise ValueError(
+            "score with --reference and --inception (ADM metrics) or with --classifier DIR "
+            "(rargen train-classifier)"
+        )
     out = Path(out)
     labels = class_balanced_labels(read_record(checkpoint)["config"]["num_classes"], per_class)
+    scorer = None
+    if classifier is not None:
+        from rargen.classifier import load_scorer, score_samples
+
+        scorer = load_scorer(classifier)
+        check_classifier_for(scorer, checkpoint, tokenizer)
     rows = []
     for scale, temperature in itertools.product(cfg_scales, temperatures):
         config = SampleConfig(cfg_scale=scale, cfg_power=cfg_power, temperature=temperature)
@@ -68,8 +92,8 @@ def sweep(
         npz = sample_to_folder(
             checkpoint, tokenizer, labels, config, folder, seed=seed, batch_size=batch_size, progress=progress
         )
-        if classifier is not None:
-            scores = score_with_classifier(npz, classifier)
+        if scorer is not None:
+            scores = score_samples(npz, scorer)
         else:
             from rargen.evaluate import evaluate
 
