@@ -182,5 +182,8 @@ def test_grey_tokenizer_gives_grey_samples(tmp_path) -> None:
     assert main([*argv, "--out", str(tmp_path / "s")]) == 0
     assert Image.open(tmp_path / "s" / "images" / "000000.png").mode == "L"
     arr = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
-    assert arr.shape[-1] == 3 and (arr == arr[..., :1]).all()  # equal channels
+    assert arr.shape == (3, 8, 8, 1)  # one channel, as the PNGs and the grid
+    pngs = [np.asarray(Image.open(tmp_path / "s" / "images" / f"{i:06d}.png")) for i in range(3)]
+    np.testing.assert_array_equal(arr[..., 0], np.stack(pngs))
+    assert Image.open(tmp_path / "s" / "grid.png").mode == "L"
     assert json.loads((tmp_path / "s" / "meta.json").read_text())["image_channels"] == 1

@@ -94,6 +94,23 @@ def test_generate_returns_the_sampled_images_as_pngs_with_their_settings(pair):
     assert not np.array_equal(expected[0], expected[1])
 
 
+def test_a_grey_tokenizer_gives_grey_pngs(pair, tmp_path):
+    """A tokenizer trained on grey data (image_channels 1) is served as 1-channel PNGs: the mean of
+    the decoded channels, as rargen sample writes them."""
+    from rargen.checkpoint import save
+
+    save(load(pair[1]), tmp_path / "grey", extra={"image_channels": 1})
+    with running_server((pair[0], tmp_path / "grey")) as server:
+        status, body, _ = request(server, "POST", "/generate", {"class": 3, "seed": 42, "batch_size": 2})
+    assert status == 200, body
+    rgb = reference_pixels(pair, 3, 42, 2, SampleConfig()).astype(np.float64) / 255
+    for i, image in enumerate(body["images"]):
+        png = decode_png(image["png"])
+        assert png.mode == "L" and png.size == (16, 16)
+        expected = np.round(rgb[i].mean(-1) * 255)  # mean of the rounded channels, within one level
+        assert np.abs(np.asarray(png).astype(np.int64) - expected).max() <= 1
+
+
 def test_a_class_can_be_named_and_images_do_not_depend_on_the_batch_size(pair):
     with running_server(pair) as server:
         _, by_name, _ = request(server, "POST", "/generate", {"class": "Seven", "seed": 9, "batch_size": 2})

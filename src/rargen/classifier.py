@@ -404,7 +404,7 @@ def check_matches(
         )
 
 
-def score_images(scorer: Scorer, images: Tensor, labels: Tensor) -> dict[str, float]:
+def score_images(scorer: Scorer, images: Tensor, labels: Tensor) -> dict[str, Any]:
     """Class accuracy and Fréchet distance (classifier features, vs the held-out split) of images."""
     if len(images) < 2:
         raise ValueError(f"scoring needs at least 2 samples for a covariance, got {len(images)}")
@@ -412,6 +412,7 @@ def score_images(scorer: Scorer, images: Tensor, labels: Tensor) -> dict[str, fl
     return {
         "class_accuracy": classifier_accuracy(scorer.classifier, images, labels),
         "frechet_distance": frechet_distance(ours, scorer.heldout),
+        "num_samples": len(images),
     }
 
 
@@ -439,7 +440,7 @@ def read_samples(samples: str | os.PathLike) -> tuple[Tensor, Tensor, dict[str, 
     return images, torch.from_numpy(labels).long().reshape(-1), meta
 
 
-def score_samples(samples: str | os.PathLike, scorer: Scorer) -> dict[str, float]:
+def score_samples(samples: str | os.PathLike, scorer: Scorer) -> dict[str, Any]:
     """Score a ``samples.npz`` (checked against the classifier first: classes, size, channels)."""
     images, labels, meta = read_samples(samples)
     if len(labels) != len(images):
@@ -459,3 +460,31 @@ def score_samples(samples: str | os.PathLike, scorer: Scorer) -> dict[str, float
         image_size=images.shape[-1], image_channels=images.shape[1],
     )  # fmt: skip
     return score_images(scorer, images, labels)
+
+
+def evaluate_with_classifier(
+    samples: str | os.PathLike, classifier: str | os.PathLike, out: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """``rargen evaluate --classifier``: the scores of a samples.npz, written to ``out`` (default
+    ``metrics.json`` beside the samples) with what was scored against what."""
+    from rargen.checkpoint import checkpoint_hash
+
+    scorer = load_scorer(classifier)
+    result: dict[str, Any] = score_samples(samples, scorer)
+    result["record"] = {
+        "samples": str(samples),
+        "classifier": str(classifier),
+        "classifier_sha256": checkpoint_hash(classifier),
+        "class_names": list(scorer.class_names),
+        "reference": "the classifier's held-out split",
+    }
+    out = Path(out) if out is not None else Path(samples).parent / "metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_scores(result: dict[str, Any]) -> str:
+    """One line per score, as printed by ``rargen evaluate --classifier``."""
+    accuracy, distance = result["class_accuracy"], result["frechet_distance"]
+    return f"class accuracy    {accuracy:.4f}\nFréchet distance  {distance:.4f}"

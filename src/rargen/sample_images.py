@@ -63,14 +63,16 @@ def save_grid(
     shown = classes[:max_classes]
     rows = {c: [i for i, label in enumerate(labels) if label == c][:max_per_class] for c in shown}
     cols = max(len(members) for members in rows.values())
-    _, h, w, _ = images.shape
-    grid = Image.new("RGB", (GRID_LABEL_WIDTH + cols * w, len(shown) * h), "white")
+    _, h, w, channels = images.shape
+    grey = channels == 1  # a grey grid for grey samples
+    grid = Image.new("L" if grey else "RGB", (GRID_LABEL_WIDTH + cols * w, len(shown) * h), "white")
     draw = ImageDraw.Draw(grid)
     for row, c in enumerate(shown):
         text = names[c] if names and c < len(names) else str(c)
         draw.text((2, row * h + max(0, h // 2 - 6)), text[:8], fill="black")
         for col, i in enumerate(rows[c]):
-            grid.paste(Image.fromarray(images[i]).convert("RGB"), (GRID_LABEL_WIDTH + col * w, row * h))
+            tile = Image.fromarray(images[i][..., 0] if grey else images[i])
+            grid.paste(tile.convert(grid.mode), (GRID_LABEL_WIDTH + col * w, row * h))
     grid.save(path)
     notes = []
     if len(classes) > len(shown):
@@ -141,9 +143,12 @@ def sample_to_folder(
         torch.distributed.barrier()
     npz = out / "samples.npz"
     if rank == 0:
-        # samples.npz stays (N, H, W, 3) (ADM's layout, what the scorers read); grey ones have equal channels.
+        # samples.npz is (N, H, W, 3) (ADM's layout), or (N, H, W, 1) for a grey tokenizer: the
+        # scorers take both (rargen evaluate repeats grey to RGB for the Inception network).
         pngs = [out / "images" / f"{i:06d}.png" for i in range(len(labels))]
-        arr = np.stack([np.asarray(Image.open(png).convert("RGB")) for png in pngs])
+        mode = "L" if channels == 1 else "RGB"
+        arr = np.stack([np.asarray(Image.open(png).convert(mode)) for png in pngs])
+        arr = arr[..., None] if channels == 1 else arr
         np.savez(npz, arr_0=arr, labels=np.asarray(labels, dtype=np.int64))
         names = getattr(model, "checkpoint_extra", {}).get("class_names")
         grid_note = save_grid(arr, labels, names, out / "grid.png")

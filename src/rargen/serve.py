@@ -197,6 +197,8 @@ class Engine:
             raise ValueError(f"the checkpoint has {len(names)} class names for {cfg.num_classes} classes")
         self.class_names: list[str] | None = [str(n) for n in names] if names is not None else None
         self.checkpoint = checkpoint or {}
+        # A tokenizer trained on grey data (image_channels 1) gives grey PNGs, as rargen sample does.
+        self.grey = int(getattr(tokenizer, "checkpoint_extra", {}).get("image_channels", 3)) == 1
         with torch.inference_mode():
             probe = self.tokenizer.decode(probe_codes.to(config.device))
         self.image_size = (int(probe.shape[-2]), int(probe.shape[-1]))
@@ -380,6 +382,8 @@ class Engine:
             codes[:, rows_done:] = codes[:, max(rows_done - 1, 0)][:, None] if rows_done else 0
         with torch.inference_mode():
             images = self.tokenizer.decode(codes).float().clamp(0, 1)
+            if self.grey:
+                images = images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
             if partial:
                 images[:, :, rows_done * images.shape[2] // h :] = GREY
         return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
@@ -399,7 +403,8 @@ class Engine:
                 info = PngInfo()
                 for key, value in self.png_text(request, index).items():
                     info.add_text(key, value)
-            Image.fromarray(pixels.numpy()).save(buffer, format="PNG", pnginfo=info)
+            picture = Image.fromarray(pixels.numpy())
+            (picture.convert("L") if self.grey else picture).save(buffer, format="PNG", pnginfo=info)
             encoded = base64.b64encode(buffer.getvalue()).decode()
             if request is None:
                 out.append(encoded)

@@ -22,7 +22,7 @@ import numpy as np
 from rargen.sampling import SampleConfig
 
 
-def score_with_classifier(samples: Path, classifier_path: str | os.PathLike) -> dict[str, float]:
+def score_with_classifier(samples: Path, classifier_path: str | os.PathLike) -> dict[str, Any]:
     """Class accuracy and Fréchet distance (classifier features, vs its held-out split) of a samples.npz."""
     from rargen.classifier import load_scorer, score_samples
 
