@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from rargen.inception import POOL_DIM, SPATIAL_DIM, FIDInception, load_inception
 from rargen.metrics import (
@@ -31,6 +30,7 @@ from rargen.metrics import (
     open_image_batch,
     precision_recall,
 )
+from rargen.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def inception_features(
     """Run ``net`` over uint8 (B, H, W, 3) image batches, streaming the Gaussian statistics."""
     pool_stats, spatial_stats = FeatureStats(POOL_DIM), FeatureStats(SPATIAL_DIM)
     pools, logits = [], []
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+    with progress_bar(total=total, desc=desc, unit="img", enabled=progress) as bar:
         for batch in batches:
             images = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2)
             out = net(images)

@@ -360,7 +360,7 @@ def url_download(
 
 
 def _http_get_resumable(url: str, part: Path, name: str) -> None:
-    from tqdm import tqdm
+    from rargen.progress import progress_bar
 
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -379,7 +379,7 @@ def _http_get_resumable(url: str, part: Path, name: str) -> None:
         received = have
         with (
             open(part, mode) as f,
-            tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=name) as bar,
+            progress_bar(total=total, initial=have, unit="B", unit_scale=True, desc=name) as bar,
         ):
             while block := response.read(1 << 20):
                 f.write(block)

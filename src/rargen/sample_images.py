@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from rargen.decoding import prepare_for_decoding
+from rargen.progress import progress_bar
 from rargen.sampling import SampleConfig, generate_images, sample_seed
 
 
@@ -107,8 +108,6 @@ def sample_to_folder(
     progress: bool = True,
 ) -> Path:
     """Sample one image per entry of ``labels`` into ``out`` and return the npz path (rank 0)."""
-    from tqdm import tqdm
-
     from rargen import __version__
     from rargen.checkpoint import checkpoint_hash, load
 
@@ -130,7 +129,7 @@ def sample_to_folder(
     (out / "images").mkdir(parents=True, exist_ok=True)
     chunks = [range(a, min(a + batch_size, len(labels))) for a in range(0, len(labels), batch_size)]
     mine = chunks[rank::world]
-    for chunk in tqdm(mine, desc=f"sampling (rank {rank})", disable=not progress):
+    for chunk in progress_bar(mine, desc=f"sampling (rank {rank})", unit="batch", enabled=progress):
         batch_labels = torch.tensor([labels[i] for i in chunk], device=device)
         seeds = [sample_seed(seed, i) for i in chunk]
         images = generate_images(decoder, tokenizer, batch_labels, config, seeds=seeds)

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -350,12 +349,11 @@ def pretokenize(
 
     todo = [i for i in range(rank, plan["num_shards"], world_size) if not _shard_done(out, i)]
     total = sum(min(shard_size, num_source - i * shard_size) for i in todo)
-    from tqdm import tqdm
+    from rargen.progress import progress_bar
 
-    on_terminal = progress and sys.stderr.isatty()  # no carriage returns in a log file
-    bar = tqdm(
-        total=total, unit="img", desc=f"pretokenize rank {rank}", disable=not on_terminal, smoothing=0.1
-    )
+    # A bar on a terminal, plain periodic lines in a log file (no carriage returns).
+    desc = f"pretokenize rank {rank}"
+    bar = progress_bar(total=total, unit="img", desc=desc, enabled=progress, smoothing=0.1)
     with ThreadPoolExecutor(num_workers) as pool:
         for shard in todo:
             _remove_stale_temporaries(out, shard)

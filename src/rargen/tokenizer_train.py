@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,6 +220,8 @@ def train_tokenizer(
     """
     from tqdm import tqdm
 
+    from rargen.progress import on_terminal
+
     train_config = train_config or TokenizerTrainConfig()
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT_DIR
@@ -283,7 +284,7 @@ def train_tokenizer(
         range(start_step, train_config.steps),
         initial=start_step,
         total=train_config.steps,
-        disable=not (progress and sys.stderr.isatty()),  # no carriage returns in a log file
+        disable=not (progress and on_terminal()),  # plain lines at log steps in a log file (below)
         desc="tokenizer",
     )
     end = train_config.steps if stop_after is None else min(stop_after, train_config.steps)

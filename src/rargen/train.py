@@ -31,7 +31,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -414,11 +413,13 @@ def train(
     run_began = time.perf_counter()
     from tqdm import tqdm
 
-    on_terminal = sys.stderr.isatty()  # a log file gets plain lines at log steps, no carriage returns
+    from rargen.progress import on_terminal
+
+    terminal = on_terminal()  # a log file gets plain lines at log steps, no carriage returns
     bar = tqdm(
         total=config.steps,
         initial=start,
-        disable=not (progress and env.is_main and on_terminal),
+        disable=not (progress and env.is_main and terminal),
         unit="step",
         dynamic_ncols=True,
     )
@@ -487,7 +488,7 @@ def train(
                     "seconds_per_step": elapsed / window_steps,
                 }
                 logger.log(row)
-                if progress and env.is_main and not on_terminal:
+                if progress and env.is_main and not terminal:
                     print(
                         f"step {done}/{config.steps} loss {row['loss']:.4f} acc {row['accuracy']:.3f} "
                         f"lr {lr:.2e} {row['seconds_per_step']:.3f} s/step",

@@ -1,0 +1,156 @@
+"""rargen train-classifier and scoring with it: any labelled folder, size and channel count."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rargen.checkpoint import load, read_record
+from rargen.classifier import (
+    HELDOUT_STATS_NAME,
+    ImageClassifier,
+    ImageClassifierConfig,
+    check_matches,
+    feature_stats,
+    load_scorer,
+    score_samples,
+)
+from rargen.cli import main
+from rargen.metrics import frechet_distance
+from rargen.progress import PlainProgress, progress_bar
+from rargen.sources import FolderSource, read_images, stratified_split
+
+
+def shapes_folder(root, classes=3, per_class=12, size=12, corrupt=True):
+    """Grey images: class c is a bright square at corner c on a dark noisy background."""
+    rng = np.random.default_rng(0)
+    half = size // 2
+    for c in range(classes):
+        folder = root / f"shape_{c}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            image = rng.integers(0, 60, (size, size)).astype(np.uint8)
+            y, x = divmod(c % 4, 2)
+            image[y * half : (y + 1) * half, x * half : (x + 1) * half] = 200 + rng.integers(0, 50)
+            Image.fromarray(image, mode="L").save(folder / f"{i:03d}.png")
+    if corrupt:
+        (root / "shape_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clf")
+    data = shapes_folder(root / "data")
+    args = ["train-classifier", "--data", str(data), "--out", str(root / "clf"), "--epochs", "40",
+            "--heldout-fraction", "0.25", "--feature-dim", "8", "--threads", "1"]  # fmt: skip
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert main(args) == 0
+    return root, data, out.getvalue()
+
+
+def test_train_classifier_writes_a_self_describing_folder(trained):
+    root, data, printed = trained
+    assert "read 36 image(s), skipped 1" in printed and "shape_0/broken.png" in printed
+    record = read_record(root / "clf")
+    assert record["kind"] == "image-classifier"
+    assert record["config"]["image_size"] == 12 and record["config"]["image_channels"] == 1
+    assert record["config"]["num_classes"] == 3
+    extra = record["extra"]
+    assert extra["class_names"] == ["shape_0", "shape_1", "shape_2"]
+    assert (extra["num_train"], extra["num_heldout"]) == (27, 9)  # 3 of each class held out
+    assert f"held-out accuracy {extra['heldout_accuracy']:.2%}" in printed
+    assert extra["heldout_accuracy"] == 1.0  # the squares are far apart: an easy task
+    assert json.loads((root / "clf" / "report.json").read_text()) == extra
+
+    # The held-out split is the seeded stratified one, and its statistics are the stored ones.
+    source = FolderSource(data)
+    images, labels, _, _ = read_images(source, 12)
+    _, heldout = stratified_split(labels, 0.25, seed=0)
+    classifier = load(root / "clf")
+    assert isinstance(classifier, ImageClassifier)
+    held = torch.from_numpy(images[heldout][..., :1]).permute(0, 3, 1, 2).float() / 255
+    scorer = load_scorer(root / "clf")
+    assert frechet_distance(feature_stats(classifier, held).gaussian(), scorer.heldout) == pytest.approx(
+        0.0, abs=1e-6
+    )
+    assert (root / "clf" / HELDOUT_STATS_NAME).is_file()
+
+
+def _samples(folder, images, labels, class_names=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "samples.npz", arr_0=images, labels=np.asarray(labels))
+    if class_names is not None:
+        (folder / "meta.json").write_text(json.dumps({"class_names": class_names}))
+    return folder / "samples.npz"
+
+
+def test_evaluate_with_the_classifier_scores_real_and_wrong_samples(trained, tmp_path, capsys):
+    root, data, _ = trained
+    source = FolderSource(data)
+    images, labels, _, _ = read_images(source, 12)
+    names = ["shape_0", "shape_1", "shape_2"]
+    real = _samples(tmp_path / "real", images[..., :1], labels, names)  # grey, one channel
+    assert main(["evaluate", str(real), "--classifier", str(root / "clf")]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "real" / "metrics.json").read_text())
+    assert metrics["class_accuracy"] == 1.0 and f"{metrics['frechet_distance']:.4f}" in printed
+    assert metrics["record"]["class_names"] == names and metrics["num_samples"] == 36
+    # RGB samples of grey data score the same as the grey ones.
+    rgb = score_samples(_samples(tmp_path / "rgb", images, labels), load_scorer(root / "clf"))
+    assert rgb["class_accuracy"] == 1.0
+    assert rgb["frechet_distance"] == pytest.approx(metrics["frechet_distance"], rel=1e-5)
+    # Wrong labels are counted wrong; noise is far from the held-out features.
+    wrong = score_samples(_samples(tmp_path / "w", images, (labels + 1) % 3), load_scorer(root / "clf"))
+    assert wrong["class_accuracy"] == 0.0
+    noise = np.random.default_rng(1).integers(0, 256, (36, 12, 12, 1)).astype(np.uint8)
+    far = score_samples(_samples(tmp_path / "n", noise, labels), load_scorer(root / "clf"))
+    assert far["frechet_distance"] > 10 * metrics["frechet_distance"]
+
+
+def test_a_classifier_that_does_not_fit_is_refused_naming_both_values(trained, tmp_path, capsys):
+    root, _, _ = trained
+    scorer = load_scorer(root / "clf")
+    with pytest.raises(ValueError, match=r"shape_0.*but the generator 'g' has the classes \['cat'"):
+        check_matches(scorer, what="the generator 'g'", class_names=["cat", "dog", "owl"])
+    with pytest.raises(ValueError, match="has 3 classes but the generator 'g' has 10"):
+        check_matches(scorer, what="the generator 'g'", num_classes=10)
+    with pytest.raises(ValueError, match="takes 12 px images but the tokenizer 't' gives 32 px"):
+        check_matches(scorer, what="the tokenizer 't'", image_size=32)
+    samples = _samples(tmp_path / "big", np.zeros((4, 16, 16, 1), np.uint8), [0, 1, 2, 0])
+    assert main(["evaluate", str(samples), "--classifier", str(root / "clf")]) == 2
+    assert "takes 12 px images but the samples" in capsys.readouterr().err
+    samples = _samples(tmp_path / "names", np.zeros((4, 12, 12, 1), np.uint8), [0, 1, 2, 0], ["a", "b", "c"])
+    assert main(["evaluate", str(samples), "--classifier", str(root / "clf")]) == 2
+    assert "has the classes ['a', 'b', 'c']" in capsys.readouterr().err
+    # An RGB classifier refuses grey samples.
+    rgb = ImageClassifier(ImageClassifierConfig(image_size=12, channels=(4,), feature_dim=4, num_classes=3))
+    with pytest.raises(ValueError, match=r"\(N, 3, 12, 12\)"):
+        rgb(torch.zeros(2, 1, 12, 12))
+
+
+def test_the_classifier_takes_any_size():
+    """28 px images (not divisible by 2**3) work: the pooling rounds up (28 -> 14 -> 7 -> 4)."""
+    model = ImageClassifier(ImageClassifierConfig(image_size=28, image_channels=1, num_classes=4))
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 4)
+    assert model.hidden.in_features == 32 * 4 * 4
+    with pytest.raises(ValueError, match="image_channels must be 1"):
+        ImageClassifierConfig(image_channels=2)
+
+
+def test_plain_progress_writes_whole_lines_not_carriage_returns(capsys):
+    bar = progress_bar(range(3), desc="sampling", unit="batch")  # stderr is captured: not a terminal
+    assert isinstance(bar, PlainProgress)
+    assert list(bar) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.rstrip().splitlines()[-1].startswith("sampling: 3/3 (100%) batch")
+    with progress_bar(total=10, desc="quiet", enabled=False) as silent:
+        silent.update(10)
+    assert capsys.readouterr().err == ""
