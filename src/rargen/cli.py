@@ -447,7 +447,7 @@ def _evaluate_command(subparsers: argparse._SubParsersAction) -> None:
         "class accuracy and Fréchet distance with a classifier of your data (--classifier)",
         description="ADM-compatible sample metrics with a PyTorch port of the FID Inception (no TensorFlow).",
     )
-    parser.add_argument("samples", help="samples .npz (arr_0: uint8 N x H x W x 3)")
+    parser.add_argument("samples", help="samples .npz (arr_0: uint8 N x H x W x 3, or x 1 for grey)")
     parser.add_argument(
         "--reference",
         default=None,
