@@ -53,17 +53,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="runs/own-data", help="working folder (made fresh)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--train-steps", type=int, default=None, help="append --steps N to rargen train (a shorter run)"
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="skip train-tokenizer / pretokenize when their output exists"
+    )
     args = parser.parse_args()
     from rargen.cli import main as rargen
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    write_folder(work / "my_images")
+    if not (args.reuse and (work / "my_images").exists()):
+        write_folder(work / "my_images")
     os.chdir(work)
     times = []
     for argv in readme_commands():
+        out = argv[argv.index("--out") + 1] if "--out" in argv else None
+        if args.reuse and argv[1] in ("train-tokenizer", "pretokenize") and out and Path(out).exists():
+            times.append((f"{argv[1]} (reused)", float("nan")))
+            continue
+        extra = ["--steps", str(args.train_steps)] if argv[1] == "train" and args.train_steps else []
         began = time.perf_counter()
-        code = rargen([*argv[1:], "--threads", str(args.threads)])
+        code = rargen([*argv[1:], *extra, "--threads", str(args.threads)])
         times.append((argv[1], time.perf_counter() - began))
         if code != 0:
             raise SystemExit(f"{shlex.join(argv)} exited with {code}")
@@ -73,7 +85,7 @@ def main() -> None:
     print("\n| command | seconds |\n| --- | --- |")
     for name, seconds in times:
         print(f"| rargen {name} | {seconds:.0f} |")
-    print(f"| total | {sum(s for _, s in times):.0f} |")
+    print(f"| total | {sum(s for _, s in times if s == s):.0f} |")
     print("\n| images | class accuracy | Fréchet distance (classifier features, vs held-out) |")
     print("| --- | --- | --- |")
     baseline = clf["train_vs_heldout_frechet"]

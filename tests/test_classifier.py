@@ -154,3 +154,24 @@ def test_plain_progress_writes_whole_lines_not_carriage_returns(capsys):
     with progress_bar(total=10, desc="quiet", enabled=False) as silent:
         silent.update(10)
     assert capsys.readouterr().err == ""
+
+
+def test_sweep_refuses_a_classifier_of_other_classes_before_sampling(trained, tmp_path, capsys):
+    from rargen.checkpoint import save
+    from rargen.model import RAR, ModelConfig
+    from test_sample_cli import TinyTokenizer, TinyTokenizerConfig
+
+    root, _, _ = trained
+    model = RAR(ModelConfig.from_name("rar-tiny", num_classes=3))
+    save(model, tmp_path / "gen", extra={"class_names": ["cat", "dog", "owl"]})
+    save(TinyTokenizer(TinyTokenizerConfig()), tmp_path / "tok")
+    argv = ["sweep", str(tmp_path / "gen"), "--tokenizer", str(tmp_path / "tok"), "--cfg-scales", "1",
+            "--per-class", "2", "--classifier", str(root / "clf"), "--out", str(tmp_path / "s")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "['shape_0', 'shape_1', 'shape_2']" in err and "['cat', 'dog', 'owl']" in err
+    assert not (tmp_path / "s").exists()  # refused before any sampling
+    # The same classes, but images of another size than the classifier's 12 px: refused too.
+    save(model, tmp_path / "gen", extra={"class_names": ["shape_0", "shape_1", "shape_2"]})
+    assert main(argv) == 2
+    assert "takes 12 px images but the samples" in capsys.readouterr().err

@@ -60,6 +60,17 @@ def test_evaluate_cli_matches_direct_metric_computation(tmp_path, capsys):
     assert record["reference_statistics"] == "computed"
     assert "FID" in capsys.readouterr().out
 
+    # Grey samples (N, H, W, 1), as rargen sample writes for a grey tokenizer, are the same images
+    # to the Inception network as their channels repeated to RGB.
+    for name, images in (("grey", samples[..., :1]), ("repeated", np.repeat(samples[..., :1], 3, axis=-1))):
+        np.savez(tmp_path / f"{name}.npz", arr_0=images, labels=np.arange(6))
+        args = ["evaluate", str(tmp_path / f"{name}.npz"), "--reference", str(tmp_path / "ref.npz")]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert main([*args, "--inception", str(weights), "--out", str(tmp_path / f"{name}.json")]) == 0
+    grey, repeated = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("grey", "repeated"))
+    assert grey["fid"] == repeated["fid"] and grey["record"]["sample_shape"] == [24, 24, 1]
+
 
 def test_evaluate_reports_bad_inputs(tmp_path, capsys):
     np.savez(tmp_path / "samples.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
