@@ -130,6 +130,8 @@ def test_a_classifier_that_does_not_fit_is_refused_naming_both_values(trained, t
     samples = _samples(tmp_path / "names", np.zeros((4, 12, 12, 1), np.uint8), [0, 1, 2, 0], ["a", "b", "c"])
     assert main(["evaluate", str(samples), "--classifier", str(root / "clf")]) == 2
     assert "has the classes ['a', 'b', 'c']" in capsys.readouterr().err
+    assert main(["evaluate", str(samples)]) == 2  # neither scorer
+    assert "--reference REF (ADM metrics) or --classifier DIR" in capsys.readouterr().err
     # An RGB classifier refuses grey samples.
     rgb = ImageClassifier(ImageClassifierConfig(image_size=12, channels=(4,), feature_dim=4, num_classes=3))
     with pytest.raises(ValueError, match=r"\(N, 3, 12, 12\)"):
