@@ -394,20 +394,28 @@ def generate(
     seeds: Sequence[int] | None = None,
     bf16: bool = False,
     compile: bool = False,
+    speculate: int = 0,
 ) -> Tensor:
     """Sample tokens (B, L) int64 in raster order for class ``labels`` (B,).
 
     Randomness: ``seeds`` (one int per sample: batch-split invariant) or ``generator``.
     ``model``: a RAR (prepared here, on every call) or ``prepare_for_decoding(model)`` made once.
     ``bf16`` runs a bf16 model (weights and activations; guidance in float32); ``compile``
-    compiles the decode step (CUDA graphs on GPU).
+    compiles the decode step (CUDA graphs on GPU). ``speculate=K`` verifies K draft tokens per
+    forward pass (``rargen.speculative``: the same distribution, fewer passes; 0 = off).
     """
+    if not isinstance(speculate, int) or isinstance(speculate, bool) or speculate < 0:
+        raise ValueError(f"speculate must be an int >= 0 (0 = off), got {speculate!r}")
     decoder = _decoder(model, bf16, compile)
     labels = _labels(decoder, labels)
     cfg, device = decoder.model.config, decoder.model.device
     noise = draw_noise((len(labels), cfg.num_image_tokens, cfg.codebook_size), device, generator, seeds)
     if not labels:
         return torch.empty(0, cfg.num_image_tokens, dtype=torch.int64, device=device)
+    if speculate:
+        from rargen.speculative import generate_speculative  # it builds on this module
+
+        return generate_speculative(decoder, labels, config, noise, speculate)[0]
     with torch.inference_mode():
         sampler = Sampler(decoder, len(labels), guided=config.guided, conditions=_conditions(labels, config))
         samples = sampler.add(labels, config, noise=noise)
