@@ -147,3 +147,22 @@ def test_trained_model_log_likelihood_agrees(trained: RAR) -> None:
 def test_bad_speculate_raises(tiny_model: RAR) -> None:
     with pytest.raises(ValueError, match="speculate must be an int >= 0"):
         generate(tiny_model, [1], SampleConfig(), speculate=-1)
+
+
+def test_sample_command_speculate_gives_the_plain_images(tmp_path) -> None:
+    """``rargen sample --speculate K``: the images of plain sampling with the same seed."""
+    from rargen.checkpoint import save
+    from rargen.cli import main
+    from test_sample_cli import TinyTokenizer, TinyTokenizerConfig
+
+    save(
+        randomize(RAR(ModelConfig.from_name("rar-tiny", dropout=0.0, attn_dropout=0.0))).eval(),
+        tmp_path / "gen",
+    )
+    save(TinyTokenizer(TinyTokenizerConfig()), tmp_path / "tok")
+    common = ["sample", str(tmp_path / "gen"), "--tokenizer", str(tmp_path / "tok"), "--per-class", "1"]
+    common += ["--cfg-scale", "3", "--cfg-power", "1", "--top-k", "8", "--seed", "2", "--batch-size", "4"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--out", str(tmp_path / "spec"), "--speculate", "5"]) == 0
+    plain, spec = (np.load(tmp_path / name / "samples.npz")["arr_0"] for name in ("plain", "spec"))
+    assert np.array_equal(plain, spec)

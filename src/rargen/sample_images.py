@@ -102,9 +102,11 @@ def sample_to_folder(
     batch_size: int = 16,
     bf16: bool = False,
     compile: bool = False,
+    speculate: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Sample one image per entry of ``labels`` into ``out`` and return the npz path (rank 0)."""
+    """Sample one image per entry of ``labels`` into ``out`` and return the npz path (rank 0).
+    ``speculate``: draft tokens verified per pass (``rargen.speculative``; same distribution)."""
     from tqdm import tqdm
 
     from rargen import __version__
@@ -131,7 +133,7 @@ def sample_to_folder(
     for chunk in tqdm(mine, desc=f"sampling (rank {rank})", disable=not progress):
         batch_labels = torch.tensor([labels[i] for i in chunk], device=device)
         seeds = [sample_seed(seed, i) for i in chunk]
-        images = generate_images(decoder, tokenizer, batch_labels, config, seeds=seeds)
+        images = generate_images(decoder, tokenizer, batch_labels, config, seeds=seeds, speculate=speculate)
         if channels == 1:
             images = images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
         for i, image in zip(chunk, to_uint8(images), strict=True):
