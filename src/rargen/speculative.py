@@ -84,6 +84,25 @@ class _Modulations:
         self.model, self.chunk = model, chunk
         self.labels = list(labels)  # condition index -> label
         self.tables: dict[tuple[int, int], Tensor] = {}
+        self.full = None
+        positions = model.config.num_image_tokens + 1  # sequence indices 0 .. L
+        if chunk >= positions:  # every condition's whole table fits the budget: one gather per pass
+            device = model.device
+            self.full = model.decode_modulations(
+                torch.tensor(self.labels, device=device).repeat_interleave(positions),
+                torch.arange(positions, device=device).repeat(len(self.labels)),
+            ).unflatten(0, (len(self.labels), positions))
+
+    def gather(self, conditions: Tensor, positions: Tensor, groups, row_condition: Tensor) -> Tensor:
+        """Modulations (M, 6 * depth + 2, D) of the fed positions (``conditions``, ``positions``
+        (M,)), listed group by group as ``_window_pass`` takes them."""
+        if self.full is not None:
+            return self.full[conditions, positions]
+        parts = []
+        for rows, first, length in groups:
+            for c in row_condition[rows].tolist():
+                parts.append(self.span(c, first, length))
+        return torch.cat(parts)
 
     def span(self, condition: int, first: int, length: int) -> Tensor:
         """Modulations (length, 6 * depth + 2, D) of sequence indices ``first ..``."""
@@ -209,56 +228,65 @@ def generate_speculative(
         tokens[:, 0] = sample_from_logits(first, noise=noise[:, 0])
         reach[:] = 1
         conditions = sorted(set(row_labels))
-        condition_of = torch.tensor([conditions.index(x) for x in row_labels]).view(B, per)
+        row_condition = torch.tensor([conditions.index(x) for x in row_labels], device=device)
         modulations = _Modulations(model, conditions, decoder.modulation_chunk(len(conditions)))
+        all_rows = torch.arange(B, device=device)
         while bool((done < L).any()):
             passes += 1
-            groups, plans = [], []
-            feed, seq, rows, mods = [], [], [], []
-            for t in done[done < L].unique().tolist():  # samples at one progress: one window shape
-                members = (done == t).nonzero()[:, 0]
-                n, length = members.shape[0], min(speculate + 1, L - t)
-                sample_passes += n
-                on = members.to(device)
-                for j in range(t, t + length - 1):  # drafts never predicted yet: a guess
-                    fresh = members[reach[members] <= j]
-                    if fresh.numel():
-                        src = tokens[fresh.to(device), j - above if j >= above else j - 1]
-                        tokens[fresh.to(device), j] = src
-                        reach[fresh] = j + 1
-                window = tokens[on, t - 1 : t + length - 1]  # last final token, then the drafts
-                feed.append(window.repeat_interleave(per, 0).flatten())
-                seq.append(torch.arange(t + 1, t + length + 1, device=device).repeat(n * per))
-                cache_rows = (on[:, None] * per + torch.arange(per, device=device)).flatten()
-                rows.append(cache_rows.repeat_interleave(length))
-                groups.append((cache_rows, t + 1, length))
-                spans = {
-                    c: modulations.span(c, t + 1, length) for c in condition_of[members].unique().tolist()
-                }
-                index = condition_of[members].flatten().tolist()
-                mods.append(
-                    torch.cat([spans[c] for c in index])
-                    if len(spans) > 1
-                    else spans[index[0]].repeat(len(index), 1, 1)
-                )
-                plans.append((members, on, t, length))
-            logits = _window_pass(
-                model, cache, groups, torch.cat(feed), torch.cat(seq), torch.cat(rows), torch.cat(mods)
+            # Drafts for positions never predicted yet (a guess: it decides speed only), for
+            # every window of this pass, position by position (a guess may copy the one before).
+            for offset in range(speculate):
+                j = (reach + offset).clamp(max=L - 1).to(device)
+                fresh = (j >= reach.to(device)) & (j < (done + speculate).clamp(max=L - 1).to(device))
+                source = torch.where(j >= above, j - above, j - 1)
+                tokens[all_rows, j] = torch.where(fresh, tokens[all_rows, source], tokens[all_rows, j])
+            reach = torch.maximum(reach, (done + speculate).clamp(max=L - 1))
+            active = (done < L).nonzero()[:, 0]
+            t = done[active]
+            t, order = t.sort(stable=True)
+            members = active[order]  # samples grouped by progress: one window shape per group
+            lengths = (L - t).clamp(max=speculate + 1)
+            sample_passes += members.numel()
+            # Flat index of every fed position: sample-major, then its cache rows, then the window.
+            counts = lengths * per
+            entry = torch.arange(int(counts.sum())) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+            length_of = lengths.repeat_interleave(counts)
+            sample = members.repeat_interleave(counts)
+            start = t.repeat_interleave(counts)
+            w, r = entry % length_of, entry // length_of
+            feed = tokens[sample.to(device), (start - 1 + w).to(device)]
+            seq = (start + 1 + w).to(device)
+            rows = (sample * per + r).to(device)
+            groups = []
+            values, sizes = torch.unique_consecutive(t, return_counts=True)
+            first_member = 0
+            for value, size in zip(values.tolist(), sizes.tolist(), strict=True):
+                group = members[first_member : first_member + size].to(device)
+                cache_rows = (group[:, None] * per + torch.arange(per, device=device)).flatten()
+                groups.append((cache_rows, value + 1, min(speculate + 1, L - value)))
+                first_member += size
+            mod = modulations.gather(row_condition[rows], seq, groups, row_condition)
+            logits = _window_pass(model, cache, groups, feed, seq, rows, mod)
+            # (sample, row, w) entries -> per (sample, w): cond/null logits, guided and filtered.
+            cond = r == 0
+            steps, owner = (start + w)[cond].to(device), sample[cond].to(device)
+            if per == 1:
+                paired = logits[:, None]
+            else:
+                paired = torch.stack([logits[cond.to(device)], logits[(r == 1).to(device)]], 1)
+            race = sample_from_logits(distribution(paired, steps), noise=noise[owner, steps])
+            drafts = tokens[owner, steps]  # position steps' draft, fed after it (inside the window)
+            tokens[owner, steps] = race  # the final tokens, then the new drafts
+            # Final: each window's prefix up to and including its first position whose draft differs
+            # (the last position has no draft fed after it).
+            w_cond, length_cond = w[cond], length_of[cond]
+            differs = (drafts != race).cpu() | (w_cond == length_cond - 1)
+            segment = torch.arange(members.numel()).repeat_interleave(lengths)
+            first_differing = torch.full((members.numel(),), L).scatter_reduce(
+                0, segment, torch.where(differs, w_cond, L), "amin"
             )
-            start = 0
-            for members, on, t, length in plans:
-                n = members.shape[0]
-                stop = start + n * per * length
-                grouped = logits[start:stop].view(n, per, length, V).transpose(1, 2).reshape(-1, per, V)
-                steps = torch.arange(t, t + length, device=device)
-                filtered = distribution(grouped, steps.repeat(n))
-                race = sample_from_logits(filtered, noise=noise[on][:, t : t + length].reshape(-1, V))
-                race = race.view(n, length)
-                matched = (tokens[on, t : t + length - 1] == race[:, :-1]).long().cumprod(1).sum(1)
-                tokens[on, t : t + length] = race  # the final tokens, then the new drafts
-                reach[members] = torch.maximum(reach[members], torch.tensor(t + length))
-                done[members] += 1 + matched.cpu()
-                start = stop
+            done[members] += 1 + first_differing
+            reach[members] = torch.maximum(reach[members], t + lengths)
     stats = SpeculationStats(passes=passes, sample_passes=sample_passes, samples=B, tokens=L)
     return tokens, stats
 
