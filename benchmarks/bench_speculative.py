@@ -20,13 +20,19 @@ import torch
 
 from rargen.checkpoint import load
 from rargen.decoding import prepare_for_decoding
+from rargen.model import RAR, ModelConfig
 from rargen.sampling import SampleConfig, draw_noise, generate, sample_seed
 from rargen.speculative import generate_speculative
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("generator", help="a generator checkpoint folder (e.g. runs/demo/generator)")
+    parser.add_argument(
+        "generator", nargs="?", help="a generator checkpoint folder (e.g. runs/demo/generator)"
+    )
+    parser.add_argument(
+        "--random", default=None, help="instead: a model preset with random weights (pass cost only)"
+    )
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--speculate", default="4,8,16", help="draft lengths K to compare")
     parser.add_argument("--repeats", type=int, default=3, help="round-robin rounds (median reported)")
@@ -35,16 +41,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--int8", action="store_true", help="quantize='int8' (CPU; rargen.quantize)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = load(args.generator).to(device).eval().requires_grad_(False)
+    if (args.generator is None) == (args.random is None):
+        parser.error("pass a generator checkpoint or --random PRESET")
+    if args.random:
+        model = RAR(ModelConfig.from_name(args.random, dropout=0.0, attn_dropout=0.0))
+        args.generator = f"{args.random} (random weights)"
+    else:
+        model = load(args.generator)
+    model = model.to(device).eval().requires_grad_(False)
     if args.bf16:
         model = model.to(torch.bfloat16)
-    decoder = prepare_for_decoding(model, bf16=args.bf16)
+    decoder = prepare_for_decoding(model, bf16=args.bf16, quantize="int8" if args.int8 else None)
     cfg = model.config
     config = SampleConfig(
         cfg_scale=args.cfg_scale, cfg_power=args.cfg_power, temperature=args.temperature, top_k=args.top_k
@@ -55,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# {args.generator}: L={cfg.num_image_tokens}, V={cfg.codebook_size}, D={cfg.dim}, depth={cfg.depth}"
     )
-    print(f"# {config}, {'bf16' if args.bf16 else 'fp32'}, median of {args.repeats} round-robin rounds")
+    precision = "int8" if args.int8 else "bf16" if args.bf16 else "fp32"
+    print(f"# {config}, {precision}, median of {args.repeats} round-robin rounds")
     print("| batch | K | passes/image | tokens/pass | images/s | x plain | x fewer passes | same tokens |")
     print("|---|---|---|---|---|---|---|---|")
     for batch in [int(b) for b in args.batches.split(",")]:

@@ -85,7 +85,7 @@ def prepare_for_decoding(
     if isinstance(model, Decoder):
         if compile and not model.compiled:
             raise ValueError("compile=True needs the model itself, not a model prepared without compile")
-        if quantize != model.quantize:
+        if quantize is not None and quantize != model.quantize:  # None: as prepared
             raise ValueError(
                 f"quantize={quantize!r} differs from the prepared decoder's ({model.quantize!r}); "
                 "prepare the model itself with the quantize wanted"
