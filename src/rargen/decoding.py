@@ -63,6 +63,11 @@ class Decoder:
     compiled: bool = False
     quantize: str | None = None  # "int8": an int8 view (rargen.quantize), inexact
 
+    @property
+    def config(self):
+        """The model's ``ModelConfig`` (so code written for a RAR reads a decoder alike)."""
+        return self.model.config
+
     def modulation_chunk(self, conditions: int) -> int:
         """Positions per modulation table so that ``conditions`` tables fit the budget."""
         cfg = self.model.config
