@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="rar-mini")
     parser.add_argument("--sample", default="rar-b")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--variants", default="fp32,bf16,compiled")
+    parser.add_argument("--variants", default="fp32,bf16,compiled,int8")
     args = parser.parse_args(argv)
     config = SampleConfig.from_name(args.sample)
     model = realistic_weights(RAR(ModelConfig.from_name(args.preset, dropout=0.0, attn_dropout=0.0))).eval()
@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for variant in args.variants.split(","):
         bf16, compile = "bf16" in variant, "compiled" in variant
+        quantize = "int8" if variant == "int8" else None  # rargen.quantize (CPU only)
         m = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32)
         start = time.perf_counter()
-        probs = token_probs(m, labels, tokens, config, bf16=bf16, compile=compile).double()
+        probs = token_probs(m, labels, tokens, config, bf16=bf16, compile=compile, quantize=quantize).double()
         seconds = time.perf_counter() - start
         kl = (ref * (ref.clamp_min(1e-300).log() - probs.clamp_min(1e-300).log())).sum(-1).mean()
         print(f"| {variant} | {(probs - ref).abs().max():.2e} | {kl:.2e} | {seconds:.1f} |", flush=True)

@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=32, help="tokens timed per run (256 = whole image)")
     parser.add_argument("--full-official", type=int, default=None, help="also time a 256-step official run")
     parser.add_argument(
-        "--variants", default="fp32,bf16,compiled", help="rargen variants: fp32,bf16,compiled,bf16-compiled"
+        "--variants",
+        default="fp32,bf16,compiled",
+        help="rargen variants: fp32,bf16,compiled,bf16-compiled,int8",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sample", default="rar-b", help="SampleConfig preset (CFG)")
@@ -247,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
             for variant in args.variants.split(","):
                 bf16, compile = "bf16" in variant, "compiled" in variant
+                quantize = "int8" if variant == "int8" else None  # rargen.quantize, CPU only
                 m = copy.deepcopy(model).to(torch.bfloat16) if bf16 else model
                 # prepared once per model, as `rargen sample` does (packing timed above)
-                decoder = prepare_for_decoding(m, bf16=bf16, compile=compile)
+                decoder = prepare_for_decoding(m, bf16=bf16, compile=compile, quantize=quantize)
                 timers.append(
                     (
                         f"rargen {variant}",

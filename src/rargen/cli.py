@@ -521,6 +521,13 @@ def _sample_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument(
+        "--speculate", type=_non_negative_int, default=0,
+        help="verify K draft tokens per forward pass: the same distribution, fewer passes (0 = off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--int8", action="store_true", help="int8 weights on the CPU: faster, not exact (BENCHMARKS.md)"
+    )
     _add_threads(parser)
     parser.set_defaults(run=_run_sample)
 
@@ -543,6 +550,7 @@ def _run_sample(args: argparse.Namespace) -> None:
     npz = sample_to_folder(
         checkpoint, tokenizer, labels, config, args.out,
         seed=args.seed, batch_size=args.batch_size, bf16=args.bf16, compile=args.compile,
+        speculate=args.speculate, quantize="int8" if args.int8 else None,
     )  # fmt: skip
     if os.environ.get("RANK", "0") == "0":  # one line per run under torchrun, not per rank
         print(f"wrote {len(labels)} samples to {args.out} ({npz.name}, grid.png, meta.json)")

@@ -61,6 +61,12 @@ class Decoder:
 
     model: RAR  # the model itself (compiled) or its oneDNN-packed view (CPU eager)
     compiled: bool = False
+    quantize: str | None = None  # "int8": an int8 view (rargen.quantize), inexact
+
+    @property
+    def config(self):
+        """The model's ``ModelConfig`` (so code written for a RAR reads a decoder alike)."""
+        return self.model.config
 
     def modulation_chunk(self, conditions: int) -> int:
         """Positions per modulation table so that ``conditions`` tables fit the budget."""
@@ -69,18 +75,26 @@ class Decoder:
         return max(1, min(cfg.num_image_tokens + 1, MODULATION_CHUNK_BYTES // row_bytes))
 
 
-def prepare_for_decoding(model: RAR | Decoder, *, bf16: bool = False, compile: bool = False) -> Decoder:
+def prepare_for_decoding(
+    model: RAR | Decoder, *, bf16: bool = False, compile: bool = False, quantize: str | None = None
+) -> Decoder:
     """Prepare ``model`` once for decoding; the result is what ``generate`` and the server take.
 
     ``bf16`` runs a bf16 model (weights, activations and cache; guidance in float32): convert the
     model with ``model.to(torch.bfloat16)`` first. ``compile`` compiles the fixed-shape step
     (CUDA graphs on GPU; one graph per batch size). Otherwise, on a CPU, the Linear weights are
     prepacked for oneDNN (a view sharing every other parameter; take a new one after the weights
-    change). ``model`` is left untouched either way.
+    change). ``quantize="int8"`` (CPU, float32) multiplies the per-step Linears with int8
+    weights (``rargen.quantize``): faster, and not exact. ``model`` is left untouched either way.
     """
     if isinstance(model, Decoder):
         if compile and not model.compiled:
             raise ValueError("compile=True needs the model itself, not a model prepared without compile")
+        if quantize is not None and quantize != model.quantize:  # None: as prepared
+            raise ValueError(
+                f"quantize={quantize!r} differs from the prepared decoder's ({model.quantize!r}); "
+                "prepare the model itself with the quantize wanted"
+            )
         return model
     if not isinstance(model, RAR):
         raise ValueError(f"prepare_for_decoding takes a RAR generator, got {type(model).__name__}")
@@ -90,6 +104,12 @@ def prepare_for_decoding(model: RAR | Decoder, *, bf16: bool = False, compile: b
         raise ValueError("the model is in training mode (dropout on); call model.eval() before sampling")
     if bf16 and model.dtype != torch.bfloat16:
         raise ValueError("bf16=True needs bf16 weights: call model.to(torch.bfloat16) first")
+    if quantize is not None:
+        if compile or bf16:
+            raise ValueError("quantize='int8' runs eager float32 on a CPU: drop compile and bf16")
+        from rargen.quantize import quantized_for_decoding
+
+        return Decoder(quantized_for_decoding(model, quantize), quantize=quantize)
     if compile:
         return Decoder(model, compiled=True)
     return Decoder(packed_for_cpu_decoding(model))

@@ -105,9 +105,13 @@ def sample_to_folder(
     batch_size: int = 16,
     bf16: bool = False,
     compile: bool = False,
+    speculate: int = 0,
+    quantize: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Sample one image per entry of ``labels`` into ``out`` and return the npz path (rank 0)."""
+    """Sample one image per entry of ``labels`` into ``out`` and return the npz path (rank 0).
+    ``speculate``: draft tokens verified per pass (``rargen.speculative``; same distribution);
+    ``quantize="int8"``: int8 weights (``rargen.quantize``; faster, inexact)."""
     from rargen import __version__
     from rargen.checkpoint import checkpoint_hash, load
 
@@ -118,7 +122,7 @@ def sample_to_folder(
     check_pair(model, tokenizer, checkpoint, tokenizer_path)  # before sampling, not after it
     if bf16:
         model = model.to(torch.bfloat16)
-    decoder = prepare_for_decoding(model, bf16=bf16, compile=compile)  # once, not once per batch
+    decoder = prepare_for_decoding(model, bf16=bf16, compile=compile, quantize=quantize)  # once
     # A tokenizer trained on grey data records image_channels 1 (rargen.tokenizer_train): its RGB
     # output is averaged to one grey channel, so a grey data set gets grey images without a tint.
     channels = int(getattr(tokenizer, "checkpoint_extra", {}).get("image_channels", 3))
@@ -132,7 +136,9 @@ def sample_to_folder(
     for chunk in progress_bar(mine, desc=f"sampling (rank {rank})", unit="batch", enabled=progress):
         batch_labels = torch.tensor([labels[i] for i in chunk], device=device)
         seeds = [sample_seed(seed, i) for i in chunk]
-        images = generate_images(decoder, tokenizer, batch_labels, config, seeds=seeds)
+        images = generate_images(
+            decoder, tokenizer, batch_labels, config, seeds=seeds, speculate=speculate, quantize=quantize
+        )
         if channels == 1:
             images = images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
         for i, image in zip(chunk, to_uint8(images), strict=True):
@@ -166,6 +172,8 @@ def sample_to_folder(
             "world_size": world,
             "bf16": bf16,
             "compile": compile,
+            "speculate": speculate,
+            "quantize": quantize,
             "pixels": "rounded: (x * 255).round()",
             "versions": {
                 "rargen": __version__,

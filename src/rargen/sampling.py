@@ -363,8 +363,8 @@ class _StepPlan:
         self.forced = torch.tensor(forced, device=device) if any(forced) else None
 
 
-def _decoder(model: RAR | Decoder, bf16: bool, compile: bool) -> Decoder:
-    return prepare_for_decoding(model, bf16=bf16, compile=compile)
+def _decoder(model: RAR | Decoder, bf16: bool, compile: bool, quantize: str | None = None) -> Decoder:
+    return prepare_for_decoding(model, bf16=bf16, compile=compile, quantize=quantize)
 
 
 def _labels(model: Decoder, labels: Tensor | Sequence[int]) -> list[int]:
@@ -394,20 +394,30 @@ def generate(
     seeds: Sequence[int] | None = None,
     bf16: bool = False,
     compile: bool = False,
+    speculate: int = 0,
+    quantize: str | None = None,
 ) -> Tensor:
     """Sample tokens (B, L) int64 in raster order for class ``labels`` (B,).
 
     Randomness: ``seeds`` (one int per sample: batch-split invariant) or ``generator``.
     ``model``: a RAR (prepared here, on every call) or ``prepare_for_decoding(model)`` made once.
     ``bf16`` runs a bf16 model (weights and activations; guidance in float32); ``compile``
-    compiles the decode step (CUDA graphs on GPU).
+    compiles the decode step (CUDA graphs on GPU). ``speculate=K`` verifies K draft tokens per
+    forward pass (``rargen.speculative``: the same distribution, fewer passes; 0 = off).
+    ``quantize="int8"`` multiplies with int8 weights (``rargen.quantize``; faster, inexact).
     """
-    decoder = _decoder(model, bf16, compile)
+    if not isinstance(speculate, int) or isinstance(speculate, bool) or speculate < 0:
+        raise ValueError(f"speculate must be an int >= 0 (0 = off), got {speculate!r}")
+    decoder = _decoder(model, bf16, compile, quantize)
     labels = _labels(decoder, labels)
     cfg, device = decoder.model.config, decoder.model.device
     noise = draw_noise((len(labels), cfg.num_image_tokens, cfg.codebook_size), device, generator, seeds)
     if not labels:
         return torch.empty(0, cfg.num_image_tokens, dtype=torch.int64, device=device)
+    if speculate:
+        from rargen.speculative import generate_speculative  # it builds on this module
+
+        return generate_speculative(decoder, labels, config, noise, speculate)[0]
     with torch.inference_mode():
         sampler = Sampler(decoder, len(labels), guided=config.guided, conditions=_conditions(labels, config))
         samples = sampler.add(labels, config, noise=noise)
@@ -428,12 +438,13 @@ def token_probs(
     *,
     bf16: bool = False,
     compile: bool = False,
+    quantize: str | None = None,
 ) -> Tensor:
     """The exact per-step sampling distributions (B, L, V) of ``generate``, ``tokens`` teacher-forced.
 
-    Same engine, guidance, temperature and truncation as ``generate``.
+    Same engine, guidance, temperature and truncation (and ``quantize``) as ``generate``.
     """
-    decoder = _decoder(model, bf16, compile)
+    decoder = _decoder(model, bf16, compile, quantize)
     labels = _labels(decoder, labels)
     cfg = decoder.model.config
     tokens = torch.as_tensor(tokens, device=decoder.model.device)
