@@ -206,10 +206,16 @@ def nearest_distances(images: Tensor, reference: Tensor) -> Tensor:
 class Evaluator:
     """Scores checkpoints of one study; holds the data it needs once (stores, decoded references)."""
 
-    def __init__(self, data: StudyData, config: StudyConfig) -> None:
+    def __init__(
+        self,
+        data: StudyData,
+        samples_per_class: int = 20,
+        cfg_scale: float = 3.0,
+        copy_quantile: float = 0.05,
+    ) -> None:
         from rargen.checkpoint import load
 
-        self.config = config
+        self.samples_per_class, self.cfg_scale = samples_per_class, cfg_scale
         self.train_tokens, self.train_labels = store_tokens(data.store)
         self.heldout_tokens, self.heldout_labels = store_tokens(data.heldout_store)
         self.tokenizer = load(data.tokenizer).eval() if data.tokenizer else None
@@ -217,7 +223,7 @@ class Evaluator:
         if self.tokenizer is not None:
             self.train_pixels = grey_pixels(self.decode(self.train_tokens))
             heldout = nearest_distances(grey_pixels(self.decode(self.heldout_tokens)), self.train_pixels)
-            self.copy_threshold = float(torch.quantile(heldout, config.copy_quantile))
+            self.copy_threshold = float(torch.quantile(heldout, copy_quantile))
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:
@@ -226,26 +232,34 @@ class Evaluator:
         return torch.cat([self.tokenizer.decode(codes_from_sequence(self.tokenizer, tokens[i : i + 256]))
                           for i in range(0, len(tokens), 256)]).float().clamp(0, 1)  # fmt: skip
 
-    def evaluate(self, model: Any) -> dict[str, float]:
-        result = {
+    def likelihood(self, model: Any) -> dict[str, float]:
+        """Held-out and training NLL, bits per token in raster order."""
+        return {
             "heldout_nll": raster_nll_bits(model, self.heldout_tokens, self.heldout_labels),
             "train_nll": raster_nll_bits(model, self.train_tokens, self.train_labels),
         }
+
+    def copies(self, images: Tensor) -> float:
+        """Fraction of ``images`` nearer to a training image than the copy threshold (module docstring)."""
+        distances = nearest_distances(grey_pixels(images), self.train_pixels)
+        return float((distances < self.copy_threshold).float().mean())
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        result = self.likelihood(model)
         if self.tokenizer is None:
             return result
         from rargen.sampling import SampleConfig, generate_images
 
         classes = max(1, model.config.num_classes)
-        labels = torch.arange(classes).repeat_interleave(self.config.samples_per_class)
-        sample_config = SampleConfig(cfg_scale=self.config.cfg_scale if model.config.num_classes else 1.0)
+        labels = torch.arange(classes).repeat_interleave(self.samples_per_class)
+        sample_config = SampleConfig(cfg_scale=self.cfg_scale if model.config.num_classes else 1.0)
         # The same seeds for every checkpoint and run: differences come from the models, not the noise.
         images = torch.cat([
             generate_images(model, self.tokenizer, labels[i : i + 100], sample_config,
                             seeds=list(range(i, min(i + 100, len(labels)))))
             for i in range(0, len(labels), 100)
         ])  # fmt: skip
-        distances = nearest_distances(grey_pixels(images), self.train_pixels)
-        result["copy_fraction"] = float((distances < self.copy_threshold).float().mean())
+        result["copy_fraction"] = self.copies(images)
         if self.classifier is not None:
             from rargen.digits import classifier_accuracy, digit_frechet_distance
 
@@ -321,7 +335,9 @@ def run_study(
         if not (folder / "final").exists():
             log(f"== run {i + 1}/{len(runs)}: {run.name}")
             train(run.train_config(config), data.store, folder, resume=True, device="cpu", progress=progress)
-        evaluator = evaluator or Evaluator(data, config)
+        evaluator = evaluator or Evaluator(
+            data, config.samples_per_class, config.cfg_scale, config.copy_quantile
+        )
         rows = evaluate_run(folder, evaluator)
         log(f"   {run.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items() if k != "step"))
     missing = [r.name for r in runs if not _evaluated(out / "runs" / r.name, r.budget)]

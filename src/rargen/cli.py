@@ -662,7 +662,7 @@ def _demo_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument(
-        "--ablation", action="store_true", help="also train raster-only and random-only models (3x time)"
+        "--ablation", action="store_true", help="also the annealing ablation (raster vs RAR, 3 seeds each)"
     )
     parser.add_argument(
         "--quick", action="store_true", help="a reduced budget (about a minute; a smoke test)"
