@@ -358,9 +358,11 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 
 def summarise(out: Path, config: StudyConfig) -> dict[str, Any]:
-    """Per (window, budget): both protocols' metrics over seeds, and the curves over steps."""
+    """Per (window, budget): both protocols' metrics over the evaluated seeds, and the curves."""
     groups: dict[tuple[str, int], list[list[dict[str, Any]]]] = {}
-    for run in study_runs(config):
+    for run in study_runs(config):  # runs not evaluated yet (other shards at work) are left out
+        if not _evaluated(out / "runs" / run.name, run.budget):
+            continue
         rows = json.loads((out / "runs" / run.name / "evaluation.json").read_text())
         groups.setdefault((run.window.name, run.budget), []).append(rows)
     rows_out = []
@@ -442,7 +444,8 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
 
 
 def write_report(out: str | os.PathLike, config: StudyConfig) -> dict[str, Any]:
-    """``table.md``, ``table.json`` and ``curves.png`` of a fully evaluated study; returns the summary."""
+    """``table.md``, ``table.json`` and ``curves.png`` of a study (of its evaluated runs: a partial
+    table while shards work); returns the summary."""
     out = Path(out)
     summary = summarise(out, config)
     (out / "table.json").write_text(json.dumps(summary, indent=2) + "\n")
