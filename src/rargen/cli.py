@@ -684,7 +684,7 @@ def _demo_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument(
-        "--ablation", action="store_true", help="also train raster-only and random-only models (3x time)"
+        "--ablation", action="store_true", help="also the annealing ablation (raster vs RAR, 3 seeds each)"
     )
     parser.add_argument(
         "--quick", action="store_true", help="a reduced budget (about a minute; a smoke test)"
@@ -806,3 +806,77 @@ def _run_train_classifier(args: argparse.Namespace) -> None:
         args.data, args.out, config, max_pixels=args.max_pixels, progress=not args.no_progress
     )
     print(describe_classifier(report, args.out))
+
+
+@command("ablate")
+def _ablate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ablate",
+        help="an ablation study: annealing windows x budgets x seeds, trained and scored alike",
+        description="Trains one ordinary run folder per (window, budget, seed) under --out/runs/ "
+        "(resumable; --shard i/n splits the runs over processes), evaluates every checkpoint (held-out "
+        "and training NLL in raster order, copies among samples, digit classifier scores) and writes "
+        "table.md, table.json and curves.png.",
+    )
+    parser.add_argument("--out", required=True, help="study folder (study.json, runs/, table.md)")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--digits", action="store_true", help="the embedded digits (data made under --out)")
+    data.add_argument("--data", help="training token store (with --heldout)")
+    parser.add_argument(
+        "--train-images", type=_positive_int, default=None, help="--digits: a subset, per class"
+    )
+    parser.add_argument("--heldout", help="held-out token store (the same tokenizer)")
+    parser.add_argument("--tokenizer", help="tokenizer folder: sample and count copies")
+    parser.add_argument("--classifier", help="digit classifier folder: class accuracy, Fréchet distance")
+    parser.add_argument("--windows", default="raster-vs-rar", help="preset or start/end list (0/0,0.5/0.75)")
+    parser.add_argument(
+        "--budgets", type=_list_of(int, "500,1500"), default=[1500], help="steps, e.g. 500,1500"
+    )
+    parser.add_argument("--seeds", type=_list_of(int, "0,1,2"), default=[0, 1, 2])
+    parser.add_argument("--evaluations", type=_positive_int, default=6, help="checkpoints scored per run")
+    parser.add_argument("--samples-per-class", type=_positive_int, default=20)
+    parser.add_argument("--cfg-scale", type=float, default=3.0)
+    parser.add_argument("--preset", default="rar-digits")
+    parser.add_argument(
+        "--model", action="append", default=[], metavar="KEY=VALUE", help="ModelConfig override"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=_step_or_fraction, default=0.05)
+    parser.add_argument("--precision", default="auto", help="auto (bf16 where the CPU has it) | bf16 | fp32")
+    parser.add_argument("--shard", default="0/1", help="i/n: train and score runs i, i+n, ... (default 0/1)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads(parser)
+    parser.set_defaults(run=_run_ablate)
+
+
+def _run_ablate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from rargen.ablation import StudyConfig, StudyData, format_table, parse_windows, prepare_digits, run_study
+    from rargen.demo import training_precision
+    from rargen.train import TrainConfig
+
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        assert len(shard) == 2
+    except (ValueError, AssertionError):
+        raise ValueError(f"--shard {args.shard!r}: give i/n, e.g. 0/2 and 1/2 for two processes") from None
+    if args.digits:
+        data = prepare_digits(Path(args.out) / "data", args.train_images, progress=not args.no_progress)
+    elif not args.heldout:
+        raise ValueError("--data needs --heldout (a token store of held-out images, the same tokenizer)")
+    else:
+        paths = [args.data, args.heldout, args.tokenizer, args.classifier]
+        data = StudyData(*(Path(p) if p else None for p in paths))
+    overrides = tuple((k, _parse_value(v)) for k, v in (item.split("=", 1) for item in args.model))
+    train = TrainConfig(preset=args.preset, model_overrides=overrides, batch_size=args.batch_size,
+                        lr=args.lr, warmup=args.warmup, precision=training_precision(args.precision),
+                        log_every=50)  # fmt: skip
+    config = StudyConfig(
+        train, parse_windows(args.windows), tuple(args.budgets), tuple(args.seeds), args.evaluations,
+        args.samples_per_class, args.cfg_scale,
+    )  # fmt: skip
+    summary = run_study(args.out, config, data, shard=shard, progress=not args.no_progress)
+    if summary is not None:
+        print(format_table(summary) + f"\ntable.md, table.json and curves.png are in {args.out}/")

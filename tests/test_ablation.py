@@ -1,0 +1,142 @@
+"""The ablation study tool on a tiny grid (2 windows x 2 seeds x 1 budget of rar-tiny, seconds):
+end to end, resumed after an interruption, and its NLL against a direct computation."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from rargen.ablation import StudyConfig, StudyData, Window, parse_windows, run_study, study_runs
+from rargen.checkpoint import load, save
+from rargen.store import TokenStore, write_store
+from rargen.train import TrainConfig
+from rargen.vq_tokenizer import VQTokenizer, VQTokenizerConfig
+
+BUDGET = 8
+
+
+def _tokens(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class one 4x4 prototype of 32 codes, a third of the tokens replaced at random."""
+    prototypes = np.random.default_rng(0).integers(0, 32, size=(10, 4, 4))
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=num)
+    tokens = prototypes[labels]
+    noise = rng.random(tokens.shape) < 0.33
+    tokens[noise] = rng.integers(0, 32, size=int(noise.sum()))
+    return tokens, labels
+
+
+@pytest.fixture(scope="module")
+def study_data(tmp_path_factory, one_torch_thread) -> StudyData:
+    root = tmp_path_factory.mktemp("ablation-data")
+    names = [str(i) for i in range(10)]
+    stores = [
+        write_store(root / name, *_tokens(num, seed), codebook_size=32, class_names=names, image_size=16)
+        for name, num, seed in (("train", 64, 1), ("heldout", 32, 2))
+    ]
+    torch.manual_seed(0)  # a random-weight f4 VQ tokenizer: 16 px images <-> 4x4 codes
+    tokenizer = VQTokenizer(VQTokenizerConfig(image_size=16, codebook_size=32, hidden_channels=8))
+    save(tokenizer.eval(), root / "tokenizer")
+    return StudyData(stores[0], stores[1], root / "tokenizer")
+
+
+def _config() -> StudyConfig:
+    train = TrainConfig(preset="rar-tiny", batch_size=16, lr=1e-3, warmup=0.1, log_every=4)
+    windows = (Window(0.0, 0.0), Window(0.5, 0.75))
+    return StudyConfig(train, windows, budgets=(BUDGET,), seeds=(0, 1), evaluations=2, samples_per_class=1)
+
+
+@pytest.fixture(scope="module")
+def finished(study_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    return out, run_study(out, _config(), study_data, progress=False, log=lambda _: None)
+
+
+def _direct_nll(model, tokens: np.ndarray, labels: np.ndarray) -> float:
+    """Bits per token, one image at a time, from log-softmax of the model's own raster forward."""
+    total = 0.0
+    with torch.no_grad():
+        for image, label in zip(tokens, labels, strict=True):
+            x = torch.from_numpy(image.reshape(1, -1).astype(np.int64))
+            logits = model.eval()(x, torch.tensor([int(label)]))[0]
+            total -= float(torch.log_softmax(logits.double(), -1)[torch.arange(x.shape[1]), x[0]].sum())
+    return total / tokens.size / math.log(2)
+
+
+def test_study_end_to_end(finished, study_data):
+    out, summary = finished
+    assert (out / "table.md").is_file() and (out / "curves.png").stat().st_size > 1000
+    assert json.loads((out / "table.json").read_text()) == json.loads(json.dumps(summary))
+    assert [(row["window"], row["budget"], row["seeds"]) for row in summary["rows"]] == [
+        ("raster", BUDGET, 2), ("anneal-0.50-0.75", BUDGET, 2)
+    ]  # fmt: skip
+    for run in study_runs(_config()):
+        steps = [row["step"] for row in json.loads((out / "runs" / run.name / "evaluation.json").read_text())]
+        assert steps == [4, 8]  # both kept checkpoints of every run were scored
+        saved = json.loads((out / "runs" / run.name / "final" / "config.json").read_text())
+        assert saved["extra"]["train_config"]["seed"] == run.seed
+        assert saved["extra"]["train_config"]["anneal_start"] == run.window.start
+    row = summary["rows"][1]
+    assert 0.0 <= row["fixed_budget"]["copy_fraction"]["mean"] <= 1.0
+    assert "nll_gain_over_raster_in_std" in row["fixed_budget"]
+    assert row["best_checkpoint"]["heldout_nll"]["mean"] <= row["fixed_budget"]["heldout_nll"]["mean"]
+
+
+def test_study_nll_is_the_direct_computation(finished, study_data):
+    out, summary = finished
+    heldout = TokenStore(study_data.heldout_store)
+    tokens, labels = (
+        np.asarray(heldout.gather(np.arange(len(heldout)), np.zeros(len(heldout), int))),
+        heldout.labels,
+    )
+    for row in summary["rows"]:
+        per_seed = [
+            _direct_nll(load(out / "runs" / f"{row['window']}-b{BUDGET}-s{seed}" / "final"), tokens, labels)
+            for seed in (0, 1)
+        ]
+        assert row["fixed_budget"]["heldout_nll"]["mean"] == pytest.approx(np.mean(per_seed), rel=1e-5)
+        assert row["fixed_budget"]["heldout_nll"]["std"] == pytest.approx(np.std(per_seed, ddof=1), rel=1e-3)
+
+
+def test_interrupted_study_resumes(finished, study_data, tmp_path):
+    reference, _ = finished
+    out = tmp_path / "study"
+    config = _config()
+    runs = [out / "runs" / run.name for run in study_runs(config)]
+    # Shard 0 of 4 trains run 0 only; run 1 is then left as a run killed after its step-4 checkpoint.
+    assert run_study(out, config, study_data, shard=(0, 4), progress=False, log=lambda _: None) is None
+    run_study(out, config, study_data, shard=(1, 4), progress=False, log=lambda _: None)
+    shutil.rmtree(runs[1] / "final")
+    shutil.rmtree(runs[1] / "checkpoints" / f"step-{BUDGET:07d}")
+    (runs[1] / "evaluation.json").unlink()
+    files = [
+        runs[0] / "final" / "model.safetensors",
+        runs[1] / "checkpoints" / "step-0000004" / "model.safetensors",
+    ]
+    kept = {p: p.stat().st_mtime_ns for p in files}
+
+    summary = run_study(out, config, study_data, progress=False, log=lambda _: None)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing finished was trained again
+    for ours, theirs in zip(runs, (reference / "runs" / run.name for run in study_runs(config)), strict=True):
+        assert json.loads((ours / "evaluation.json").read_text()) == json.loads(
+            (theirs / "evaluation.json").read_text()
+        )  # the resumed run is the uninterrupted one, to the bit
+    assert summary["rows"] == json.loads((reference / "table.json").read_text())["rows"]
+    with pytest.raises(ValueError, match="other settings"):
+        run_study(out, StudyConfig(config.train, config.windows, (BUDGET,), (0,)), study_data, progress=False)
+
+
+def test_window_presets_and_names():
+    table2 = parse_windows("paper-table2")
+    assert (table2[0].name, table2[-1].name) == ("raster", "random")
+    assert Window(0.5, 0.75).name in [w.name for w in table2]
+    assert [w.name for w in parse_windows("0/0,0.25/0.5,1/1")] == ["raster", "anneal-0.25-0.50", "random"]
+    with pytest.raises(ValueError, match="start/end"):
+        parse_windows("half")
+    with pytest.raises(ValueError, match="0 <= start <= end <= 1"):
+        Window(0.75, 0.5)
