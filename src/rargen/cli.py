@@ -86,7 +86,7 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rargen import __version__
+    from rargen.version import __version__
 
     parser = _Parser(
         prog="rargen",
@@ -204,11 +204,13 @@ def _convert_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_convert_official_rar(args: argparse.Namespace) -> None:
-    from rargen.checkpoint import save
-    from rargen.convert import convert_official_rar
+    from rargen.checkpoint import load_official, save
+    from rargen.convert import check_against_preset
     from rargen.pretrained import resolve
 
-    model = convert_official_rar(resolve(args.file, convert=False), preset=args.preset)
+    model = load_official(resolve(args.file, convert=False), kind="rar")
+    if args.preset is not None:
+        check_against_preset(model.config, args.preset)
     save(model, args.out, extra={"converted_from": str(args.file)})
     cfg = model.config
     print(
@@ -218,11 +220,10 @@ def _run_convert_official_rar(args: argparse.Namespace) -> None:
 
 
 def _run_convert_official_vqgan(args: argparse.Namespace) -> None:
-    from rargen.checkpoint import save
+    from rargen.checkpoint import load_official, save
     from rargen.pretrained import resolve
-    from rargen.vqgan import convert_official_vqgan
 
-    tokenizer = convert_official_vqgan(resolve(args.file, convert=False))
+    tokenizer = load_official(resolve(args.file, convert=False), kind="maskgit-vqgan")
     save(tokenizer, args.out, extra={"converted_from": str(args.file)})
     print(f"converted {args.file} -> {args.out}")
 

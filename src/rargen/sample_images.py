@@ -107,8 +107,8 @@ def sample_to_folder(
     """Sample one image per entry of ``labels`` into ``out`` and return the npz path (rank 0)."""
     from tqdm import tqdm
 
-    from rargen import __version__
     from rargen.checkpoint import checkpoint_hash, load
+    from rargen.version import __version__
 
     rank, world = _dist()
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")

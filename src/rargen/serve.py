@@ -408,7 +408,7 @@ class Engine:
         return out
 
     def png_text(self, request: GenerationRequest, index: int) -> dict[str, str]:
-        from rargen import __version__
+        from rargen.version import __version__
 
         settings = {**request.settings(), "index": index, "sample_seed": sample_seed(request.seed, index)}
         return {

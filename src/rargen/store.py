@@ -105,7 +105,7 @@ def _finalize(out: Path, plan: dict[str, Any], extra_meta: dict[str, Any]) -> No
         "images_per_second": round((stored + len(skipped)) / seconds, 2) if seconds > 0 else None,
     }
     _write_json(out / REPORT_NAME, report)
-    from rargen import __version__
+    from rargen.version import __version__
 
     meta = {
         **plan,
