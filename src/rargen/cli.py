@@ -400,20 +400,13 @@ def _pretokenize_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_pretokenize(args: argparse.Namespace) -> None:
-    import os
     from datetime import timedelta
 
-    import torch
-
+    from rargen import distributed
     from rargen.store import pretokenize
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if distributed:
-        # gloo only for the final barrier; ranks can finish far apart, hence the long timeout.
-        torch.distributed.init_process_group("gloo", timeout=timedelta(hours=12))
-        if device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    # gloo only for the final barrier; ranks can finish far apart, hence the long timeout.
+    env = distributed.setup(args.device, backend="gloo", timeout=timedelta(hours=12))
     try:
         out = pretokenize(
             args.data,
@@ -424,13 +417,12 @@ def _run_pretokenize(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             shard_size=args.shard_size,
             num_workers=args.num_workers,
-            device=device,
+            device=env.device,
             **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
         )
     finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
-    if int(os.environ.get("RANK", 0)) == 0:
+        distributed.teardown()
+    if env.is_main:
         import json
 
         from rargen.sources import describe_read
@@ -466,12 +458,11 @@ def _evaluate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=None, help="metrics.json path (default: beside the samples)")
 
     def run(args: argparse.Namespace) -> int:
-        import torch
-
+        from rargen.distributed import default_device
         from rargen.evaluate import EvalConfig, evaluate, format_metrics
         from rargen.pretrained import resolve
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device(args.device)
         result = evaluate(
             args.samples,
             resolve(args.reference, convert=False),
@@ -513,8 +504,7 @@ def _sample_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_sample(args: argparse.Namespace) -> None:
-    import os
-
+    from rargen import distributed
     from rargen.checkpoint import read_record
     from rargen.sample_images import class_balanced_labels, sample_to_folder
     from rargen.sampling import SampleConfig
@@ -531,7 +521,7 @@ def _run_sample(args: argparse.Namespace) -> None:
         checkpoint, tokenizer, labels, config, args.out,
         seed=args.seed, batch_size=args.batch_size, bf16=args.bf16, compile=args.compile,
     )  # fmt: skip
-    if os.environ.get("RANK", "0") == "0":  # one line per run under torchrun, not per rank
+    if distributed.is_main_process():  # one line per run under torchrun, not per rank
         print(f"wrote {len(labels)} samples to {args.out} ({npz.name}, grid.png, meta.json)")
 
 
@@ -634,11 +624,10 @@ def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> None:
-    import torch
-
+    from rargen.distributed import default_device
     from rargen.serve import ServeConfig, serve
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     config = ServeConfig(
         host=args.host,
         port=args.port,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from rargen import distributed
 from rargen.decoding import prepare_for_decoding
 from rargen.sampling import SampleConfig, generate_images, sample_seed
 
@@ -81,16 +82,6 @@ def save_grid(
     return "; ".join(notes) or None
 
 
-def _dist() -> tuple[int, int]:
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def sample_to_folder(
     checkpoint: str | os.PathLike,
     tokenizer_path: str | os.PathLike,
@@ -110,8 +101,8 @@ def sample_to_folder(
     from rargen.checkpoint import checkpoint_hash, load
     from rargen.version import __version__
 
-    rank, world = _dist()
-    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    env = distributed.setup()  # one process, or the torchrun ranks (nccl on GPUs, gloo on CPUs)
+    rank, world, device = env.rank, env.world_size, env.device
     model = load(checkpoint).to(device).eval().requires_grad_(False)
     tokenizer = load(tokenizer_path).to(device).eval().requires_grad_(False)
     check_pair(model, tokenizer, checkpoint, tokenizer_path)  # before sampling, not after it
@@ -137,8 +128,7 @@ def sample_to_folder(
         for i, image in zip(chunk, to_uint8(images), strict=True):
             picture = Image.fromarray(image)
             (picture.convert("L") if channels == 1 else picture).save(out / "images" / f"{i:06d}.png")
-    if world > 1:
-        torch.distributed.barrier()
+    distributed.barrier()
     npz = out / "samples.npz"
     if rank == 0:
         # samples.npz stays (N, H, W, 3) (ADM's layout, what the scorers read); grey ones have equal channels.
@@ -170,8 +160,7 @@ def sample_to_folder(
             },
         }
         (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if world > 1:
-        torch.distributed.barrier()
+    distributed.barrier()
     return npz
 
 

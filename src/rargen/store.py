@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rargen import distributed
 from rargen.preprocess import image_variants, num_variants
 from rargen.sources import DEFAULT_MAX_PIXELS, ImageSource, open_source
 from rargen.tokenizer import token_shape_of
@@ -132,19 +133,6 @@ def _module_device(module: nn.Module) -> torch.device:
     for tensor in [*module.parameters(), *module.buffers()]:
         return tensor.device
     return torch.device("cpu")
-
-
-def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return rank, world_size
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _check_plan(out: Path, plan: dict[str, Any]) -> None:
@@ -307,7 +295,7 @@ def pretokenize(
             f"{batch_size}, {shard_size}, {num_workers}"
         )
     variants = num_variants(augment)
-    rank, world_size = _dist_rank_world(rank, world_size)
+    rank, world_size = distributed.rank_and_world(rank, world_size)
     out = Path(out)
     if not isinstance(source, ImageSource):
         source = open_source(source, image_size=image_size, max_pixels=max_pixels)
@@ -376,10 +364,10 @@ def pretokenize(
             }
             _write_shard(out, shard, tokens, labels, info)
     bar.close()
-    _barrier()
+    distributed.barrier()
     if rank == 0:
         _finalize(out, plan, {"tokenizer_file": tokenizer_meta})
-    _barrier()
+    distributed.barrier()
     return out
 
 

@@ -368,24 +368,8 @@ def train(
         }
     if config.activation_checkpointing:
         enable_activation_checkpointing(raw)
-    model: nn.Module = raw
-    if world > 1 and config.sharding == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in raw.blocks:
-            fully_shard(block)
-        fully_shard(raw)
-        if ema is not None:  # shard the EMA like the parameters
-            from torch.distributed.tensor import distribute_tensor
-
-            ema = {
-                n: distribute_tensor(ema[n], p.device_mesh, p.placements) for n, p in raw.named_parameters()
-            }
-    model = torch.compile(raw) if config.compile else raw
-    if world > 1 and config.sharding == "ddp":
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None
-        )
+    model, shard = distributed.wrap_for_training(raw, env, sharding=config.sharding, compile=config.compile)
+    ema = shard(ema) if ema is not None else None  # the EMA laid out like the parameters
     fused = env.device.type == "cuda"
     optimizer = torch.optim.AdamW(
         param_groups(raw, config.weight_decay), lr=config.lr, betas=config.betas, fused=fused
@@ -440,9 +424,8 @@ def train(
             orders = orders_all[rows].to(env.device, non_blocking=True)
             if step == start and j == 0:
                 raw.check_inputs(tokens, labels, orders)  # one host sync: bad data fails before training
-            last = j == config.grad_accum - 1
-            sync = contextlib.nullcontext() if last or world == 1 else _no_sync(model, raw, config)
-            with sync:
+            reduce_now = j == config.grad_accum - 1 or world == 1  # all-reduce on the last micro-step only
+            with contextlib.nullcontext() if reduce_now else distributed.no_sync(model, raw, config.sharding):
                 with autocast:
                     logits = model(tokens, labels, orders, check=False)  # (micro, L, V)
                 loss, correct = token_loss(logits, tokens.gather(1, orders))
@@ -452,7 +435,7 @@ def train(
         grad_norm = torch.nn.utils.clip_grad_norm_(
             params, config.grad_clip if config.grad_clip > 0 else float("inf")
         )
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm = distributed.full_tensor(grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema_pairs is not None:
@@ -541,20 +524,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def _no_sync(model: nn.Module, raw: nn.Module, config: TrainConfig) -> Any:
-    """Skip the gradient all-reduce of a non-final micro-step (DDP ``no_sync``; FSDP2 flag)."""
-    if config.sharding == "fsdp":
-        raw.set_requires_gradient_sync(False)
-
-        @contextlib.contextmanager
-        def resync() -> Iterator[None]:
-            yield
-            raw.set_requires_gradient_sync(True)
-
-        return resync()
-    return model.no_sync()
-
-
 def _check_finite(values: Tensor, step: int, last_saved: Path | None) -> None:
     if not bool(torch.isfinite(values).all()):
         keep = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written yet"
@@ -566,23 +535,6 @@ def _check_finite(values: Tensor, step: int, last_saved: Path | None) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # Checkpoints
-
-
-def _full_state(raw: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Unsharded model and optimizer state on the CPU (FSDP: gathered to rank 0, empty elsewhere)."""
-    first = next(raw.parameters())
-    if hasattr(first, "full_tensor"):  # FSDP2 DTensor parameters
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(raw, options=options), get_optimizer_state_dict(
-            raw, optimizer, options=options
-        )
-    return raw.state_dict(), optimizer.state_dict()
 
 
 def _rng_state(env: distributed.Dist) -> dict[str, Tensor]:
@@ -604,10 +556,8 @@ def save_checkpoint(
     env: distributed.Dist,
 ) -> Path:
     """Write ``out/checkpoints/step-XXXXXXX`` atomically (rank 0) and prune old ones; all ranks call."""
-    weights, optim_state = _full_state(raw, optimizer)
-    ema_full = {
-        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in (ema or {}).items()
-    }
+    weights, optim_state = distributed.full_state(raw, optimizer)
+    ema_full = {k: distributed.full_tensor(v).cpu() for k, v in (ema or {}).items()}
     rng = distributed.all_gather_object(_rng_state(env))
     path = out / "checkpoints" / f"step-{step:07d}"
     if env.is_main:
@@ -640,13 +590,7 @@ def save_checkpoint(
 
 
 def _load_train_state(state, raw, optimizer, generator, loader, env, config) -> None:
-    if hasattr(next(raw.parameters()), "full_tensor"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_optimizer_state_dict(raw, optimizer, state["optimizer"], options=options)
-    else:
-        optimizer.load_state_dict(state["optimizer"])
+    distributed.load_optimizer_state(raw, optimizer, state["optimizer"])
     generator.set_state(state["generator"])
     loader.load_state_dict(state["loader"])
     if state["world_size"] == env.world_size:
