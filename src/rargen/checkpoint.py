@@ -17,6 +17,7 @@ weights give the same bytes, so the recorded digests are stable across processes
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import json
 import os
@@ -398,3 +399,16 @@ def checkpoint_hash(path: str | os.PathLike) -> str:
         recorded = read_record(path).get("weights_sha256", {}).get(WEIGHTS_NAME)
         return recorded if isinstance(recorded, str) else file_sha256(path / WEIGHTS_NAME)
     return file_sha256(path)
+
+
+def state_sha256(module: nn.Module) -> str:
+    """A hash of a module's weights and buffers (names, dtypes, shapes, bytes), independent of files.
+
+    A token store records its tokenizer's, so a training run can check it has the same tokenizer.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

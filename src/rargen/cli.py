@@ -338,8 +338,8 @@ def _run_train(args: argparse.Namespace) -> int:
     values["model_overrides"] = tuple(overrides.items())
     config = TrainConfig.from_dict(values)  # bad flag values are refused before the store is read
     if "preset" not in values:  # the same store gives the same recipe, so --resume matches
+        from rargen.recipe import SMALL_DATA_IMAGES, small_data_recipe
         from rargen.store import TokenStore
-        from rargen.train import SMALL_DATA_IMAGES, small_data_recipe
 
         num_images = len(TokenStore(args.data))
         if num_images < SMALL_DATA_IMAGES:

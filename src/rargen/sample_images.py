@@ -12,7 +12,8 @@ import dataclasses
 import json
 import os
 import platform
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from rargen import distributed
 from rargen.decoding import prepare_for_decoding
+from rargen.model import RAR
 from rargen.sampling import SampleConfig, generate_images, sample_seed
 
 
@@ -192,3 +194,60 @@ def check_pair(
 
 
 __all__ = ["check_pair", "class_balanced_labels", "sample_to_folder", "save_grid", "to_uint8"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Sample grids during training
+
+
+def run_sample_hook(hook: Callable, raw: RAR, step: int, out: Path) -> None:
+    """Call ``hook(raw, step, out/samples/step-XXXXXXX.png)`` in eval mode without gradients; a
+    failing preview is a warning, never the end of a training run."""
+    path = out / "samples" / f"step-{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = raw.training
+    raw.eval()
+    try:
+        with torch.no_grad():
+            hook(raw, step, path)
+    except Exception as error:  # noqa: BLE001 - a failed preview must never end a training run
+        warnings.warn(
+            f"sample grid at step {step} failed ({type(error).__name__}: {error}); training goes on",
+            stacklevel=2,
+        )
+    finally:
+        raw.train(was_training)
+
+
+def image_grid_hook(
+    tokenizer_path: str | os.PathLike, store: Any, per_class: int = 4, classes: int = 32
+) -> Callable:
+    """A training sample hook drawing ``per_class`` images of each of the first ``classes`` classes
+    (one row each) with the tokenizer the token store was made with (checked)."""
+    from rargen.checkpoint import load, state_sha256
+
+    tokenizer = load(tokenizer_path)
+    if int(getattr(tokenizer, "codebook_size", store.codebook_size)) != store.codebook_size:
+        raise ValueError(
+            f"tokenizer {tokenizer_path} has codebook size {tokenizer.codebook_size}, the data "
+            f"{store.codebook_size}; pass the tokenizer the store was made with"
+        )
+    expected = ((getattr(store, "meta", None) or {}).get("tokenizer") or {}).get("state_sha256")
+    if expected is not None and state_sha256(tokenizer) != expected:
+        raise ValueError(f"tokenizer {tokenizer_path} is not the one the token store was made with")
+    names = list(getattr(store, "class_names", ())) or None
+    channels = int(getattr(tokenizer, "checkpoint_extra", {}).get("image_channels", 3))
+
+    def hook(model: RAR, step: int, path: Path) -> None:
+        device = next(model.parameters()).device
+        count = min(classes, max(1, model.config.num_classes))
+        labels = torch.arange(count, device=device).repeat_interleave(per_class)
+        config = SampleConfig(cfg_scale=3.0) if model.config.num_classes else SampleConfig()
+        images = generate_images(
+            model, tokenizer.to(device), labels, config, torch.Generator(device).manual_seed(step)
+        )
+        if channels == 1:  # a tokenizer trained on grey images: grey previews, as rargen sample
+            images = images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+        save_grid(to_uint8(images), labels.tolist(), names, path)
+
+    return hook

@@ -21,7 +21,6 @@ once; the loader picks one of its V variants per epoch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 
 from rargen import distributed
+from rargen.checkpoint import state_sha256
 from rargen.preprocess import image_variants, num_variants
 from rargen.sources import DEFAULT_MAX_PIXELS, ImageSource, open_source
 from rargen.tokenizer import token_shape_of
@@ -117,16 +117,6 @@ def _finalize(out: Path, plan: dict[str, Any], extra_meta: dict[str, Any]) -> No
         "shards": [{"name": shard_name(i), "num_images": info["num_images"]} for i, info in enumerate(infos)],
     }
     _write_json(out / META_NAME, meta)
-
-
-def _state_sha256(module: nn.Module) -> str:
-    """A hash of a module's weights and buffers (names, dtypes, shapes, bytes), independent of files."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -320,7 +310,7 @@ def pretokenize(
         "token_dtype": np.dtype(TOKEN_DTYPE).name,
         "tokenizer": {
             "kind": getattr(type(tokenizer), "checkpoint_kind", type(tokenizer).__name__),
-            "state_sha256": _state_sha256(tokenizer),
+            "state_sha256": state_sha256(tokenizer),
         },
         "shard_size": shard_size,
         "num_shards": -(-num_source // shard_size),
