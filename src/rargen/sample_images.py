@@ -54,6 +54,7 @@ def save_grid(
     path: Path,
     max_classes: int = GRID_MAX_CLASSES,
     max_per_class: int = GRID_MAX_PER_CLASS,
+    label_width: int = GRID_LABEL_WIDTH,
 ) -> str | None:
     """A grid PNG with one row per class (its name on the left) and that class's samples as columns.
 
@@ -67,13 +68,13 @@ def save_grid(
     rows = {c: [i for i, label in enumerate(labels) if label == c][:max_per_class] for c in shown}
     cols = max(len(members) for members in rows.values())
     _, h, w, _ = images.shape
-    grid = Image.new("RGB", (GRID_LABEL_WIDTH + cols * w, len(shown) * h), "white")
+    grid = Image.new("RGB", (label_width + cols * w, len(shown) * h), "white")
     draw = ImageDraw.Draw(grid)
     for row, c in enumerate(shown):
         text = names[c] if names and c < len(names) else str(c)
         draw.text((2, row * h + max(0, h // 2 - 6)), text[:8], fill="black")
         for col, i in enumerate(rows[c]):
-            grid.paste(Image.fromarray(images[i]).convert("RGB"), (GRID_LABEL_WIDTH + col * w, row * h))
+            grid.paste(Image.fromarray(images[i]).convert("RGB"), (label_width + col * w, row * h))
     grid.save(path)
     notes = []
     if len(classes) > len(shown):

@@ -29,6 +29,7 @@ from torch import Tensor
 from rargen.batching import BatchScheduler, Job, QueueFull, retry_after
 from rargen.decoding import prepare_for_decoding
 from rargen.model import RAR
+from rargen.sample_images import to_uint8
 from rargen.sampling import SampleConfig, draw_noise, sample_seed
 from rargen.tokenizer import codes_from_sequence
 
@@ -375,7 +376,7 @@ class Engine:
             images = self.tokenizer.decode(codes).float().clamp(0, 1)
             if partial:
                 images[:, :, rows_done * images.shape[2] // h :] = GREY
-        return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        return torch.from_numpy(to_uint8(images))
 
     def pngs(self, tokens: Tensor, request: GenerationRequest | None = None, rows_done: int | None = None):
         """Base64 PNGs of a batch; final ones (with ``request``) carry their settings."""

@@ -25,12 +25,21 @@ from rargen.sampling import SampleConfig
 def score_with_classifier(samples: Path, classifier_path: str | os.PathLike) -> dict[str, float]:
     """Class accuracy and Fréchet distance (classifier features, vs held-out digits) of a samples.npz."""
     from rargen.checkpoint import load
-    from rargen.digits import classifier_accuracy, digit_frechet_distance
 
     classifier = load(classifier_path)
     with np.load(samples) as data:
         images = torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2).float() / 255.0
         labels = torch.from_numpy(data["labels"]).long()
+    return classifier_scores(classifier, images, labels)
+
+
+def classifier_scores(
+    classifier: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> dict[str, float]:
+    """Class accuracy and Fréchet distance (classifier features, vs held-out digits) of images
+    (N, 3, H, W) in [0, 1] generated for ``labels`` (N,)."""
+    from rargen.digits import classifier_accuracy, digit_frechet_distance
+
     return {
         "class_accuracy": classifier_accuracy(classifier, images, labels),
         "frechet_distance": digit_frechet_distance(classifier, images),

@@ -20,7 +20,7 @@ Deliberate differences from the official trainer (spec §2, §7):
   first step at lr 0 (spec §7.12). From ``W`` on both are the same cosine decay to ``end_lr``.
 * Orders are drawn vectorised from an explicit generator (official: Python ``random`` per sample).
 
-Launch: ``rargen train`` or ``torchrun ... -m rargen.cli train``; see docs/training.md.
+Launch: ``rargen train`` or ``torchrun ... -m rargen train``; see docs/training.md.
 """
 
 from __future__ import annotations
