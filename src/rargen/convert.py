@@ -93,23 +93,23 @@ def describe(state: dict[str, Tensor], limit: int = 6, hints: bool = True) -> st
     """What an unrecognised state dict holds, with a hint when it is wrapped or another official kind."""
     keys = list(state)
     shown = ", ".join(f"{k} {tuple(getattr(state[k], 'shape', ()))}" for k in keys[:limit])
-    hint = ""
-    if not hints:
-        pass
-    elif is_official_rar_state_dict(state) or (
-        any(k.startswith("blocks.") for k in keys) and "lm_head.weight" in state
-    ):
-        hint = "; it looks like an official RAR generator: use `rargen convert official-rar`"
-    elif is_official_vqgan_state_dict(state):
-        hint = "; it looks like an official MaskGIT-VQGAN: use `rargen convert official-vqgan`"
-    elif any(k in state for k in ("model", "state_dict")) or (
-        keys and all(k.startswith(("module.", "model.", "state.", "_orig_mod.")) for k in keys)
-    ):
-        hint = (
+    hint = _hint(state) if hints else ""
+    return f"{len(keys)} entries ({shown}{', ...' if len(keys) > limit else ''}){hint}"
+
+
+def _hint(state: dict[str, Tensor]) -> str:
+    keys = list(state)
+    if any(k.startswith("blocks.") for k in keys) and "lm_head.weight" in state:
+        return "; it looks like an official RAR generator: use `rargen convert official-rar`"
+    if is_official_vqgan_state_dict(state):
+        return "; it looks like an official MaskGIT-VQGAN: use `rargen convert official-vqgan`"
+    wrapped = keys and all(k.startswith(("module.", "model.", "state.", "_orig_mod.")) for k in keys)
+    if wrapped or any(k in state for k in ("model", "state_dict")):
+        return (
             "; it looks wrapped: all keys share a prefix (strip 'module.', e.g. "
             "{k.removeprefix('module.'): v ...}) or take the inner 'model'/'state_dict' entry"
         )
-    return f"{len(keys)} entries ({shown}{', ...' if len(keys) > limit else ''}){hint}"
+    return ""
 
 
 def is_official_rar_state_dict(state: dict[str, Tensor]) -> bool:
