@@ -34,7 +34,7 @@ class DemoConfig:
     tokenizer_steps: int = 300
     classifier_epochs: int = 12
     generator_preset: str = "rar-digits"
-    generator_steps: int = 500
+    generator_steps: int = 500  # generator training steps (--quick: 150)
     batch_size: int = 64
     lr: float = 1e-3
     warmup: float = 0.1
