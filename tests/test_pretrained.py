@@ -80,7 +80,7 @@ def test_hf_download_converts_to_the_same_logits_and_the_second_call_sends_nothi
     assert fake_hub.count("GET") == 1 and first <= 3  # our HEAD, huggingface_hub's HEAD, one GET
 
     # Second call: no request, no conversion (the converter would fail if it were called).
-    monkeypatch.setattr("rargen.convert.load_official", lambda *a: pytest.fail("converted twice"))
+    monkeypatch.setattr("rargen.checkpoint.load_official", lambda *a: pytest.fail("converted twice"))
     again = rargen.from_pretrained("hf://yucornetto/RAR/rar_a.bin")
     assert fake_hub.count() == first
     assert torch.equal(logits_of(again), logits_of(local))

@@ -521,7 +521,7 @@ def test_cli_resume_on_a_token_store(tmp_path, monkeypatch):
 
 def test_sample_grid_hook_checks_the_tokenizer_and_never_stops_training(tmp_path):
     from rargen.checkpoint import register_kind, save
-    from rargen.store import _state_sha256
+    from rargen.checkpoint import state_sha256 as _state_sha256
     from tiny_tokenizer import PoolTokenizer, PoolTokenizerConfig
 
     register_kind("test-pool-tokenizer", "tiny_tokenizer:PoolTokenizer")

@@ -11,13 +11,13 @@ from safetensors.torch import save_file
 
 import rargen
 from conftest import requires
+from rargen.checkpoint import load_official as convert_official_vqgan
 from rargen.checkpoint import save
+from rargen.convert import is_official_vqgan_state_dict
 from rargen.tokenizer import Tokenizer
 from rargen.vqgan import (
     MaskGITVQGAN,
     VQGANConfig,
-    convert_official_vqgan,
-    is_official_vqgan_state_dict,
 )
 
 # The steering repo's spec sits beside the clone (../shared); CI always has it.

@@ -3,13 +3,12 @@
 Importing rargen has no side effects: no network, no global torch flags, no patching.
 """
 
-__version__ = "0.1.0"
-
-from rargen.checkpoint import load, save  # noqa: E402
-from rargen.model import RAR, ModelConfig  # noqa: E402
-from rargen.orders import random_order_prob, sample_orders  # noqa: E402
-from rargen.pretrained import from_pretrained  # noqa: E402
-from rargen.sampling import SampleConfig, generate, generate_images, token_probs  # noqa: E402
+from rargen.checkpoint import load, save
+from rargen.model import RAR, ModelConfig
+from rargen.orders import random_order_prob, sample_orders
+from rargen.pretrained import from_pretrained
+from rargen.sampling import SampleConfig, generate, generate_images, token_probs
+from rargen.version import __version__
 
 __all__ = [
     "RAR",

@@ -26,13 +26,15 @@ import shutil
 import tempfile
 import types
 import typing
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from rargen.version import __version__
+from rargen.weight_files import CheckpointError, check_state_dict, file_sha256, read_weights_file
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -50,10 +52,6 @@ _KINDS: dict[str, str] = {
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used as it is (the message names the file and the fix)."""
-
-
 def register_kind(kind: str, target: str) -> None:
     """Make ``load`` able to rebuild modules of ``kind`` (``target`` is ``"module:Class"``)."""
     _KINDS[kind] = target
@@ -64,12 +62,6 @@ def _module_class(kind: str) -> type[nn.Module]:
         raise CheckpointError(f"unknown checkpoint kind {kind!r}; known kinds: {sorted(_KINDS)}")
     module_name, class_name = _KINDS[kind].split(":")
     return getattr(importlib.import_module(module_name), class_name)
-
-
-def _version() -> str:
-    from rargen import __version__
-
-    return __version__
 
 
 def atomic_write_dir(path: str | os.PathLike, write: Any) -> Path:
@@ -272,7 +264,7 @@ def save(
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "config": config_to_dict(module.config),
-        "rargen_version": _version(),
+        "rargen_version": __version__,
         "extra": extra or {},
     }
 
@@ -329,43 +321,6 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
-def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` file or a ``torch.save`` file (``weights_only=True``).
-
-    Every way a file can be unreadable (truncated, garbage, a folder in its place, the legacy
-    non-zip ``torch.save`` format, a pickle with objects other than tensors) is a CheckpointError
-    naming the file.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no weights file at {str(path)!r}")
-    if not path.is_file():
-        raise CheckpointError(f"{path} is not a regular file (a folder?); it must be a weights file")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        # weights_only: never unpickle arbitrary objects from a downloaded file. mmap only works on
-        # the zip format; the legacy format (torch < 1.6, `_use_new_zipfile_serialization=False`)
-        # is read into memory, still with weights_only.
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as error:  # noqa: BLE001 - torch and safetensors raise many kinds for a bad file
-        if isinstance(error, (MemoryError, RecursionError)):
-            raise
-        if "Unsupported global" in str(error):  # weights_only refused a class in the pickle
-            raise CheckpointError(
-                f"{path} is a pickle with objects other than tensors, refused (weights_only=True): "
-                "convert it to a plain state dict of tensors or to .safetensors"
-            ) from None
-        reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
-        raise CheckpointError(
-            f"{path} cannot be read as a weights file ({reason}); it is truncated, corrupt or not a "
-            "weights file: restore or re-download it"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
-    return state
-
-
 def verify_weights(weight_file: Path, record: dict[str, Any]) -> None:
     """Compare ``weight_file``'s SHA-256 with the digest recorded in ``record`` (if any)."""
     expected = record.get("weights_sha256", {}).get(weight_file.name)
@@ -379,26 +334,6 @@ def verify_weights(weight_file: Path, record: dict[str, Any]) -> None:
         )
 
 
-def check_state_dict(expected: dict[str, Any], found: dict[str, torch.Tensor], source: str) -> None:
-    """Raise a ValueError naming every missing, unexpected or mis-shaped tensor."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mis_shaped = [
-        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(found[k].shape)}"
-        for k in sorted(set(expected) & set(found))
-        if tuple(expected[k].shape) != tuple(found[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected}")
-    if mis_shaped:
-        problems.append("mis-shaped tensors [" + "; ".join(mis_shaped) + "]")
-    if problems:
-        raise CheckpointError(f"{source} does not match the model: " + ", ".join(problems))
-
-
 def build(kind: str, config: Any, state_dict: dict[str, torch.Tensor], source: str) -> nn.Module:
     """Build a module of ``kind`` on the meta device and assign ``state_dict`` strictly."""
     cls = _module_class(kind)
@@ -406,10 +341,18 @@ def build(kind: str, config: Any, state_dict: dict[str, torch.Tensor], source: s
         module = cls(config)
     check_state_dict(module.state_dict(), state_dict, source)
     module.load_state_dict(state_dict, strict=True, assign=True)
-    # Non-persistent buffers were created on the meta device; let the module rebuild them.
-    if hasattr(module, "init_buffers"):
-        module.init_buffers()
     return module.eval()
+
+
+def load_official(source: str | os.PathLike | dict[str, torch.Tensor], kind: str | None = None) -> nn.Module:
+    """Build a module (eval mode) from an official RAR generator or MaskGIT-VQGAN file or state dict.
+
+    ``rargen.convert`` reads the official layout (``kind`` demands one of its kinds); this builds.
+    """
+    from rargen.convert import read_official
+
+    kind, config, weights = read_official(source, kind)
+    return build(kind, config, weights, "state dict" if isinstance(source, dict) else str(source))
 
 
 def load(
@@ -430,8 +373,6 @@ def load(
     """
     path = Path(path)
     if path.is_file() and path.suffix in {".bin", ".pt", ".pth", ".safetensors"}:
-        from rargen.convert import load_official
-
         module = load_official(path)
     else:
         record = read_record(path)
@@ -448,14 +389,6 @@ def load(
     return module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checkpoint_hash(path: str | os.PathLike) -> str:
     """SHA-256 of a checkpoint's weights (the folder's ``model.safetensors`` or a single file).
 
@@ -467,3 +400,16 @@ def checkpoint_hash(path: str | os.PathLike) -> str:
         recorded = read_record(path).get("weights_sha256", {}).get(WEIGHTS_NAME)
         return recorded if isinstance(recorded, str) else file_sha256(path / WEIGHTS_NAME)
     return file_sha256(path)
+
+
+def state_sha256(module: nn.Module) -> str:
+    """A hash of a module's weights and buffers (names, dtypes, shapes, bytes), independent of files.
+
+    A token store records its tokenizer's, so a training run can check it has the same tokenizer.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

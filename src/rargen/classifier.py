@@ -170,14 +170,14 @@ def feature_stats(classifier: ImageClassifier, images: Tensor, batch_size: int =
 
 @dataclass(frozen=True)
 class ClassifierTrainConfig:
-    image_size: int | None = None  # None: the size of the source's first readable image
+    image_size: int | None = None  # default: the data's size; give the tokenizer's size to score its samples
     epochs: int = 12
     batch_size: int = 64
     lr: float = 2e-3
-    seed: int = 0  # initialisation, data order and the held-out split
-    heldout_fraction: float = 0.2  # of each class
+    seed: int = 0  # initialisation, data order and held-out split
+    heldout_fraction: float = 0.2  # share of each class held out
     channels: tuple[int, ...] = (16, 32, 32)
-    feature_dim: int = 64
+    feature_dim: int = 64  # features the Fréchet distance uses
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "feature_dim"):

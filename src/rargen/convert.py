@@ -1,4 +1,8 @@
-"""Conversion between the official RAR checkpoint layout and rargen's.
+"""The official file formats: the RAR generator and the MaskGIT-VQGAN tokenizer, read and written.
+
+``read_official`` turns an official file (or its state dict) into ``(kind, config, weights)`` in
+rargen's layout; ``rargen.checkpoint`` builds the module (``rargen.load`` on a ``.bin`` does both).
+The official TiTok snapshots, a folder rather than one file, are in ``rargen.titok_convert``.
 
 The official generator files (``rar_b.bin`` ... ``rar_xxl.bin``) are ``torch.save`` state dicts
 of ``modeling/rar.py::RAR`` (spec Sec. 6). The whole layout mapping lives in this one table:
@@ -22,6 +26,9 @@ Dropped rows are never read by any computation: the MaskGIT mask-token row ``V``
 embedding table, positional rows beyond ``L+1``, target-aware rows 0, 1 and beyond ``L+1``, and
 timestep rows beyond ``L+1``. ``to_official`` writes them back as zeros, so weights trained with
 rargen load (strictly) into the official code.
+
+The MaskGIT-VQGAN file (``maskgit-vqgan-imagenet-f16-256.bin``) uses ``rargen.vqgan``'s key names
+as they are; only its config is inferred from the tensor shapes.
 """
 
 from __future__ import annotations
@@ -29,12 +36,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from rargen.checkpoint import check_state_dict
 from rargen.model import RAR, ModelConfig
+from rargen.vqgan import MaskGITVQGAN, VQGANConfig
+from rargen.weight_files import check_state_dict, read_weights_file
 
 # The official tables carry a fixed number of spare rows (``image_seq_len + 1024`` positions,
 # ``image_seq_len + 100`` timesteps).
@@ -67,8 +76,8 @@ _TABLE_KEYS = (
 )
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read a ``.bin``/``.pt``/``.pth`` (torch.save, weights only) or ``.safetensors`` file."""
+def read_official_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of an official ``.bin``/``.pt``/``.pth`` (``weights_only``) or ``.safetensors`` file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -77,15 +86,30 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             "(maskgit-vqgan-imagenet-f16-256.bin) in fun-research/TiTok; download them and pass the "
             "local path"
         )
-    from rargen.checkpoint import read_weights_file
-
     return read_weights_file(path)
 
 
-def _describe(state: dict[str, Tensor], limit: int = 6) -> str:
+def describe(state: dict[str, Tensor], limit: int = 6, hints: bool = True) -> str:
+    """What an unrecognised state dict holds, with a hint when it is wrapped or another official kind."""
     keys = list(state)
     shown = ", ".join(f"{k} {tuple(getattr(state[k], 'shape', ()))}" for k in keys[:limit])
-    return f"{len(keys)} entries ({shown}{', ...' if len(keys) > limit else ''})"
+    hint = _hint(state) if hints else ""
+    return f"{len(keys)} entries ({shown}{', ...' if len(keys) > limit else ''}){hint}"
+
+
+def _hint(state: dict[str, Tensor]) -> str:
+    keys = list(state)
+    if any(k.startswith("blocks.") for k in keys) and "lm_head.weight" in state:
+        return "; it looks like an official RAR generator: use `rargen convert official-rar`"
+    if is_official_vqgan_state_dict(state):
+        return "; it looks like an official MaskGIT-VQGAN: use `rargen convert official-vqgan`"
+    wrapped = keys and all(k.startswith(("module.", "model.", "state.", "_orig_mod.")) for k in keys)
+    if wrapped or any(k in state for k in ("model", "state_dict")):
+        return (
+            "; it looks wrapped: all keys share a prefix (strip 'module.', e.g. "
+            "{k.removeprefix('module.'): v ...}) or take the inner 'model'/'state_dict' entry"
+        )
+    return ""
 
 
 def is_official_rar_state_dict(state: dict[str, Tensor]) -> bool:
@@ -95,14 +119,9 @@ def is_official_rar_state_dict(state: dict[str, Tensor]) -> bool:
 def infer_official_config(state: dict[str, Tensor]) -> ModelConfig:
     """The rargen ModelConfig of an official RAR state dict, from the tensor shapes alone."""
     if not is_official_rar_state_dict(state):
-        hint = ""
-        if any(k.startswith("module.") for k in state) or any(k in state for k in ("model", "state_dict")):
-            hint = (
-                " (it looks wrapped: strip the 'module.' prefix or take the inner 'model'/'state_dict' entry)"
-            )
         raise ValueError(
             f"not an official RAR generator state dict: expected keys {list(_TABLE_KEYS)} and "
-            f"'lm_head.weight', found {_describe(state)}{hint}"
+            f"'lm_head.weight', found {describe(state)}"
         )
     dim = state["cls_token"].shape[-1]
     depth = len({int(m.group(1)) for k in state if (m := re.match(r"^blocks\.(\d+)\.norm1\.weight$", k))})
@@ -114,7 +133,7 @@ def infer_official_config(state: dict[str, Tensor]) -> ModelConfig:
     if dim % head_dim or num_image_tokens < 1 or num_classes < 0 or step_rows != num_image_tokens + 100:
         raise ValueError(
             f"inconsistent official RAR shapes: width {dim}, head dim {head_dim}, {num_image_tokens} image "
-            f"tokens, {num_classes} classes, {step_rows} timestep rows; found {_describe(state)}"
+            f"tokens, {num_classes} classes, {step_rows} timestep rows; found {describe(state, hints=False)}"
         )
     return ModelConfig(
         codebook_size=codebook_size,
@@ -172,6 +191,86 @@ def from_official(state: dict[str, Tensor]) -> tuple[ModelConfig, dict[str, Tens
     return config, ours
 
 
+_VQGAN_KEYS = ("encoder.conv_in.weight", "encoder.conv_out.weight", "quantize.embedding.weight")
+
+
+def is_official_vqgan_state_dict(state: dict[str, Tensor]) -> bool:
+    """True when ``state`` has the official MaskGIT-VQGAN key layout (no prefix)."""
+    return all(key in state for key in _VQGAN_KEYS) and any(key.startswith("decoder.up.") for key in state)
+
+
+def _indices(state: dict[str, Tensor], prefix: str) -> list[int]:
+    return sorted({int(key[len(prefix) :].split(".")[0]) for key in state if key.startswith(prefix)})
+
+
+def vqgan_config_from_official(state: dict[str, Tensor]) -> VQGANConfig:
+    """Infer widths, levels, blocks and codebook of an official MaskGIT-VQGAN state dict."""
+    hidden = state["encoder.conv_in.weight"].shape[0]
+    levels = _indices(state, "encoder.down.")
+    blocks = _indices(state, "encoder.down.0.block.")
+    mid = _indices(state, "encoder.mid.")
+    if not levels or not blocks or levels != list(range(len(levels))) or mid != blocks:
+        raise ValueError(
+            f"official VQGAN state dict has an unexpected structure: encoder.down levels {levels}, "
+            f"blocks per level {blocks}, middle blocks {mid}"
+        )
+    widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels]
+    if any(w % hidden for w in widths):
+        raise ValueError(f"level widths {widths} are not multiples of the stem width {hidden}")
+    codebook_size, codebook_dim = state["quantize.embedding.weight"].shape
+    return VQGANConfig(
+        channel_mult=tuple(w // hidden for w in widths),
+        hidden_channels=hidden,
+        num_res_blocks=len(blocks),
+        z_channels=state["encoder.conv_out.weight"].shape[0],
+        codebook_size=codebook_size,
+        codebook_dim=codebook_dim,
+        # The weights do not record a resolution; 16 codes per side is what MaskGIT trained with.
+        image_size=16 * 2 ** (len(levels) - 1),
+    )
+
+
+def vqgan_from_official(state: dict[str, Tensor]) -> tuple[VQGANConfig, dict[str, Tensor]]:
+    """Map an official MaskGIT-VQGAN state dict to (rargen config, float32 state dict)."""
+    if not is_official_vqgan_state_dict(state):
+        raise ValueError(
+            f"not an official MaskGIT-VQGAN state dict (expected keys {list(_VQGAN_KEYS)} and "
+            f"decoder.up.*): found {describe(state)}"
+        )
+    return vqgan_config_from_official(state), {k: v.to(torch.float32) for k, v in state.items()}
+
+
+# checkpoint kind -> (recogniser, converter to (config, rargen weights)), the official files
+# ``read_official`` knows.
+OFFICIAL_FORMATS = {
+    RAR.checkpoint_kind: (is_official_rar_state_dict, from_official),
+    MaskGITVQGAN.checkpoint_kind: (is_official_vqgan_state_dict, vqgan_from_official),
+}
+
+
+def read_official(
+    source: str | os.PathLike | dict[str, Tensor], kind: str | None = None
+) -> tuple[str, Any, dict[str, Tensor]]:
+    """(checkpoint kind, config, weights in rargen's layout) of an official file or state dict.
+
+    ``kind`` (``"rar"`` or ``"maskgit-vqgan"``) demands that format; by default it is recognised
+    from the keys. ``rargen.checkpoint.build`` turns the result into the module.
+    """
+    state = source if isinstance(source, dict) else read_official_file(source)
+    if kind is None:
+        kind = next((k for k, (recognise, _) in OFFICIAL_FORMATS.items() if recognise(state)), None)
+        if kind is None:
+            origin = "the state dict" if isinstance(source, dict) else repr(str(source))
+            raise ValueError(
+                f"{origin} is not an official RAR generator and not an official MaskGIT-VQGAN state dict; "
+                f"found {describe(state)}"
+            )
+    elif kind not in OFFICIAL_FORMATS:
+        raise ValueError(f"no official format of kind {kind!r}; known: {sorted(OFFICIAL_FORMATS)}")
+    config, weights = OFFICIAL_FORMATS[kind][1](state)
+    return kind, config, weights
+
+
 def to_official(model: RAR) -> dict[str, Tensor]:
     """The official state dict of a rargen model (never-used rows written as zeros)."""
     cfg = model.config
@@ -202,35 +301,6 @@ def to_official(model: RAR) -> dict[str, Tensor]:
         official[key] = value.contiguous()
     official["embeddings.weight"] = embeddings
     return official
-
-
-def convert_official_rar(path: str | os.PathLike, preset: str | None = None) -> RAR:
-    """Build a rargen RAR (eval mode) from an official generator file."""
-    from rargen.checkpoint import build
-
-    state = read_state_dict(path)
-    config, ours = from_official(state)
-    if preset is not None:
-        check_against_preset(config, preset)
-    return build("rar", config, ours, str(path))
-
-
-def load_official(path: str | os.PathLike) -> torch.nn.Module:
-    """Convert an official RAR generator or MaskGIT-VQGAN file on the fly (used by rargen.load)."""
-    state = read_state_dict(path)
-    if is_official_rar_state_dict(state):
-        from rargen.checkpoint import build
-
-        config, ours = from_official(state)
-        return build("rar", config, ours, str(path))
-    from rargen.vqgan import convert_official_vqgan, is_official_vqgan_state_dict
-
-    if is_official_vqgan_state_dict(state):
-        return convert_official_vqgan(state)
-    raise ValueError(
-        f"{str(path)!r} is neither an official RAR generator nor an official MaskGIT-VQGAN state dict; "
-        f"found {_describe(state)}"
-    )
 
 
 def save_official(model: RAR, path: str | os.PathLike) -> Path:

@@ -36,7 +36,7 @@ class DemoConfig:
     tokenizer_steps: int = 300
     classifier_epochs: int = 12
     generator_preset: str = "rar-digits"
-    generator_steps: int = 500
+    generator_steps: int = 500  # generator training steps (--quick: 150)
     batch_size: int = 64
     lr: float = 1e-3
     warmup: float = 0.1
@@ -173,31 +173,19 @@ def sample_digits(
 
 
 def score(classifier: Any, images: Tensor, labels: Tensor) -> dict[str, float]:
-    from rargen.digits import classifier_accuracy, digit_frechet_distance
+    """Class accuracy and Fréchet distance of generated digits (``rargen sweep --classifier``'s)."""
+    from rargen.sweep import classifier_scores
 
-    return {
-        "class_accuracy": classifier_accuracy(classifier, images, labels),
-        "frechet_distance": digit_frechet_distance(classifier, images),
-    }
+    return classifier_scores(classifier, images, labels)
 
 
 def save_sample_grid(images: Tensor, labels: Tensor, per_class: int, path: Path, scale: int = 3) -> None:
-    """Rows = classes, columns = seeds, each digit upscaled ``scale`` times, label on the left."""
-    from PIL import Image, ImageDraw
+    """Rows = classes, columns = seeds, each digit upscaled ``scale`` times, label on the left
+    (``rargen sample``'s grid, with a narrower label column)."""
+    from rargen.sample_images import save_grid, to_uint8
 
-    n, _, h, w = images.shape
-    rows = n // per_class
-    cell_h, cell_w, margin = h * scale, w * scale, 24
-    canvas = Image.new("RGB", (margin + per_class * cell_w, rows * cell_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    pixels = images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for i in range(n):
-        row, col = divmod(i, per_class)
-        tile = Image.fromarray(pixels[i]).resize((cell_w, cell_h), Image.NEAREST)
-        canvas.paste(tile, (margin + col * cell_w, row * cell_h))
-        if col == 0:
-            draw.text((6, row * cell_h + cell_h // 2 - 6), str(int(labels[i])), fill="black")
-    canvas.save(path)
+    large = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)  # nearest upscaling
+    save_grid(to_uint8(large), labels.tolist(), None, path, max_per_class=per_class, label_width=24)
 
 
 def plot_training(runs: dict[str, Path], path: Path) -> None:

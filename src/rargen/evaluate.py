@@ -100,8 +100,8 @@ def evaluate(
     cannot give it: IS needs weights with a classifier, precision/recall reference images) and
     ``record``.
     """
-    from rargen import __version__
     from rargen.checkpoint import file_sha256
+    from rargen.version import __version__
 
     samples, reference, inception = Path(samples), Path(reference), Path(inception)
     sample_file, ref_file = open_image_batch(samples), open_image_batch(reference)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rargen.checkpoint import check_state_dict
+from rargen.weight_files import CheckpointError, check_state_dict, read_weights_file
 
 INCEPTION_SIZE = 299
 POOL_DIM = 2048
@@ -329,12 +329,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             # Only the parameters are read; the archive's code is never run.
             return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{str(path)!r} is not a readable PyTorch weight file; {WEIGHTS_HELP}") from error
-    if not isinstance(state, dict):
-        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict; {WEIGHTS_HELP}")
-    return state
+        return read_weights_file(path)  # weights_only: the pickle's objects are never built
+    except CheckpointError as error:
+        raise ValueError(f"{error}; {WEIGHTS_HELP}") from None
 
 
 def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu") -> FIDInception:

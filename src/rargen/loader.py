@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rargen.store import TokenStore
+from rargen.token_store import TokenStore
 
 # Stream ids under one (seed, epoch) so the permutation and the variant choice are independent draws.
 _PERMUTATION_STREAM = 0

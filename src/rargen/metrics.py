@@ -67,7 +67,9 @@ class FeatureStats:
         """Sum the stats of every rank of the default process group (in place; no-op without one)."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
+        from rargen import distributed
+
+        if not distributed.active():
             return self
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
         flat = torch.from_numpy(np.concatenate([[self.count], self.total, self.total_outer.ravel()])).to(

@@ -120,8 +120,7 @@ def converted_checkpoint(source: str, release: Release | None = None) -> Path:
     folder = _valid_converted(settings, digest, hub.read_records(settings))
     if folder is not None:
         return folder
-    from rargen.checkpoint import WEIGHTS_NAME, save
-    from rargen.convert import load_official
+    from rargen.checkpoint import WEIGHTS_NAME, load_official, save
 
     module = load_official(path)  # torch.load(weights_only=True), after hub's format and digest checks
     folder = settings.rargen_cache / "converted" / digest

@@ -12,7 +12,8 @@ import dataclasses
 import json
 import os
 import platform
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from rargen import distributed
 from rargen.decoding import prepare_for_decoding
+from rargen.model import RAR
 from rargen.progress import progress_bar
 from rargen.sampling import SampleConfig, generate_images, sample_seed
 
@@ -52,6 +55,7 @@ def save_grid(
     path: Path,
     max_classes: int = GRID_MAX_CLASSES,
     max_per_class: int = GRID_MAX_PER_CLASS,
+    label_width: int = GRID_LABEL_WIDTH,
 ) -> str | None:
     """A grid PNG with one row per class (its name on the left) and that class's samples as columns.
 
@@ -66,14 +70,14 @@ def save_grid(
     cols = max(len(members) for members in rows.values())
     _, h, w, channels = images.shape
     grey = channels == 1  # a grey grid for grey samples
-    grid = Image.new("L" if grey else "RGB", (GRID_LABEL_WIDTH + cols * w, len(shown) * h), "white")
+    grid = Image.new("L" if grey else "RGB", (label_width + cols * w, len(shown) * h), "white")
     draw = ImageDraw.Draw(grid)
     for row, c in enumerate(shown):
         text = names[c] if names and c < len(names) else str(c)
         draw.text((2, row * h + max(0, h // 2 - 6)), text[:8], fill="black")
         for col, i in enumerate(rows[c]):
             tile = Image.fromarray(images[i][..., 0] if grey else images[i])
-            grid.paste(tile.convert(grid.mode), (GRID_LABEL_WIDTH + col * w, row * h))
+            grid.paste(tile.convert(grid.mode), (label_width + col * w, row * h))
     grid.save(path)
     notes = []
     if len(classes) > len(shown):
@@ -82,16 +86,6 @@ def save_grid(
     if any(labels.count(c) > max_per_class for c in shown):
         notes.append(f"at most {max_per_class} samples per class shown")
     return "; ".join(notes) or None
-
-
-def _dist() -> tuple[int, int]:
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 def sample_to_folder(
@@ -112,11 +106,11 @@ def sample_to_folder(
     """Sample one image per entry of ``labels`` into ``out`` and return the npz path (rank 0).
     ``speculate``: draft tokens verified per pass (``rargen.speculative``; same distribution);
     ``quantize="int8"``: int8 weights (``rargen.quantize``; faster, inexact)."""
-    from rargen import __version__
     from rargen.checkpoint import checkpoint_hash, load
+    from rargen.version import __version__
 
-    rank, world = _dist()
-    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    env = distributed.setup()  # one process, or the torchrun ranks (nccl on GPUs, gloo on CPUs)
+    rank, world, device = env.rank, env.world_size, env.device
     model = load(checkpoint).to(device).eval().requires_grad_(False)
     tokenizer = load(tokenizer_path).to(device).eval().requires_grad_(False)
     check_pair(model, tokenizer, checkpoint, tokenizer_path)  # before sampling, not after it
@@ -144,8 +138,7 @@ def sample_to_folder(
         for i, image in zip(chunk, to_uint8(images), strict=True):
             picture = Image.fromarray(image)
             (picture.convert("L") if channels == 1 else picture).save(out / "images" / f"{i:06d}.png")
-    if world > 1:
-        torch.distributed.barrier()
+    distributed.barrier()
     npz = out / "samples.npz"
     if rank == 0:
         # samples.npz is (N, H, W, 3) (ADM's layout), or (N, H, W, 1) for a grey tokenizer: the
@@ -182,8 +175,7 @@ def sample_to_folder(
             },
         }
         (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if world > 1:
-        torch.distributed.barrier()
+    distributed.barrier()
     return npz
 
 
@@ -215,3 +207,60 @@ def check_pair(
 
 
 __all__ = ["check_pair", "class_balanced_labels", "sample_to_folder", "save_grid", "to_uint8"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Sample grids during training
+
+
+def run_sample_hook(hook: Callable, raw: RAR, step: int, out: Path) -> None:
+    """Call ``hook(raw, step, out/samples/step-XXXXXXX.png)`` in eval mode without gradients; a
+    failing preview is a warning, never the end of a training run."""
+    path = out / "samples" / f"step-{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = raw.training
+    raw.eval()
+    try:
+        with torch.no_grad():
+            hook(raw, step, path)
+    except Exception as error:  # noqa: BLE001 - a failed preview must never end a training run
+        warnings.warn(
+            f"sample grid at step {step} failed ({type(error).__name__}: {error}); training goes on",
+            stacklevel=2,
+        )
+    finally:
+        raw.train(was_training)
+
+
+def image_grid_hook(
+    tokenizer_path: str | os.PathLike, store: Any, per_class: int = 4, classes: int = 32
+) -> Callable:
+    """A training sample hook drawing ``per_class`` images of each of the first ``classes`` classes
+    (one row each) with the tokenizer the token store was made with (checked)."""
+    from rargen.checkpoint import load, state_sha256
+
+    tokenizer = load(tokenizer_path)
+    if int(getattr(tokenizer, "codebook_size", store.codebook_size)) != store.codebook_size:
+        raise ValueError(
+            f"tokenizer {tokenizer_path} has codebook size {tokenizer.codebook_size}, the data "
+            f"{store.codebook_size}; pass the tokenizer the store was made with"
+        )
+    expected = ((getattr(store, "meta", None) or {}).get("tokenizer") or {}).get("state_sha256")
+    if expected is not None and state_sha256(tokenizer) != expected:
+        raise ValueError(f"tokenizer {tokenizer_path} is not the one the token store was made with")
+    names = list(getattr(store, "class_names", ())) or None
+    channels = int(getattr(tokenizer, "checkpoint_extra", {}).get("image_channels", 3))
+
+    def hook(model: RAR, step: int, path: Path) -> None:
+        device = next(model.parameters()).device
+        count = min(classes, max(1, model.config.num_classes))
+        labels = torch.arange(count, device=device).repeat_interleave(per_class)
+        config = SampleConfig(cfg_scale=3.0) if model.config.num_classes else SampleConfig()
+        images = generate_images(
+            model, tokenizer.to(device), labels, config, torch.Generator(device).manual_seed(step)
+        )
+        if channels == 1:  # a tokenizer trained on grey images: grey previews, as rargen sample
+            images = images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+        save_grid(to_uint8(images), labels.tolist(), names, path)
+
+    return hook

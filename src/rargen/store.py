@@ -1,4 +1,5 @@
-"""The token store: pre-tokenized images as memory-mapped ``uint16`` shards, and ``pretokenize``.
+"""The token store: pre-tokenized images as memory-mapped ``uint16`` shards, written by ``pretokenize``
+(read by ``rargen.token_store.TokenStore``, also importable from here).
 
 Layout of a store folder (format version 1)::
 
@@ -21,9 +22,7 @@ once; the loader picks one of its V variants per epoch.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -38,21 +37,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from rargen import distributed
+from rargen.checkpoint import state_sha256
 from rargen.preprocess import image_variants, num_variants
 from rargen.sources import DEFAULT_MAX_PIXELS, ImageSource, open_source
+from rargen.token_store import (  # noqa: F401 - rargen.store's names too
+    MAX_CODEBOOK_SIZE,
+    META_NAME,
+    PLAN_NAME,
+    REPORT_NAME,
+    STORE_FORMAT,
+    STORE_VERSION,
+    TOKEN_DTYPE,
+    TokenStore,
+    shard_name,
+)
 from rargen.tokenizer import token_shape_of
-
-STORE_FORMAT = "rargen-token-store"
-STORE_VERSION = 1
-META_NAME = "meta.json"
-REPORT_NAME = "report.json"
-PLAN_NAME = "plan.json"
-TOKEN_DTYPE = np.uint16
-MAX_CODEBOOK_SIZE = int(np.iinfo(TOKEN_DTYPE).max) + 1
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
 
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
@@ -104,7 +104,7 @@ def _finalize(out: Path, plan: dict[str, Any], extra_meta: dict[str, Any]) -> No
         "images_per_second": round((stored + len(skipped)) / seconds, 2) if seconds > 0 else None,
     }
     _write_json(out / REPORT_NAME, report)
-    from rargen import __version__
+    from rargen.version import __version__
 
     meta = {
         **plan,
@@ -117,33 +117,10 @@ def _finalize(out: Path, plan: dict[str, Any], extra_meta: dict[str, Any]) -> No
     _write_json(out / META_NAME, meta)
 
 
-def _state_sha256(module: nn.Module) -> str:
-    """A hash of a module's weights and buffers (names, dtypes, shapes, bytes), independent of files."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
 def _module_device(module: nn.Module) -> torch.device:
     for tensor in [*module.parameters(), *module.buffers()]:
         return tensor.device
     return torch.device("cpu")
-
-
-def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return rank, world_size
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _check_plan(out: Path, plan: dict[str, Any]) -> None:
@@ -306,7 +283,7 @@ def pretokenize(
             f"{batch_size}, {shard_size}, {num_workers}"
         )
     variants = num_variants(augment)
-    rank, world_size = _dist_rank_world(rank, world_size)
+    rank, world_size = distributed.rank_and_world(rank, world_size)
     out = Path(out)
     if not isinstance(source, ImageSource):
         source = open_source(source, image_size=image_size, max_pixels=max_pixels)
@@ -331,7 +308,7 @@ def pretokenize(
         "token_dtype": np.dtype(TOKEN_DTYPE).name,
         "tokenizer": {
             "kind": getattr(type(tokenizer), "checkpoint_kind", type(tokenizer).__name__),
-            "state_sha256": _state_sha256(tokenizer),
+            "state_sha256": state_sha256(tokenizer),
         },
         "shard_size": shard_size,
         "num_shards": -(-num_source // shard_size),
@@ -374,10 +351,10 @@ def pretokenize(
             }
             _write_shard(out, shard, tokens, labels, info)
     bar.close()
-    _barrier()
+    distributed.barrier()
     if rank == 0:
         _finalize(out, plan, {"tokenizer_file": tokenizer_meta})
-    _barrier()
+    distributed.barrier()
     return out
 
 
@@ -445,107 +422,3 @@ def write_store(
         _write_shard(out, shard, tokens[start:stop], labels[start:stop], info)
     _finalize(out, plan, {"tokenizer_file": {"path": None, "sha256": None}})
     return out
-
-
-class TokenStore:
-    """A finished token store, opened read-only; token arrays are memory-mapped (zero-copy).
-
-    ``len(store)`` counts images; each has ``num_variants`` token arrays of shape ``grid``
-    ((h, w) for 2D tokenizers, (K,) for 1D ones); the generator sees them flat, ``num_tokens`` long.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        meta_file = self.path / META_NAME
-        if not meta_file.is_file():
-            unfinished = (self.path / PLAN_NAME).is_file()
-            hint = " (pretokenization unfinished? rerun it to complete)" if unfinished else ""
-            raise FileNotFoundError(f"no token store at {str(self.path)!r}: {META_NAME} missing{hint}")
-        self.meta: dict[str, Any] = json.loads(meta_file.read_text())
-        if self.meta.get("format") != STORE_FORMAT or self.meta.get("version") != STORE_VERSION:
-            raise ValueError(
-                f"{meta_file}: format {self.meta.get('format')!r} version {self.meta.get('version')!r} "
-                f"is not a {STORE_FORMAT} version {STORE_VERSION}"
-            )
-        self._tokens: list[np.ndarray] = []
-        labels = []
-        shape = (self.num_variants, *self.grid)
-        for shard in self.meta["shards"]:
-            folder = self.path / shard["name"]
-            # mmap of a zero-length array is not allowed; an all-skipped shard is read normally.
-            tokens = np.load(folder / "tokens.npy", mmap_mode="r" if shard["num_images"] else None)
-            if tokens.shape != (shard["num_images"], *shape) or tokens.dtype != TOKEN_DTYPE:
-                expected = f"{np.dtype(TOKEN_DTYPE).name}{(shard['num_images'], *shape)}"
-                found = f"{tokens.dtype}{tokens.shape}"
-                raise ValueError(f"{folder}/tokens.npy is {found}, meta.json says {expected}")
-            self._tokens.append(tokens)
-            labels.append(np.load(folder / "labels.npy"))
-        self.labels: np.ndarray = np.concatenate(labels) if labels else np.zeros(0, np.int64)  # (N,)
-        self._offsets = np.cumsum([0] + [len(t) for t in self._tokens])
-
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
-    @property
-    def num_variants(self) -> int:
-        return int(self.meta["num_variants"])
-
-    @property
-    def grid(self) -> tuple[int, ...]:
-        return tuple(self.meta["grid"])
-
-    @property
-    def num_tokens(self) -> int:
-        return math.prod(self.grid)
-
-    @property
-    def codebook_size(self) -> int:
-        return int(self.meta["codebook_size"])
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return tuple(self.meta["class_names"])
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes; 0 for unconditional data (then every label is 0 = the null label)."""
-        return len(self.class_names)
-
-    @property
-    def augment(self) -> str:
-        return str(self.meta["augment"])
-
-    @property
-    def num_shards(self) -> int:
-        return len(self._tokens)
-
-    def shard_tokens(self, shard: int) -> np.ndarray:
-        """The memory-mapped (n, V, *grid) uint16 array of one shard."""
-        return self._tokens[shard]
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        """(V, *grid) uint16 view (no copy) and the label of image ``index``."""
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"image index {index} out of range for a store of {len(self)} images")
-        index %= len(self)
-        shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        return self._tokens[shard][index - self._offsets[shard]], int(self.labels[index])
-
-    def gather(self, indices: np.ndarray, variants: np.ndarray) -> np.ndarray:
-        """Tokens (B, *grid) uint16 of images ``indices`` (B,), each in variant ``variants`` (B,)."""
-        indices = np.asarray(indices, dtype=np.int64)
-        variants = np.asarray(variants, dtype=np.int64)
-        out = np.empty((len(indices), *self.grid), dtype=TOKEN_DTYPE)
-        shards = np.searchsorted(self._offsets, indices, side="right") - 1
-        for shard in np.unique(shards):
-            rows = np.nonzero(shards == shard)[0]
-            local = indices[rows] - self._offsets[shard]
-            order = np.argsort(local, kind="stable")  # ascending offsets read the mapped file forwards
-            out[rows[order]] = self._tokens[shard][local[order], variants[rows[order]]]
-        return out
-
-    def __repr__(self) -> str:
-        return (
-            f"TokenStore({str(self.path)!r}, images={len(self)}, variants={self.num_variants}, "
-            f"grid={self.grid}, codebook_size={self.codebook_size}, num_classes={self.num_classes})"
-        )

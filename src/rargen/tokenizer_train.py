@@ -25,21 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rargen.checkpoint import (
-    WEIGHTS_NAME,
-    atomic_write_dir,
-    config_from_dict,
-    read_record,
-    read_weights_file,
-    remove_stale_temporaries,
-    save,
-    verify_weights,
-)
+from rargen.checkpoint import config_from_dict, read_record, remove_stale_temporaries
+from rargen.run_state import TRAIN_STATE, read_checkpoint, write_checkpoint
 from rargen.sources import DEFAULT_MAX_PIXELS, describe_read, open_source, read_images, stratified_split
 from rargen.vq_tokenizer import VQTokenizer, VQTokenizerConfig
 
 CHECKPOINT_DIR = "tokenizer"
-TRAIN_STATE = "train_state.pt"
 REPORT_NAME = "report.json"
 
 
@@ -176,24 +167,19 @@ def _save_checkpoint(
     config: TokenizerTrainConfig,
     channels: int = 3,
 ) -> None:
-    def write(tmp: Path) -> None:
-        extra = {"step": step, "train_config": dataclasses.asdict(config), "image_channels": channels}
-        save(model, tmp, extra=extra)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
-        torch.save(state, tmp / TRAIN_STATE)
-
-    atomic_write_dir(path, write)
+    extra = {"step": step, "train_config": dataclasses.asdict(config), "image_channels": channels}
+    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+    write_checkpoint(path, model, state, extra=extra)
 
 
 def _load_checkpoint(path: Path) -> tuple[VQTokenizer, dict[str, Any]]:
-    record = read_record(path)
-    if record["kind"] != VQTokenizer.checkpoint_kind:
-        raise ValueError(f"{path} holds a {record['kind']!r} checkpoint, not a VQ tokenizer training run")
+    if read_record(path)["kind"] != VQTokenizer.checkpoint_kind:  # before reading any weights
+        raise ValueError(
+            f"{path} holds a {read_record(path)['kind']!r} checkpoint, not a VQ tokenizer training run"
+        )
+    record, weights, state = read_checkpoint(path, map_location="cpu")
     model = VQTokenizer(config_from_dict(VQTokenizerConfig, record["config"], str(path / "config.json")))
-    weights = read_weights_file(path / WEIGHTS_NAME)
-    verify_weights(path / WEIGHTS_NAME, record)
     model.load_state_dict(weights, strict=True)
-    state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
     return model, state
 
 

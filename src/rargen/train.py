@@ -20,21 +20,17 @@ Deliberate differences from the official trainer (spec §2, §7):
   first step at lr 0 (spec §7.12). From ``W`` on both are the same cosine decay to ``end_lr``.
 * Orders are drawn vectorised from an explicit generator (official: Python ``random`` per sample).
 
-Launch: ``rargen train`` or ``torchrun ... -m rargen.cli train``; see docs/training.md.
+Launch: ``rargen train`` or ``torchrun ... -m rargen train``; see docs/training.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import re
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,134 +39,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rargen import distributed
-from rargen.checkpoint import (
-    WEIGHTS_NAME,
-    atomic_write_dir,
-    config_from_dict,
-    config_to_dict,
-    read_record,
-    read_weights_file,
-    remove_stale_temporaries,
-    save,
-    verify_weights,
-)
 from rargen.model import RAR, ModelConfig
 from rargen.orders import random_order_prob, sample_orders
+from rargen.recipe import LOGISTICS, TrainConfig, describe_run, format_duration, lr_at
+from rargen.run_state import (
+    MetricsLogger,
+    keep_last,
+    open_run_folder,
+    read_checkpoint,
+    read_weights,
+    step_folder,
+    write_checkpoint,
+    write_final,
+)
+from rargen.sample_images import image_grid_hook, run_sample_hook
 
-# Fields that only change logistics (not the trajectory); a resumed run may change them.
-LOGISTICS = (
-    "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "compile", "sharding",
-    "activation_checkpointing",
-)  # fmt: skip
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The training recipe. Defaults are the paper's (Table 6) at its global batch of 2048.
-
-    ``warmup``, ``anneal_start`` and ``anneal_end`` are optimizer steps when given as ``int`` and
-    fractions of ``steps`` when given as ``float`` in [0, 1] (paper: 100, 200 and 300 of 400 epochs).
-    """
-
-    preset: str = "rar-b"  # ModelConfig preset; codebook, tokens and classes come from the data
-    model_overrides: tuple[tuple[str, Any], ...] = ()  # e.g. (("dim", 128), ("depth", 4))
-    steps: int = 250_000  # optimizer steps
-    batch_size: int = 2048  # global: images per optimizer step over all ranks and micro-steps
-    grad_accum: int = 1  # micro-steps per optimizer step
-    lr: float = 4e-4
-    end_lr: float = 1e-5
-    warmup: int | float = 0.25
-    betas: tuple[float, float] = (0.9, 0.96)
-    weight_decay: float = 0.03
-    grad_clip: float = 1.0  # global L2 norm; 0 = off
-    anneal_start: int | float = 0.5
-    anneal_end: int | float = 0.75
-    label_dropout: float = 0.1  # class label -> null label (classifier-free guidance)
-    seed: int = 0
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
-    compile: bool = False
-    activation_checkpointing: bool = False
-    ema_decay: float = 0.0  # 0 = no EMA (as the official RAR); e.g. 0.9999
-    sharding: str = "ddp"  # "ddp" | "fsdp" (FSDP2 fully_shard per block; for large presets)
-    log_every: int = 50
-    checkpoint_every: int = 5000
-    keep_checkpoints: int = 3
-    sample_every: int = 5000  # only with a tokenizer
-
-    def __post_init__(self) -> None:
-        def bad(name: str, rule: str) -> ValueError:
-            return ValueError(f"TrainConfig.{name} = {getattr(self, name)!r}: {rule}")
-
-        for name in (
-            "steps",
-            "batch_size",
-            "grad_accum",
-            "log_every",
-            "checkpoint_every",
-            "keep_checkpoints",
-        ):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise bad(name, "must be a positive integer")
-        for name in ("warmup", "anneal_start", "anneal_end"):
-            value = getattr(self, name)
-            if isinstance(value, float) and not 0.0 <= value <= 1.0:
-                raise bad(name, "a float is a fraction of steps and must be in [0, 1]; give steps as an int")
-            if value < 0:
-                raise bad(name, "must be >= 0")
-        if self.resolve(self.anneal_end) < self.resolve(self.anneal_start):
-            raise bad("anneal_end", f"must not come before anneal_start ({self.anneal_start})")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise bad("precision", 'choose "auto", "bf16" or "fp32"')
-        if self.sharding not in ("ddp", "fsdp"):
-            raise bad("sharding", 'choose "ddp" or "fsdp"')
-        if not 0.0 <= self.label_dropout < 1.0 or not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError("label_dropout and ema_decay must be in [0, 1)")
-        if self.lr <= 0 or self.end_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("lr must be > 0; end_lr, weight_decay and grad_clip must be >= 0")
-        ModelConfig.from_name(self.preset, **dict(self.model_overrides))  # unknown preset/field -> error
-
-    def resolve(self, value: int | float) -> int:
-        """Optimizer steps of a step-or-fraction setting."""
-        return round(value * self.steps) if isinstance(value, float) else int(value)
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        # Field by field against the annotations (a JSON list becomes a tuple), then __post_init__.
-        return config_from_dict(cls, values, "train config")
 
 
 # ------------------------------------------------------------------------------------------------
 # Pure helpers
-
-
-# Below this many stored images a run without a preset gets ``small_data_recipe`` instead of the
-# paper's ImageNet recipe (RAR-B, 250k steps of 2048), which on 600 images is ~850k epochs.
-SMALL_DATA_IMAGES = 100_000
-
-
-def small_data_recipe(num_images: int) -> dict[str, Any]:
-    """TrainConfig fields for a small store: the README's own-data recipe (rar-digits, 2000 steps).
-
-    The batch is at most the store (a 60-image store gets batch 60); checkpoints and sample grids
-    every 500 steps. Used by ``rargen train`` when neither a preset nor a --config is given.
-    """
-    return {
-        "preset": "rar-digits", "steps": 2000, "batch_size": max(1, min(64, num_images)), "lr": 1e-3,
-        "warmup": 0.05, "log_every": 50, "checkpoint_every": 500, "sample_every": 500,
-    }  # fmt: skip
-
-
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to ``end_lr``."""
-    warmup, total = config.resolve(config.warmup), config.steps
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return config.end_lr + (config.lr - config.end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -217,13 +105,6 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def checkpoints(run: Path) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first (temporary folders are hidden dot-names)."""
-    folder = run / "checkpoints"
-    found = [p for p in folder.glob("step-*") if re.fullmatch(r"step-\d+", p.name)] if folder.is_dir() else []
-    return sorted((p for p in found if (p / "train_state.pt").is_file()), key=lambda p: int(p.name[5:]))
-
-
 # ------------------------------------------------------------------------------------------------
 # Data
 
@@ -260,32 +141,17 @@ def model_config_for(config: TrainConfig, store: Any) -> ModelConfig:
 
 
 def check_run_folder(out: Path, config: TrainConfig, resume: bool) -> Path | None:
-    """Validate the output folder before any work; return the checkpoint to resume from, if any."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(
-            f"cannot write to the output folder {str(out)!r} ({error}); pass another --out"
-        ) from None
-    # Half-written checkpoint folders of a killed run (only rank 0 writes them, and it is here).
-    remove_stale_temporaries(out / "checkpoints")
-    remove_stale_temporaries(out)
-    found = checkpoints(out)
-    if found and not resume:
-        raise ValueError(
-            f"{out} already holds checkpoints (newest {found[-1].name}); pass --resume or another --out"
-        )
-    if not found:
+    """Validate the output folder before any work; return the checkpoint to resume from, if any
+    (its recipe must be this one, up to the ``LOGISTICS`` fields)."""
+    newest = open_run_folder(out, resume)
+    if newest is None:
         return None
-    saved = TrainConfig.from_dict(json.loads((found[-1] / "train_config.json").read_text()))
+    saved = TrainConfig.from_dict(json.loads((newest / "train_config.json").read_text()))
     differing = [f for f in saved.to_dict() if f not in LOGISTICS and getattr(saved, f) != getattr(config, f)]
     if differing:
         pairs = ", ".join(f"{f}: {getattr(saved, f)!r} saved, {getattr(config, f)!r} now" for f in differing)
         raise ValueError(f"cannot resume {out} with a different recipe ({pairs}); use the saved settings")
-    return found[-1]
+    return newest
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,42 +215,20 @@ def train(
     torch.manual_seed(config.seed * 1_000_003 + rank)  # model dropout, per rank
     state: dict[str, Any] | None = None
     if resume_from is not None:
-        record = read_record(resume_from)
-        weights = read_weights_file(resume_from / WEIGHTS_NAME)
-        verify_weights(resume_from / WEIGHTS_NAME, record)
+        record, weights, state = read_checkpoint(resume_from)
         raw.load_state_dict(weights)
-        state = torch.load(resume_from / "train_state.pt", weights_only=True)
     raw.to(env.device)
     ema = None
     if config.ema_decay > 0:
-        ema_file = resume_from / "ema.safetensors" if resume_from is not None else None
-        source = read_weights_file(ema_file) if ema_file is not None else raw.state_dict()
-        if ema_file is not None:
-            verify_weights(ema_file, record)
+        source = read_weights(resume_from, "ema.safetensors", record) if resume_from else raw.state_dict()
         ema = {
             name: source[name].detach().to(env.device, torch.float32).clone()
             for name, _ in raw.named_parameters()
         }
     if config.activation_checkpointing:
         enable_activation_checkpointing(raw)
-    model: nn.Module = raw
-    if world > 1 and config.sharding == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in raw.blocks:
-            fully_shard(block)
-        fully_shard(raw)
-        if ema is not None:  # shard the EMA like the parameters
-            from torch.distributed.tensor import distribute_tensor
-
-            ema = {
-                n: distribute_tensor(ema[n], p.device_mesh, p.placements) for n, p in raw.named_parameters()
-            }
-    model = torch.compile(raw) if config.compile else raw
-    if world > 1 and config.sharding == "ddp":
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None
-        )
+    model, shard = distributed.wrap_for_training(raw, env, sharding=config.sharding, compile=config.compile)
+    ema = shard(ema) if ema is not None else None  # the EMA laid out like the parameters
     fused = env.device.type == "cuda"
     optimizer = torch.optim.AdamW(
         param_groups(raw, config.weight_decay), lr=config.lr, betas=config.betas, fused=fused
@@ -441,9 +285,8 @@ def train(
             orders = orders_all[rows].to(env.device, non_blocking=True)
             if step == start and j == 0:
                 raw.check_inputs(tokens, labels, orders)  # one host sync: bad data fails before training
-            last = j == config.grad_accum - 1
-            sync = contextlib.nullcontext() if last or world == 1 else _no_sync(model, raw, config)
-            with sync:
+            reduce_now = j == config.grad_accum - 1 or world == 1  # all-reduce on the last micro-step only
+            with contextlib.nullcontext() if reduce_now else distributed.no_sync(model, raw, config.sharding):
                 with autocast:
                     logits = model(tokens, labels, orders, check=False)  # (micro, L, V)
                 loss, correct = token_loss(logits, tokens.gather(1, orders))
@@ -453,7 +296,7 @@ def train(
         grad_norm = torch.nn.utils.clip_grad_norm_(
             params, config.grad_clip if config.grad_clip > 0 else float("inf")
         )
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm = distributed.full_tensor(grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema_pairs is not None:
@@ -506,54 +349,18 @@ def train(
             and env.is_main
             and (done % config.sample_every == 0 or done == config.steps)
         ):
-            _run_sample_hook(sample_hook, raw, done, out, ema)
+            run_sample_hook(sample_hook, raw, done, out)
         bar.update(1)
         if done == timing_step and env.is_main and progress and done < config.steps:
             per_step = (time.perf_counter() - run_began) / (done - start)
             left = per_step * (config.steps - done)
-            print(f"expected time: {per_step:.3f} s/step, about {_duration(left)} to go", flush=True)
+            print(f"expected time: {per_step:.3f} s/step, about {format_duration(left)} to go", flush=True)
     bar.close()
     logger.close()
-    final = out / "final"
-    newest = checkpoints(out)[-1] if env.is_main else None
     if env.is_main:
-        names = [n for n in ("config.json", "model.safetensors", "ema.safetensors") if (newest / n).is_file()]
-        atomic_write_dir(final, lambda tmp: [shutil.copy2(newest / n, tmp / n) for n in names])
+        write_final(out)
     distributed.barrier()
-    return final
-
-
-def describe_run(config: TrainConfig, num_params: int, num_images: int | None, start: int) -> str:
-    """The start-up summary: model size, data size, steps, batch and the epochs they make."""
-    data = "an unsized source"
-    if num_images:
-        epochs = config.steps * config.batch_size / num_images
-        data = f"{num_images:,} images, {epochs:,.1f} epochs"
-    resumed = f", resuming at step {start}" if start else ""
-    return (
-        f"train: {config.preset} with {num_params:,} parameters; {data}; {config.steps:,} steps of "
-        f"batch {config.batch_size}{resumed}"
-    )
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
-def _no_sync(model: nn.Module, raw: nn.Module, config: TrainConfig) -> Any:
-    """Skip the gradient all-reduce of a non-final micro-step (DDP ``no_sync``; FSDP2 flag)."""
-    if config.sharding == "fsdp":
-        raw.set_requires_gradient_sync(False)
-
-        @contextlib.contextmanager
-        def resync() -> Iterator[None]:
-            yield
-            raw.set_requires_gradient_sync(True)
-
-        return resync()
-    return model.no_sync()
+    return out / "final"
 
 
 def _check_finite(values: Tensor, step: int, last_saved: Path | None) -> None:
@@ -567,23 +374,6 @@ def _check_finite(values: Tensor, step: int, last_saved: Path | None) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # Checkpoints
-
-
-def _full_state(raw: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Unsharded model and optimizer state on the CPU (FSDP: gathered to rank 0, empty elsewhere)."""
-    first = next(raw.parameters())
-    if hasattr(first, "full_tensor"):  # FSDP2 DTensor parameters
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(raw, options=options), get_optimizer_state_dict(
-            raw, optimizer, options=options
-        )
-    return raw.state_dict(), optimizer.state_dict()
 
 
 def _rng_state(env: distributed.Dist) -> dict[str, Tensor]:
@@ -605,12 +395,10 @@ def save_checkpoint(
     env: distributed.Dist,
 ) -> Path:
     """Write ``out/checkpoints/step-XXXXXXX`` atomically (rank 0) and prune old ones; all ranks call."""
-    weights, optim_state = _full_state(raw, optimizer)
-    ema_full = {
-        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in (ema or {}).items()
-    }
+    weights, optim_state = distributed.full_state(raw, optimizer)
+    ema_full = {k: distributed.full_tensor(v).cpu() for k, v in (ema or {}).items()}
     rng = distributed.all_gather_object(_rng_state(env))
-    path = out / "checkpoints" / f"step-{step:07d}"
+    path = step_folder(out, step)
     if env.is_main:
         train_state = {
             "step": step,
@@ -621,33 +409,21 @@ def save_checkpoint(
             "world_size": env.world_size,
             "config": config.to_dict(),
         }
-
-        def write(tmp: Path) -> None:
-            # Class names travel with the weights: `rargen sample` grids and `rargen serve` use them.
-            names = list(getattr(getattr(loader, "store", None), "class_names", None) or ())
-            extra = {"step": step, "train_config": config.to_dict()} | (
-                {"class_names": names} if names else {}
-            )
-            more = {"ema.safetensors": ema_full} if ema is not None else {}
-            save(raw, tmp, state_dict=weights, extra=extra, extra_weights=more)
-            torch.save(train_state, tmp / "train_state.pt")
-            (tmp / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-
-        atomic_write_dir(path, write)
-        for old in checkpoints(out)[: -config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        # Class names travel with the weights: `rargen sample` grids and `rargen serve` use them.
+        names = list(getattr(getattr(loader, "store", None), "class_names", None) or ())
+        extra = {"step": step, "train_config": config.to_dict()} | ({"class_names": names} if names else {})
+        write_checkpoint(
+            path, raw, train_state, extra=extra, state_dict=weights,
+            extra_weights={"ema.safetensors": ema_full} if ema is not None else {},
+            files={"train_config.json": json.dumps(config.to_dict(), indent=2) + "\n"},
+        )  # fmt: skip
+        keep_last(out, config.keep_checkpoints)
     distributed.barrier()
     return path
 
 
 def _load_train_state(state, raw, optimizer, generator, loader, env, config) -> None:
-    if hasattr(next(raw.parameters()), "full_tensor"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_optimizer_state_dict(raw, optimizer, state["optimizer"], options=options)
-    else:
-        optimizer.load_state_dict(state["optimizer"])
+    distributed.load_optimizer_state(raw, optimizer, state["optimizer"])
     generator.set_state(state["generator"])
     loader.load_state_dict(state["loader"])
     if state["world_size"] == env.world_size:
@@ -660,98 +436,3 @@ def _load_train_state(state, raw, optimizer, generator, loader, env, config) -> 
             stacklevel=2,
         )
         torch.manual_seed((config.seed * 1_000_003 + env.rank) ^ int(state["step"]))
-
-
-# ------------------------------------------------------------------------------------------------
-# Watching a run
-
-
-class MetricsLogger:
-    """Scalars to ``metrics.jsonl`` (and TensorBoard when it is installed); rank 0 only."""
-
-    def __init__(self, out: Path, enabled: bool, resume_step: int) -> None:
-        self.enabled, self.path, self.tb = enabled, out / "metrics.jsonl", None
-        if not enabled:
-            return
-        if self.path.exists():  # drop rows a killed run logged after its last checkpoint
-            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [line for line in rows if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:
-            self.tb = None
-
-    def log(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for key, value in row.items():
-                if key != "step" and value is not None:
-                    self.tb.add_scalar(f"train/{key}", value, row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _run_sample_hook(hook: Callable, raw: RAR, step: int, out: Path, ema: dict[str, Tensor] | None) -> None:
-    path = out / "samples" / f"step-{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = raw.training
-    raw.eval()
-    try:
-        with torch.no_grad():
-            hook(raw, step, path)
-    except Exception as error:  # noqa: BLE001 - a failed preview must never end a training run
-        warnings.warn(
-            f"sample grid at step {step} failed ({type(error).__name__}: {error}); training goes on",
-            stacklevel=2,
-        )
-    finally:
-        raw.train(was_training)
-
-
-def image_grid_hook(
-    tokenizer_path: str | os.PathLike, store: Any, per_class: int = 4, classes: int = 32
-) -> Callable:
-    """A sample hook drawing ``per_class`` images of each of the first ``classes`` classes (one row
-    each) with
-    ``rargen.sampling.generate`` (imported lazily: training works without the sampler)."""
-    from rargen.checkpoint import load
-
-    tokenizer = load(tokenizer_path)
-    if int(getattr(tokenizer, "codebook_size", store.codebook_size)) != store.codebook_size:
-        raise ValueError(
-            f"tokenizer {tokenizer_path} has codebook size {tokenizer.codebook_size}, the data "
-            f"{store.codebook_size}; pass the tokenizer the store was made with"
-        )
-    expected = ((getattr(store, "meta", None) or {}).get("tokenizer") or {}).get("state_sha256")
-    if expected is not None:
-        from rargen.store import _state_sha256
-
-        if _state_sha256(tokenizer) != expected:
-            raise ValueError(f"tokenizer {tokenizer_path} is not the one the token store was made with")
-    names = list(getattr(store, "class_names", ())) or None
-    channels = int(getattr(tokenizer, "checkpoint_extra", {}).get("image_channels", 3))
-
-    def hook(model: RAR, step: int, path: Path) -> None:
-        from rargen.sample_images import save_grid, to_uint8
-        from rargen.sampling import SampleConfig, generate_images
-
-        device = next(model.parameters()).device
-        count = min(classes, max(1, model.config.num_classes))
-        labels = torch.arange(count, device=device).repeat_interleave(per_class)
-        config = SampleConfig(cfg_scale=3.0) if model.config.num_classes else SampleConfig()
-        images = generate_images(
-            model, tokenizer.to(device), labels, config, torch.Generator(device).manual_seed(step)
-        )
-        if channels == 1:  # a tokenizer trained on grey images: grey previews, as rargen sample
-            images = images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
-        save_grid(to_uint8(images), labels.tolist(), names, path)
-
-    return hook

@@ -1,4 +1,4 @@
-"""The MaskGIT-VQGAN tokenizer used by the official RAR (spec §4), and its checkpoint converter.
+"""The MaskGIT-VQGAN tokenizer used by the official RAR (spec §4).
 
 The architecture is reproduced exactly, quirks included, so the released
 ``maskgit-vqgan-imagenet-f16-256.bin`` loads strictly and gives the same codes:
@@ -6,7 +6,7 @@ no attention anywhere, 2x2 average-pool downsampling, nearest x2 upsampling + co
 (32 groups, eps 1e-6), bias-free convs inside residual blocks, and a ``nin_shortcut`` (out->out
 1x1) that acts on the block *output* (the JAX original did so and the weights depend on it).
 Images go in as [0, 1] (no [-1, 1] scaling) and come out clamped to [0, 1].
-Parameter names follow the official layout so conversion is a pure shape check.
+Parameter names follow the official layout so conversion (``rargen.convert``) is a pure shape check.
 
 Shapes: B batch, C channels, h x w code grid, f = 2 ** (levels - 1) downsample factor.
 Implements the ``rargen.tokenizer.Tokenizer`` interface.
@@ -15,9 +15,7 @@ Implements the ``rargen.tokenizer.Tokenizer`` interface.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -252,88 +250,3 @@ class MaskGITVQGAN(VQImageTokenizer):
 
 
 # --------------------------------------------------------------------------- official weights
-
-_REQUIRED_KEYS = ("encoder.conv_in.weight", "encoder.conv_out.weight", "quantize.embedding.weight")
-
-
-def is_official_vqgan_state_dict(state_dict: dict[str, Any]) -> bool:
-    """True when ``state_dict`` has the official MaskGIT-VQGAN key layout (no prefix)."""
-    return all(key in state_dict for key in _REQUIRED_KEYS) and any(
-        key.startswith("decoder.up.") for key in state_dict
-    )
-
-
-def _indices(state_dict: dict[str, Tensor], prefix: str) -> list[int]:
-    found = {int(key[len(prefix) :].split(".")[0]) for key in state_dict if key.startswith(prefix)}
-    return sorted(found)
-
-
-def config_from_official_state_dict(state_dict: dict[str, Tensor]) -> VQGANConfig:
-    """Infer widths, levels, blocks and codebook of an official state dict from its tensors."""
-    hidden = state_dict["encoder.conv_in.weight"].shape[0]
-    levels = _indices(state_dict, "encoder.down.")
-    blocks = _indices(state_dict, "encoder.down.0.block.")
-    mid = _indices(state_dict, "encoder.mid.")
-    if not levels or not blocks or levels != list(range(len(levels))) or mid != blocks:
-        raise ValueError(
-            f"official VQGAN state dict has an unexpected structure: encoder.down levels {levels}, "
-            f"blocks per level {blocks}, middle blocks {mid}"
-        )
-    widths = [state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels]
-    if any(w % hidden for w in widths):
-        raise ValueError(f"level widths {widths} are not multiples of the stem width {hidden}")
-    codebook_size, codebook_dim = state_dict["quantize.embedding.weight"].shape
-    factor = 2 ** (len(levels) - 1)
-    return VQGANConfig(
-        channel_mult=tuple(w // hidden for w in widths),
-        hidden_channels=hidden,
-        num_res_blocks=len(blocks),
-        z_channels=state_dict["encoder.conv_out.weight"].shape[0],
-        codebook_size=codebook_size,
-        codebook_dim=codebook_dim,
-        # The weights do not record a resolution; 16 codes per side is what MaskGIT trained with.
-        image_size=16 * factor,
-    )
-
-
-def _describe(state_dict: dict[str, Any]) -> str:
-    keys = list(state_dict)
-    hint = ""
-    if any(k.startswith("blocks.") for k in keys) and "lm_head.weight" in state_dict:
-        hint = " It looks like an official RAR generator; use `rargen convert official-rar`."
-    elif keys and all(k.startswith(("module.", "model.", "state.", "_orig_mod.")) for k in keys):
-        hint = " All keys share a prefix; strip it (e.g. {k.removeprefix('module.'): v ...}) first."
-    return f"{len(keys)} tensors, first keys {keys[:5]}.{hint}"
-
-
-def convert_official_vqgan(source: str | os.PathLike | dict[str, Tensor]) -> MaskGITVQGAN:
-    """Build a ``MaskGITVQGAN`` from the official ``maskgit-vqgan-imagenet-f16-256.bin``.
-
-    ``source`` is a path (``.bin``/``.pt``/``.pth`` loaded with ``weights_only=True``, or
-    ``.safetensors``) or an already loaded state dict. The config is inferred from the tensors and
-    the weights are loaded strictly (float32, eval mode).
-    """
-    if isinstance(source, dict):
-        state_dict = source
-        origin = "state dict"
-    else:
-        path = Path(source)
-        origin = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no VQGAN checkpoint at {origin!r}; download maskgit-vqgan-imagenet-f16-256.bin from "
-                "the Hugging Face repo fun-research/TiTok and pass its local path"
-            )
-        from rargen.checkpoint import read_weights_file
-
-        state_dict = read_weights_file(path)
-    if not is_official_vqgan_state_dict(state_dict):
-        raise ValueError(
-            f"{origin} is not an official MaskGIT-VQGAN state dict (expected keys {list(_REQUIRED_KEYS)} "
-            f"and decoder.up.*): found {_describe(state_dict)}"
-        )
-    config = config_from_official_state_dict(state_dict)
-    weights = {k: v.to(torch.float32) for k, v in state_dict.items()}
-    from rargen.checkpoint import build
-
-    return build(MaskGITVQGAN.checkpoint_kind, config, weights, origin)
