@@ -6,15 +6,15 @@ import pytest
 import torch
 
 import rargen
-from rargen.digits import (
+from rargen.digit_classifier import (
     DigitClassifier,
     DigitClassifierConfig,
     classifier_accuracy,
     digit_feature_stats,
     digit_frechet_distance,
-    load_digit_images,
     train_digit_classifier,
 )
+from rargen.digits import load_digit_images
 from rargen.metrics import frechet_distance
 
 

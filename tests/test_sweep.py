@@ -11,7 +11,12 @@ import torch
 from conftest import randomize
 from rargen.checkpoint import save
 from rargen.cli import main
-from rargen.digits import DigitClassifier, DigitClassifierConfig, classifier_accuracy, digit_frechet_distance
+from rargen.digit_classifier import (
+    DigitClassifier,
+    DigitClassifierConfig,
+    classifier_accuracy,
+    digit_frechet_distance,
+)
 from rargen.model import RAR, ModelConfig
 from test_sample_cli import TinyTokenizer, TinyTokenizerConfig
 

@@ -59,7 +59,7 @@ def test_store_train_sample_over_1d_tokens(tmp_path):
     assert arr.shape == (3, 32, 32, 3)
     assert Image.open(tmp_path / "out" / "images" / "000001.png").size == (32, 32)
     # rargen sweep samples and scores each guidance scale through the same path
-    from rargen.digits import DigitClassifier, DigitClassifierConfig
+    from rargen.digit_classifier import DigitClassifier, DigitClassifierConfig
 
     torch.manual_seed(0)
     save(DigitClassifier(DigitClassifierConfig(image_size=32)).eval(), tmp_path / "clf")

@@ -261,7 +261,7 @@ class Evaluator:
         ])  # fmt: skip
         result["copy_fraction"] = self.copies(images)
         if self.classifier is not None:
-            from rargen.digits import classifier_accuracy, digit_frechet_distance
+            from rargen.digit_classifier import classifier_accuracy, digit_frechet_distance
 
             result["class_accuracy"] = classifier_accuracy(self.classifier, images, labels)
             result["frechet_distance"] = digit_frechet_distance(self.classifier, images)
@@ -454,38 +454,7 @@ def write_report(out: str | os.PathLike, config: StudyConfig) -> dict[str, Any]:
     return summary
 
 
-def prepare_digits(
-    out: str | os.PathLike, train_images: int | None = None, progress: bool = True
-) -> StudyData:
-    """The embedded digits as study data: the demo's VQ tokenizer and classifier, and token stores of
-    the fixed held-out split and of the training split (its first ``train_images // 10`` images of
-    each class when given: less data, earlier memorisation), made once under ``out`` and reused."""
-    from rargen.demo import IMAGE_SIZE, DemoConfig, train_demo_classifier, train_demo_tokenizer
-    from rargen.sources import ArraySource, digit_source
-    from rargen.store import pretokenize
-
-    out = Path(out)
-    tokenizer, _ = train_demo_tokenizer(out, DemoConfig(), progress)
-    train_demo_classifier(out, DemoConfig(), progress)
-    sources = {"heldout": digit_source("heldout", IMAGE_SIZE), "train": digit_source("train", IMAGE_SIZE)}
-    if train_images is not None:
-        full = sources.pop("train")
-        labels = np.asarray(full.labels)
-        keep = np.sort(np.concatenate([np.nonzero(labels == c)[0][: train_images // 10] for c in range(10)]))
-        description = {**full.description, "images": len(keep)}
-        sources[f"train-{len(keep)}"] = ArraySource(
-            full.images[keep], labels[keep], full.class_names, description
-        )
-    stores = {
-        split: pretokenize(source, tokenizer, out / f"store-{split}", image_size=IMAGE_SIZE, num_workers=1,
-                           progress=progress)
-        for split, source in sources.items()
-    }  # fmt: skip
-    train = next(path for split, path in stores.items() if split != "heldout")
-    return StudyData(train, stores["heldout"], out / "tokenizer", out / "classifier")
-
-
 __all__ = [
     "WINDOW_PRESETS", "Evaluator", "Run", "StudyConfig", "StudyData", "Window", "format_table",
-    "parse_windows", "prepare_digits", "raster_nll_bits", "run_study", "study_runs", "write_report",
+    "parse_windows", "raster_nll_bits", "run_study", "study_runs", "write_report",
 ]  # fmt: skip

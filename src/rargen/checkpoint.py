@@ -47,7 +47,7 @@ _KINDS: dict[str, str] = {
     "maskgit-vqgan": "rargen.vqgan:MaskGITVQGAN",
     "vq-tokenizer": "rargen.vq_tokenizer:VQTokenizer",
     "titok": "rargen.titok:TiTok",
-    "digit-classifier": "rargen.digits:DigitClassifier",
+    "digit-classifier": "rargen.digit_classifier:DigitClassifier",
     "image-classifier": "rargen.classifier:ImageClassifier",
 }
 

@@ -342,7 +342,7 @@ def _ablate_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run_ablate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from rargen.ablation import StudyConfig, StudyData, format_table, parse_windows, prepare_digits, run_study
+    from rargen.ablation import StudyConfig, StudyData, format_table, parse_windows, run_study
     from rargen.demo import training_precision
     from rargen.recipe import TrainConfig
 
@@ -352,6 +352,8 @@ def _run_ablate(args: argparse.Namespace) -> None:
     except (ValueError, AssertionError):
         raise ValueError(f"--shard {args.shard!r}: give i/n, e.g. 0/2 and 1/2 for two processes") from None
     if args.digits:
+        from rargen.demo import prepare_digits
+
         data = prepare_digits(Path(args.out) / "data", args.train_images, progress=not args.no_progress)
     elif not args.heldout:
         raise ValueError("--data needs --heldout (a token store of held-out images, the same tokenizer)")

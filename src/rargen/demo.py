@@ -111,7 +111,7 @@ def train_demo_tokenizer(out: Path, config: DemoConfig, progress: bool) -> tuple
 
 def train_demo_classifier(out: Path, config: DemoConfig, progress: bool) -> Any:
     from rargen.checkpoint import load, save
-    from rargen.digits import DigitClassifierConfig, train_digit_classifier
+    from rargen.digit_classifier import DigitClassifierConfig, train_digit_classifier
 
     if (out / "classifier").exists():
         return load(out / "classifier")
@@ -219,6 +219,38 @@ def plot_training(runs: dict[str, Path], path: Path) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
+def prepare_digits(out: str | Path, train_images: int | None = None, progress: bool = True) -> Any:
+    """The embedded digits as ``rargen ablate`` study data (an ``ablation.StudyData``): the demo's
+    VQ tokenizer and classifier, and token stores of the fixed held-out split and of the training
+    split (its first ``train_images // 10`` images of each class when given: less data, earlier
+    memorisation), made once under ``out`` and reused."""
+    import numpy as np
+
+    from rargen.ablation import StudyData
+    from rargen.sources import ArraySource, digit_source
+    from rargen.store import pretokenize
+
+    out = Path(out)
+    tokenizer, _ = train_demo_tokenizer(out, DemoConfig(), progress)
+    train_demo_classifier(out, DemoConfig(), progress)
+    sources = {"heldout": digit_source("heldout", IMAGE_SIZE), "train": digit_source("train", IMAGE_SIZE)}
+    if train_images is not None:
+        full = sources.pop("train")
+        labels = np.asarray(full.labels)
+        keep = np.sort(np.concatenate([np.nonzero(labels == c)[0][: train_images // 10] for c in range(10)]))
+        description = {**full.description, "images": len(keep)}
+        sources[f"train-{len(keep)}"] = ArraySource(
+            full.images[keep], labels[keep], full.class_names, description
+        )
+    stores = {
+        split: pretokenize(source, tokenizer, out / f"store-{split}", image_size=IMAGE_SIZE, num_workers=1,
+                           progress=progress)
+        for split, source in sources.items()
+    }  # fmt: skip
+    train = next(path for split, path in stores.items() if split != "heldout")
+    return StudyData(train, stores["heldout"], out / "tokenizer", out / "classifier")
+
+
 def ablation_study() -> Any:
     """The setting where annealing's gain shows at CPU scale (BENCHMARKS.md, "Annealing ablation")."""
     from rargen.ablation import StudyConfig, Window
@@ -242,9 +274,10 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the demo into ``out`` and return its results (also written to ``results.json``)."""
-    from rargen.ablation import Evaluator, StudyData, prepare_digits, run_study
+    from rargen.ablation import Evaluator, StudyData, run_study
     from rargen.checkpoint import atomic_write_dir, load
-    from rargen.digits import classifier_accuracy, digit_frechet_distance, load_digit_images
+    from rargen.digit_classifier import classifier_accuracy, digit_frechet_distance
+    from rargen.digits import load_digit_images
     from rargen.sources import digit_source
     from rargen.store import pretokenize
 

@@ -2,26 +2,17 @@
 
 It ships inside scikit-learn (no download), so the demo and the tests have real data on any
 machine. Images are upscaled to RGB squares the tokenizers can work with; the train/held-out
-split is fixed (a seeded permutation), so every run and every user sees the same split.
+split is fixed (a seeded permutation), so every run and every user sees the same split. The digit
+classifier that scores generated digits is ``rargen.digit_classifier``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from rargen.classifier import (  # noqa: F401 - classifier_accuracy: the digits' name for it
-    ImageClassifier,
-    ImageClassifierConfig,
-    classifier_accuracy,
-    feature_stats,
-    fit_classifier,
-)
-from rargen.metrics import FeatureStats, frechet_distance
 
 DIGIT_CLASS_NAMES = tuple(str(i) for i in range(10))
 HELDOUT_FRACTION = 0.2
@@ -71,59 +62,3 @@ def load_digit_images(split: Split = "train", image_size: int = 32) -> tuple[Ten
     images, labels = _raw_digits()
     index = split_indices(len(images), split)
     return upscale(images[index], image_size), labels[index]
-
-
-# ---------------------------------------------------------------------------------------------
-# A digit classifier: the embedded-data stand-in for the Inception network. Its accuracy on
-# generated digits measures class fidelity; the Fréchet distance of its penultimate features to
-# the held-out split measures sample quality, through the same statistics code as FID.
-
-
-@dataclass(frozen=True)
-class DigitClassifierConfig(ImageClassifierConfig):
-    """The generic classifier's config (``rargen.classifier``), RGB, at a size divisible by 2**stages."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.image_size % (2 ** len(self.channels)) != 0:
-            raise ValueError(
-                f"image_size {self.image_size} must be divisible by 2**len(channels) = "
-                f"{2 ** len(self.channels)}; change image_size or the number of channels"
-            )
-
-
-class DigitClassifier(ImageClassifier):
-    """The generic classifier under its own checkpoint kind: the demo's scorer of the digits."""
-
-    checkpoint_kind: ClassVar[str] = "digit-classifier"
-    config_class: ClassVar[type] = DigitClassifierConfig
-
-
-def train_digit_classifier(
-    config: DigitClassifierConfig = DigitClassifierConfig(),
-    epochs: int = 12,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    seed: int = 0,
-    progress: bool = False,
-) -> DigitClassifier:
-    """Train a DigitClassifier on the fixed train split (Adam, cosine LR, random shifts)."""
-    images, labels = load_digit_images("train", config.image_size)
-    build = lambda: DigitClassifier(config)  # noqa: E731 - built after fit_classifier seeds torch
-    return fit_classifier(build, images, labels, epochs, batch_size, lr, seed, progress, "digit classifier")
-
-
-def digit_feature_stats(classifier: DigitClassifier, images: Tensor, batch_size: int = 256) -> FeatureStats:
-    """Streaming Gaussian statistics of the classifier's penultimate features (as for FID)."""
-    return feature_stats(classifier, images, batch_size)
-
-
-def digit_frechet_distance(
-    classifier: DigitClassifier, images: Tensor, reference: Tensor | None = None, batch_size: int = 256
-) -> float:
-    """Fréchet distance of ``images`` to ``reference`` (default: held-out real digits) in feature space."""
-    if reference is None:
-        reference, _ = load_digit_images("heldout", classifier.config.image_size)
-    ours = digit_feature_stats(classifier, images, batch_size).gaussian()
-    theirs = digit_feature_stats(classifier, reference, batch_size).gaussian()
-    return frechet_distance(ours, theirs)

@@ -190,7 +190,7 @@ def generate_speculative(
 ) -> tuple[Tensor, SpeculationStats]:
     """Tokens (B, L) int64 for ``labels`` with ``noise`` (B, L, V) (``draw_noise``), each pass
     verifying up to ``speculate`` draft tokens per sample; see the module docstring."""
-    from rargen.sampling import cfg_schedule, filter_logits, sample_from_logits
+    from rargen.next_token import cfg_schedule, filter_logits, sample_from_logits
 
     if not isinstance(speculate, int) or isinstance(speculate, bool) or speculate < 0:
         raise ValueError(f"speculate must be an int >= 0 (0 = off), got {speculate!r}")

@@ -58,7 +58,7 @@ def classifier_scores(
 ) -> dict[str, float]:
     """Class accuracy and Fréchet distance (classifier features, vs held-out digits) of images
     (N, 3, H, W) in [0, 1] generated for ``labels`` (N,)."""
-    from rargen.digits import classifier_accuracy, digit_frechet_distance
+    from rargen.digit_classifier import classifier_accuracy, digit_frechet_distance
 
     return {
         "class_accuracy": classifier_accuracy(classifier, images, labels),
