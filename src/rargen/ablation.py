@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rargen.train import TrainConfig, checkpoints
+from rargen.recipe import TrainConfig
+from rargen.run_state import checkpoints
 
 METRICS = ("heldout_nll", "train_nll", "copy_fraction", "class_accuracy", "frechet_distance")
 LOWER_IS_BETTER = {"heldout_nll": True, "train_nll": True, "copy_fraction": True,
@@ -294,18 +295,9 @@ def evaluate_run(folder: Path, evaluator: Evaluator) -> list[dict[str, Any]]:
 
 def check_study_folder(out: Path, config: StudyConfig) -> None:
     """A study folder records its grid; rerunning it resumes, another grid there is refused."""
-    record = out / "study.json"
-    settings = config.to_dict()
-    if record.exists():
-        saved = json.loads(record.read_text())
-        if saved != settings:
-            changed = sorted(k for k in settings if saved.get(k) != settings[k])
-            raise ValueError(
-                f"{out} holds a study with other settings ({', '.join(changed)}); pass another --out"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(settings, indent=2) + "\n")
+    from rargen.run_state import check_settings_record
+
+    check_settings_record(out / "study.json", config.to_dict(), "a study", "pass another --out")
 
 
 def run_study(

@@ -375,19 +375,10 @@ def run_demo(
 def check_demo_folder(out: Path, config: DemoConfig) -> None:
     """A demo folder records its settings; a rerun with the same settings picks up where an
     interrupted run stopped, one with other settings is refused before any work."""
-    record = out / "demo_config.json"
+    from rargen.run_state import check_settings_record
+
     settings = dataclasses.asdict(config)
-    if record.exists():
-        saved = json.loads(record.read_text())
-        if saved != settings:
-            changed = sorted(k for k in settings if saved.get(k) != settings[k])
-            raise ValueError(
-                f"{out} holds a demo run with other settings ({', '.join(changed)}); "
-                "delete it or pass another --out"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(settings, indent=2) + "\n")
+    check_settings_record(out / "demo_config.json", settings, "a demo run", "delete it or pass another --out")
 
 
 def _copy_files(source: Path, target: Path) -> None:

@@ -34,6 +34,22 @@ from rargen.checkpoint import (
 TRAIN_STATE = "train_state.pt"
 
 
+def check_settings_record(record: Path, settings: dict[str, Any], what: str, fix: str) -> None:
+    """Resumable work (a demo, a study) records its settings in ``record``: a rerun with the same
+    settings picks up where it stopped; other settings are refused before any work, naming the
+    fields that differ and ``fix``."""
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved != settings:
+            changed = sorted(k for k in settings if saved.get(k) != settings[k])
+            raise ValueError(
+                f"{record.parent} holds {what} with other settings ({', '.join(changed)}); {fix}"
+            )
+        return
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def step_folder(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step-{step:07d}"
 
