@@ -132,7 +132,12 @@ def add_config_flags(
             item = _TYPES[kind[len("tuple[") :].split(",")[0].strip()]
             parser.add_argument(flag, type=item, nargs=2, default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=types.get(field.name, _TYPES[kind]), default=None, help=help_text)
+            parser.add_argument(
+                flag,
+                type=types[field.name] if field.name in types else _TYPES[kind],
+                default=None,
+                help=help_text,
+            )
         parser.set_defaults(**{f"_flag_{field.name}": flag.lstrip("-").replace("-", "_")})
 
 
