@@ -351,6 +351,17 @@ def test_a_client_that_disconnects_cancels_its_job_and_frees_the_worker(pair, sl
         assert status == 200
 
 
+def test_closing_the_server_stops_its_decoding_thread(pair):
+    """A decoding thread left running past shutdown can be inside a torch kernel while the
+    interpreter tears down, which aborts the process instead of exiting 0."""
+    with running_server(pair) as server:
+        scheduler = server.engine.scheduler
+        assert scheduler.running
+        status, _, _ = request(server, "POST", "/generate", {"class": 1, "seed": 0, **GUIDED})
+        assert status == 200
+    assert not scheduler.running
+
+
 def test_the_cli_serves_on_loopback_and_stops_on_ctrl_c(pair):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     command = [

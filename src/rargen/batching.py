@@ -72,6 +72,11 @@ class BatchScheduler:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """Whether the decoding thread is alive (started and not stopped)."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         with self._lock:
             self._stop = True

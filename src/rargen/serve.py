@@ -379,6 +379,12 @@ class Server(ThreadingHTTPServer):
         finally:
             self._slots.release()
 
+    def server_close(self) -> None:
+        # The decoding thread is a daemon: left running, it can be inside a torch kernel while the
+        # interpreter tears down, which aborts the process (SIGABRT) instead of exiting 0.
+        super().server_close()
+        self.engine.scheduler.stop()
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
@@ -415,10 +421,6 @@ def _refuse(connection: socket.socket, limit: int) -> None:
         connection.sendall(response.encode())
     except OSError:
         pass
-
-    def server_close(self) -> None:
-        super().server_close()
-        self.engine.scheduler.stop()
 
 
 def make_server(
