@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rargen.metrics import FeatureStats, GaussianStats, frechet_distance
+from rargen.sources import DEFAULT_MAX_PIXELS, SplitImages, open_source, split_images
 
 HELDOUT_STATS_NAME = "heldout_features.safetensors"  # mu and sigma of the held-out features
 
@@ -204,38 +205,25 @@ def source_image_size(source: Any) -> int:
 
 def _labelled_images(
     data: str | os.PathLike, config: ClassifierTrainConfig, max_pixels: int | None, log: Callable | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[str, ...], int, list[dict[str, Any]]]:
-    """(train images, train labels, held-out images, held-out labels, class names, size, skipped)."""
-    from rargen.sources import DEFAULT_MAX_PIXELS, describe_read, open_source, read_images, stratified_split
+) -> tuple[SplitImages, int]:
+    """``data`` split into train and held-out (``split_images``), and the image size it was read at.
 
-    if str(data) == "digits":  # the digits' own fixed split, as every digit tool uses
-        from rargen.digits import DIGIT_CLASS_NAMES, load_digit_images
-
-        size = config.image_size or 32
-        train_images, train_labels = load_digit_images("train", size)
-        heldout_images, heldout_labels = load_digit_images("heldout", size)
-        return train_images, train_labels, heldout_images, heldout_labels, DIGIT_CLASS_NAMES, size, []
-    source = open_source(
-        data, image_size=config.image_size or 32, max_pixels=max_pixels or DEFAULT_MAX_PIXELS
-    )
+    Labels are needed (at least 2 classes), checked before any image is read; the size defaults to
+    the source's own (its first readable image's shorter side; 32 for the digits).
+    """
+    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    source = open_source(data, image_size=config.image_size or 32, max_pixels=max_pixels)
     if source.num_classes < 2:
         raise ValueError(
             f"{str(data)!r} has {source.num_classes} class(es); a classifier needs labelled data with at "
             "least 2 classes (a folder of class folders root/<class>/<image>, or an .npz with labels)"
         )
     size = config.image_size or source_image_size(source)
-    images, labels, _, skipped = read_images(source, size)
-    if log is not None:
-        log(describe_read(f"train-classifier: {data}", len(images), skipped))
-    if len(images) < 2:
-        raise ValueError(f"{str(data)!r}: {len(images)} readable image(s); a classifier needs at least 2")
-    train_idx, heldout_idx = stratified_split(labels, config.heldout_fraction, config.seed)
-    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    targets = torch.from_numpy(labels)
-    return (
-        tensor[train_idx], targets[train_idx], tensor[heldout_idx], targets[heldout_idx],
-        tuple(source.class_names), size, skipped,
+    split = split_images(
+        data, size, heldout_fraction=config.heldout_fraction, seed=config.seed, purpose="classifier",
+        max_pixels=max_pixels, log=log, source=source,
     )  # fmt: skip
+    return split, size
 
 
 def train_classifier(
@@ -257,7 +245,8 @@ def train_classifier(
     from rargen.tokenizer_train import image_channels
 
     began = time.perf_counter()
-    train_x, train_y, held_x, held_y, names, size, skipped = _labelled_images(data, config, max_pixels, log)
+    split, size = _labelled_images(data, config, max_pixels, log)
+    train_x, train_y, held_x, held_y, names, skipped = split
     channels = image_channels(torch.cat([train_x, held_x]))
     if channels == 1:
         train_x, held_x = train_x[:, :1].contiguous(), held_x[:, :1].contiguous()

@@ -3,8 +3,9 @@
 A source is a random-access list of (PIL image, label) with class names. Unconditional data has no
 class names (``num_classes == 0``) and every label is 0, which is then also the generator's null
 label (``num_classes``), so a store of unconditional data trains an unconditional model as is.
-``stratified_split`` is the one held-out split (seeded, shuffled, per class) and ``read_images``
-the one way to read a source into memory, reporting what it skipped.
+``stratified_split`` is the one held-out split (seeded, shuffled, per class), ``read_images``
+the one way to read a source into memory, reporting what it skipped, and ``split_images`` the two
+together: what the trainers of a tokenizer or a classifier start from.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from __future__ import annotations
 import os
 import stat
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from PIL import Image
+from torch import Tensor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 # Images with more pixels are skipped (and listed in the store's report.json) before they are
@@ -319,3 +323,58 @@ def describe_read(what: str, num_read: int, skipped: list[dict[str, Any]], limit
     if len(skipped) > limit:
         lines.append(f"  ... and {len(skipped) - limit} more (all listed in report.json)")
     return "\n".join(lines)
+
+
+class SplitImages(NamedTuple):
+    """A source read into memory and split: images (N, 3, S, S) float32 in [0, 1], labels (N,) int64."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    heldout_images: Tensor
+    heldout_labels: Tensor
+    class_names: tuple[str, ...]
+    skipped: list[dict[str, Any]]  # read_images' list of the unreadable files
+
+
+def split_images(
+    data: str | os.PathLike,
+    image_size: int,
+    *,
+    heldout_fraction: float,
+    seed: int,
+    purpose: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    log: Callable[[str], None] | None = print,
+    source: ImageSource | None = None,
+) -> SplitImages:
+    """``data`` (any ``open_source`` spec) read at ``image_size`` and split into train and held-out.
+
+    ``"digits"`` takes the digits' own fixed split (``rargen.digits``), as every digit tool does;
+    anything else is read once by ``read_images`` (what it skipped reported through ``log``) and
+    split by ``stratified_split(labels, heldout_fraction, seed)``. ``purpose`` names what the images
+    train, for the messages: ``"tokenizer"`` logs as ``train-tokenizer`` and refuses fewer than 2
+    images with "a tokenizer needs at least 2". ``source`` is ``data`` already opened, by a caller
+    that looked at it first (the classifier: its classes and image size), so it is not opened twice.
+    """
+    if str(data) == "digits":
+        from rargen.digits import DIGIT_CLASS_NAMES, load_digit_images
+
+        train_images, train_labels = load_digit_images("train", image_size)
+        heldout_images, heldout_labels = load_digit_images("heldout", image_size)
+        return SplitImages(train_images, train_labels, heldout_images, heldout_labels, DIGIT_CLASS_NAMES, [])
+    if source is None:
+        source = open_source(data, image_size=image_size, max_pixels=max_pixels)
+    images, labels, _, skipped = read_images(source, image_size)
+    if log is not None:
+        log(describe_read(f"train-{purpose}: {data}", len(images), skipped))
+    if len(images) < 2:
+        raise ValueError(f"{str(data)!r}: {len(images)} readable image(s); a {purpose} needs at least 2")
+    train_idx, heldout_idx = stratified_split(labels, heldout_fraction, seed)
+    # Indexed as is, so channels-last in memory (the classifier trains on that layout; the tokenizer
+    # copies to contiguous): a conv's float sums depend on the layout, so it is the caller's choice.
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    targets = torch.from_numpy(labels)
+    return SplitImages(
+        tensor[train_idx], targets[train_idx], tensor[heldout_idx], targets[heldout_idx],
+        tuple(source.class_names), skipped,
+    )  # fmt: skip

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from rargen.checkpoint import config_from_dict, read_record, remove_stale_temporaries
 from rargen.run_state import TRAIN_STATE, read_checkpoint, write_checkpoint
-from rargen.sources import DEFAULT_MAX_PIXELS, describe_read, open_source, read_images, stratified_split
+from rargen.sources import DEFAULT_MAX_PIXELS, split_images
 from rargen.vq_tokenizer import VQTokenizer, VQTokenizerConfig
 
 CHECKPOINT_DIR = "tokenizer"
@@ -74,24 +74,16 @@ def load_training_images(
 ) -> tuple[Tensor, Tensor]:
     """(train, held-out) images (N, 3, S, S) float32 in [0, 1] from any ``open_source`` spec.
 
-    ``"digits"`` uses the digits' own train/held-out split; a class-folder tree, an unlabelled
-    folder or an ``.npz`` is read once (centre-cropped to ``image_size`` as ``pretokenize`` does,
-    unreadable files skipped and reported through ``log``) and split by ``stratified_split``:
-    a seeded shuffle per class, ``heldout_fraction`` of each class held out.
+    ``split_images``' split: the digits' own for ``"digits"``, else the readable images
+    (centre-cropped to ``image_size`` as ``pretokenize`` does, skipped files reported through
+    ``log``) split by ``stratified_split``, ``heldout_fraction`` of each class held out.
+    Contiguous copies: the layout the tokenizer has always trained on.
     """
-    if str(data) == "digits":
-        from rargen.digits import load_digit_images
-
-        return load_digit_images("train", image_size)[0], load_digit_images("heldout", image_size)[0]
-    source = open_source(data, image_size=image_size, max_pixels=max_pixels)
-    images, labels, _, skipped = read_images(source, image_size)
-    if log is not None:
-        log(describe_read(f"train-tokenizer: {data}", len(images), skipped))
-    if len(images) < 2:
-        raise ValueError(f"{str(data)!r}: {len(images)} readable image(s); a tokenizer needs at least 2")
-    train_idx, heldout_idx = stratified_split(labels, heldout_fraction, seed)
-    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    return tensor[train_idx].contiguous(), tensor[heldout_idx].contiguous()
+    split = split_images(
+        data, image_size, heldout_fraction=heldout_fraction, seed=seed, purpose="tokenizer",
+        max_pixels=max_pixels, log=log,
+    )  # fmt: skip
+    return split.train_images.contiguous(), split.heldout_images.contiguous()
 
 
 def batch_indices(num_images: int, batch_size: int, step: int, seed: int) -> Tensor:
