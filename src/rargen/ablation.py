@@ -13,7 +13,8 @@ Every kept checkpoint of every run is evaluated the same way (``evaluation.json`
   image (decoded from the training store, grey pixels) is closer than the ``copy_quantile`` quantile
   of the real held-out images' nearest-training distances (a model that generalises like the real
   data scores about ``copy_quantile``; one that replays its training set scores near 1);
-* with a digit classifier: class accuracy and Fréchet distance in its features (as ``rargen sweep``).
+* with a classifier (the demo's digit classifier or a ``train-classifier`` folder): class accuracy and
+  Fréchet distance in its features to its held-out split (``rargen.classifier``, as ``rargen sweep``).
 
 Two protocols: the fixed budget (the final checkpoint, as the paper's tables) and each run at its
 best checkpoint by held-out NLL (early stopping). ``write_report`` gives ``table.md``/``table.json``
@@ -215,12 +216,14 @@ class Evaluator:
         copy_quantile: float = 0.05,
     ) -> None:
         from rargen.checkpoint import load
+        from rargen.classifier import load_scorer
 
         self.samples_per_class, self.cfg_scale = samples_per_class, cfg_scale
         self.train_tokens, self.train_labels = store_tokens(data.store)
         self.heldout_tokens, self.heldout_labels = store_tokens(data.heldout_store)
         self.tokenizer = load(data.tokenizer).eval() if data.tokenizer else None
-        self.classifier = load(data.classifier).eval() if data.classifier else None
+        # The scorer of `sweep`/`evaluate --classifier`: the reference statistics are computed once.
+        self.scorer = load_scorer(data.classifier) if data.classifier else None
         if self.tokenizer is not None:
             self.train_pixels = grey_pixels(self.decode(self.train_tokens))
             heldout = nearest_distances(grey_pixels(self.decode(self.heldout_tokens)), self.train_pixels)
@@ -261,11 +264,10 @@ class Evaluator:
             for i in range(0, len(labels), 100)
         ])  # fmt: skip
         result["copy_fraction"] = self.copies(images)
-        if self.classifier is not None:
-            from rargen.digit_classifier import classifier_accuracy, digit_frechet_distance
+        if self.scorer is not None:
+            from rargen.classifier import classifier_scores
 
-            result["class_accuracy"] = classifier_accuracy(self.classifier, images, labels)
-            result["frechet_distance"] = digit_frechet_distance(self.classifier, images)
+            result |= classifier_scores(self.scorer.classifier, images, labels, self.scorer.heldout)
         return result
 
 

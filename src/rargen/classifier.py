@@ -323,6 +323,18 @@ class Scorer:
         return self.classifier.config.image_channels
 
 
+def digit_heldout_stats(classifier: ImageClassifier, batch_size: int = 256) -> GaussianStats:
+    """The digit classifier's reference: its features' statistics on the digits' fixed held-out split.
+
+    Computed, not stored beside the weights (the digits ship with scikit-learn), by the demo and the
+    ablation in memory and by ``load_scorer`` for the demo's ``classifier/`` folder alike.
+    """
+    from rargen.digits import load_digit_images
+
+    heldout, _ = load_digit_images("heldout", classifier.config.image_size)
+    return feature_stats(classifier, heldout, batch_size).gaussian()
+
+
 def load_scorer(path: str | os.PathLike) -> Scorer:
     """A classifier folder (``train-classifier``'s, or the demo's digit classifier) ready to score."""
     from rargen.checkpoint import load, read_record, read_weights_file, verify_weights
@@ -337,10 +349,9 @@ def load_scorer(path: str | os.PathLike) -> Scorer:
     model = model.eval().requires_grad_(False)
     extra = getattr(model, "checkpoint_extra", {})
     if model.checkpoint_kind == "digit-classifier":  # the demo's: the digits and their held-out split
-        from rargen.digits import DIGIT_CLASS_NAMES, load_digit_images
+        from rargen.digits import DIGIT_CLASS_NAMES
 
-        names = DIGIT_CLASS_NAMES
-        heldout = feature_stats(model, load_digit_images("heldout", model.config.image_size)[0]).gaussian()
+        names, heldout = DIGIT_CLASS_NAMES, digit_heldout_stats(model)
     else:
         names = tuple(extra.get("class_names") or (str(i) for i in range(model.config.num_classes)))
         stats_file = path / HELDOUT_STATS_NAME
@@ -393,15 +404,20 @@ def check_matches(
         )
 
 
-def score_images(scorer: Scorer, images: Tensor, labels: Tensor) -> dict[str, Any]:
-    """Class accuracy and Fréchet distance (classifier features, vs the held-out split) of images."""
+def classifier_scores(
+    classifier: ImageClassifier, images: Tensor, labels: Tensor, heldout: GaussianStats
+) -> dict[str, float]:
+    """Class accuracy and Fréchet distance (classifier features, vs ``heldout``) of images
+    (N, C, S, S) in [0, 1] generated for ``labels`` (N,).
+
+    The one scoring of samples: in memory (the demo and the ablation, with ``digit_heldout_stats``
+    or a ``Scorer``'s statistics) and of a samples.npz (``score_samples``).
+    """
     if len(images) < 2:
         raise ValueError(f"scoring needs at least 2 samples for a covariance, got {len(images)}")
-    ours = feature_stats(scorer.classifier, images).gaussian()
     return {
-        "class_accuracy": classifier_accuracy(scorer.classifier, images, labels),
-        "frechet_distance": frechet_distance(ours, scorer.heldout),
-        "num_samples": len(images),
+        "class_accuracy": classifier_accuracy(classifier, images, labels),
+        "frechet_distance": frechet_distance(feature_stats(classifier, images).gaussian(), heldout),
     }
 
 
@@ -448,7 +464,8 @@ def score_samples(samples: str | os.PathLike, scorer: Scorer) -> dict[str, Any]:
         scorer, what=f"the samples {str(samples)!r}", class_names=names,
         image_size=images.shape[-1], image_channels=images.shape[1],
     )  # fmt: skip
-    return score_images(scorer, images, labels)
+    scores: dict[str, Any] = classifier_scores(scorer.classifier, images, labels, scorer.heldout)
+    return scores | {"num_samples": len(images)}
 
 
 def evaluate_with_classifier(

@@ -304,7 +304,7 @@ def _ablate_parser(subparsers: argparse._SubParsersAction) -> None:
         help="an ablation study: annealing windows x budgets x seeds, trained and scored alike",
         description="Trains one ordinary run folder per (window, budget, seed) under --out/runs/ "
         "(resumable; --shard i/n splits the runs over processes), evaluates every checkpoint (held-out "
-        "and training NLL in raster order, copies among samples, digit classifier scores) and writes "
+        "and training NLL in raster order, copies among samples, classifier scores) and writes "
         "table.md, table.json and curves.png.",
     )
     parser.add_argument("--out", required=True, help="study folder (study.json, runs/, table.md)")
@@ -316,7 +316,10 @@ def _ablate_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--heldout", help="held-out token store (the same tokenizer)")
     parser.add_argument("--tokenizer", help="tokenizer folder: sample and count copies")
-    parser.add_argument("--classifier", help="digit classifier folder: class accuracy, Fréchet distance")
+    parser.add_argument(
+        "--classifier",
+        help="classifier folder (the demo's, or train-classifier's): class accuracy, Fréchet distance",
+    )
     parser.add_argument("--windows", default="raster-vs-rar", help="preset or start/end list (0/0,0.5/0.75)")
     parser.add_argument(
         "--budgets", type=list_of(int, "500,1500"), default=[1500], help="steps, e.g. 500,1500"

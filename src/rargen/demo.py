@@ -173,10 +173,11 @@ def sample_digits(
 
 
 def score(classifier: Any, images: Tensor, labels: Tensor) -> dict[str, float]:
-    """Class accuracy and Fréchet distance of generated digits (``rargen sweep --classifier``'s)."""
-    from rargen.sweep import classifier_scores
+    """Class accuracy and Fréchet distance of generated digits against the held-out digits (the
+    scores ``rargen sweep``/``evaluate --classifier`` give with the demo's ``classifier/``)."""
+    from rargen.classifier import classifier_scores, digit_heldout_stats
 
-    return classifier_scores(classifier, images, labels)
+    return classifier_scores(classifier, images, labels, digit_heldout_stats(classifier))
 
 
 def save_sample_grid(images: Tensor, labels: Tensor, per_class: int, path: Path, scale: int = 3) -> None:

@@ -17,6 +17,7 @@ from rargen.classifier import (  # noqa: F401 - classifier_accuracy: the digits'
     ImageClassifier,
     ImageClassifierConfig,
     classifier_accuracy,
+    digit_heldout_stats,
     feature_stats,
     fit_classifier,
 )
@@ -67,8 +68,9 @@ def digit_frechet_distance(
     classifier: DigitClassifier, images: Tensor, reference: Tensor | None = None, batch_size: int = 256
 ) -> float:
     """Fréchet distance of ``images`` to ``reference`` (default: held-out real digits) in feature space."""
-    if reference is None:
-        reference, _ = load_digit_images("heldout", classifier.config.image_size)
     ours = digit_feature_stats(classifier, images, batch_size).gaussian()
-    theirs = digit_feature_stats(classifier, reference, batch_size).gaussian()
+    if reference is None:
+        theirs = digit_heldout_stats(classifier, batch_size)
+    else:
+        theirs = digit_feature_stats(classifier, reference, batch_size).gaussian()
     return frechet_distance(ours, theirs)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from rargen.sampling import SampleConfig
 
@@ -51,19 +50,6 @@ def check_classifier_for(scorer: Any, checkpoint: str | os.PathLike, tokenizer: 
         channels = getattr(model, "checkpoint_extra", {}).get("image_channels")
         what = f"the tokenizer {str(tokenizer)!r}"
         check_matches(scorer, what=what, image_size=size, image_channels=channels)
-
-
-def classifier_scores(
-    classifier: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
-) -> dict[str, float]:
-    """Class accuracy and Fréchet distance (classifier features, vs held-out digits) of images
-    (N, 3, H, W) in [0, 1] generated for ``labels`` (N,)."""
-    from rargen.digit_classifier import classifier_accuracy, digit_frechet_distance
-
-    return {
-        "class_accuracy": classifier_accuracy(classifier, images, labels),
-        "frechet_distance": digit_frechet_distance(classifier, images),
-    }
 
 
 def sweep(
