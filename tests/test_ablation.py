@@ -1,8 +1,9 @@
 """The ablation study tool on a tiny grid (2 windows x 2 seeds x 1 budget of rar-tiny, seconds):
-end to end, resumed after an interruption, and its NLL against a direct computation."""
+end to end, resumed after an interruption, and its NLL and sample scores against direct computations."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -11,8 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from rargen.ablation import StudyConfig, StudyData, Window, parse_windows, run_study, study_runs
+import rargen.sampling
+from rargen.ablation import Evaluator, StudyConfig, StudyData, Window, parse_windows, run_study, study_runs
 from rargen.checkpoint import load, save
+from rargen.digit_classifier import (
+    DigitClassifier,
+    DigitClassifierConfig,
+    classifier_accuracy,
+    digit_frechet_distance,
+)
 from rargen.store import TokenStore, write_store
 from rargen.train import TrainConfig
 from rargen.vq_tokenizer import VQTokenizer, VQTokenizerConfig
@@ -129,6 +137,28 @@ def test_interrupted_study_resumes(finished, study_data, tmp_path):
     assert summary["rows"] == json.loads((reference / "table.json").read_text())["rows"]
     with pytest.raises(ValueError, match="other settings"):
         run_study(out, StudyConfig(config.train, config.windows, (BUDGET,), (0,)), study_data, progress=False)
+
+
+def test_samples_are_scored_as_the_digit_classifier_scores_them(finished, study_data, tmp_path, monkeypatch):
+    """A classifier folder scores each checkpoint's samples: class accuracy and the Fréchet distance
+    to the held-out digits, the numbers of classifier_accuracy and digit_frechet_distance."""
+    out, _ = finished
+    torch.manual_seed(0)
+    save(DigitClassifier(DigitClassifierConfig(image_size=16)).eval(), tmp_path / "clf")
+    evaluator = Evaluator(dataclasses.replace(study_data, classifier=tmp_path / "clf"), samples_per_class=2)
+    sampled, generate = [], rargen.sampling.generate_images
+
+    def generate_and_keep(*args, **kwargs):  # the evaluator's own samples, to be scored here too
+        sampled.append(generate(*args, **kwargs))
+        return sampled[-1]
+
+    monkeypatch.setattr(rargen.sampling, "generate_images", generate_and_keep)
+    result = evaluator.evaluate(load(out / "runs" / f"{_config().windows[0].name}-b{BUDGET}-s0" / "final"))
+
+    images, labels = torch.cat(sampled), torch.arange(10).repeat_interleave(2)
+    classifier = load(tmp_path / "clf")
+    assert result["class_accuracy"] == classifier_accuracy(classifier, images, labels)
+    assert result["frechet_distance"] == digit_frechet_distance(classifier, images)
 
 
 def test_window_presets_and_names():
