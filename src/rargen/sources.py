@@ -354,7 +354,8 @@ def split_images(
     split by ``stratified_split(labels, heldout_fraction, seed)``. ``purpose`` names what the images
     train, for the messages: ``"tokenizer"`` logs as ``train-tokenizer`` and refuses fewer than 2
     images with "a tokenizer needs at least 2". ``source`` is ``data`` already opened, by a caller
-    that looked at it first (the classifier: its classes and image size), so it is not opened twice.
+    that looked at it first (the classifier: its classes and image size), so it is not opened twice;
+    for ``"digits"`` it goes unused, the digits' own split being taken all the same.
     """
     if str(data) == "digits":
         from rargen.digits import DIGIT_CLASS_NAMES, load_digit_images
