@@ -22,13 +22,6 @@ import numpy as np
 from rargen.sampling import SampleConfig
 
 
-def score_with_classifier(samples: Path, classifier_path: str | os.PathLike) -> dict[str, Any]:
-    """Class accuracy and Fréchet distance (classifier features, vs its held-out split) of a samples.npz."""
-    from rargen.classifier import load_scorer, score_samples
-
-    return score_samples(samples, load_scorer(classifier_path))
-
-
 def check_classifier_for(scorer: Any, checkpoint: str | os.PathLike, tokenizer: str | os.PathLike) -> None:
     """Refuse, before any sampling, a classifier whose classes, image size or channels are not those
     of the generator (class names, or count) and tokenizer (its training size and channels)."""
