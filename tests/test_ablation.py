@@ -161,6 +161,15 @@ def test_samples_are_scored_as_the_digit_classifier_scores_them(finished, study_
     assert result["frechet_distance"] == digit_frechet_distance(classifier, images)
 
 
+def test_a_classifier_that_cannot_score_the_samples_is_refused_before_training(study_data, tmp_path):
+    torch.manual_seed(0)
+    save(DigitClassifier(DigitClassifierConfig(image_size=8)).eval(), tmp_path / "clf")
+    data = dataclasses.replace(study_data, classifier=tmp_path / "clf")
+    with pytest.raises(ValueError, match="takes 8 px images but the tokenizer .* gives 16 px"):
+        run_study(tmp_path / "study", _config(), data, progress=False, log=lambda _: None)
+    assert not (tmp_path / "study" / "runs").exists()  # nothing was trained
+
+
 def test_window_presets_and_names():
     table2 = parse_windows("paper-table2")
     assert (table2[0].name, table2[-1].name) == ("raster", "random")

@@ -164,6 +164,21 @@ class StudyData:
     classifier: Path | None = None
 
 
+def check_study_classifier(data: StudyData) -> None:
+    """Refuse, before any training, a classifier that cannot score the study's samples: classes
+    other than the store's, or an image size or channels other than the tokenizer's."""
+    from rargen.classifier import check_matches, load_scorer
+    from rargen.store import TokenStore
+    from rargen.sweep import check_classifier_for_tokenizer
+
+    assert data.classifier is not None
+    scorer, store = load_scorer(data.classifier), TokenStore(data.store)
+    what = f"the store {str(data.store)!r}"
+    check_matches(scorer, what=what, class_names=store.class_names or None, num_classes=store.num_classes)
+    if data.tokenizer is not None:
+        check_classifier_for_tokenizer(scorer, data.tokenizer, store.num_tokens)
+
+
 # -------------------------------------------------------------------------------------------------
 # Measurements
 
@@ -320,6 +335,8 @@ def run_study(
     if not 0 <= index < count:
         raise ValueError(f"shard {index}/{count}: need 0 <= i < n")
     check_study_folder(out, config)
+    if data.classifier is not None:
+        check_study_classifier(data)
     runs = study_runs(config)
     evaluator: Evaluator | None = None
     for i, run in enumerate(runs):

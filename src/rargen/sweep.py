@@ -32,13 +32,21 @@ def check_classifier_for(scorer: Any, checkpoint: str | os.PathLike, tokenizer: 
     names = record.get("extra", {}).get("class_names")
     what = f"the generator {str(checkpoint)!r}"
     check_matches(scorer, what=what, class_names=names, num_classes=record["config"]["num_classes"])
+    check_classifier_for_tokenizer(scorer, tokenizer, record["config"]["num_image_tokens"])
+
+
+def check_classifier_for_tokenizer(scorer: Any, tokenizer: str | os.PathLike, num_image_tokens: int) -> None:
+    """Refuse a classifier whose image size or channels are not those of the images ``tokenizer``
+    decodes from ``num_image_tokens`` tokens (its training size and channels)."""
+    from rargen.classifier import check_matches
+
     if Path(tokenizer).is_dir():  # official files and released names are checked on the samples
         from rargen.checkpoint import load
 
         model = load(tokenizer, verify=False)
         size = getattr(getattr(model, "config", None), "image_size", None)
         shape = model.token_shape(size, size) if size and hasattr(model, "token_shape") else ()
-        if int(np.prod(shape)) != record["config"]["num_image_tokens"]:
+        if int(np.prod(shape)) != num_image_tokens:
             size = None  # tokenized at another size: the samples' own size is checked after sampling
         channels = getattr(model, "checkpoint_extra", {}).get("image_channels")
         what = f"the tokenizer {str(tokenizer)!r}"
