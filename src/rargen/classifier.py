@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rargen.metrics import FeatureStats, GaussianStats, frechet_distance
-from rargen.sources import DEFAULT_MAX_PIXELS, SplitImages, open_source, split_images
+from rargen.sources import DEFAULT_MAX_PIXELS, SplitImages, open_source, source_image_size, split_images
 
 HELDOUT_STATS_NAME = "heldout_features.safetensors"  # mu and sigma of the held-out features
 
@@ -190,17 +190,6 @@ class ClassifierTrainConfig:
             raise ValueError(f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}")
         if not self.lr > 0:
             raise ValueError(f"ClassifierTrainConfig lr must be positive, got {self.lr}")
-
-
-def source_image_size(source: Any) -> int:
-    """The shorter side of the first readable image of ``source`` (what it is cropped to)."""
-    for index in range(len(source)):
-        try:
-            width, height = source.load(index).size
-        except Exception:  # noqa: BLE001 - unreadable files are reported by read_images
-            continue
-        return min(width, height)
-    raise ValueError("the image source has no readable image to take the size from; pass --image-size")
 
 
 def _labelled_images(

@@ -325,6 +325,17 @@ def describe_read(what: str, num_read: int, skipped: list[dict[str, Any]], limit
     return "\n".join(lines)
 
 
+def source_image_size(source: ImageSource) -> int:
+    """The shorter side of the first readable image of ``source`` (what it is cropped to)."""
+    for index in range(len(source)):
+        try:
+            width, height = source.load(index).size
+        except Exception:  # noqa: BLE001 - unreadable files are reported by read_images
+            continue
+        return min(width, height)
+    raise ValueError("the image source has no readable image to take the size from; pass --image-size")
+
+
 class SplitImages(NamedTuple):
     """A source read into memory and split: images (N, 3, S, S) float32 in [0, 1], labels (N,) int64."""
 
