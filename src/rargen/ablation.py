@@ -164,9 +164,10 @@ class StudyData:
     classifier: Path | None = None
 
 
-def check_study_classifier(data: StudyData) -> None:
-    """Refuse, before any training, a classifier that cannot score the study's samples: classes
-    other than the store's, or an image size or channels other than the tokenizer's."""
+def study_scorer(data: StudyData) -> Any:
+    """The study's classifier loaded to score (``load_scorer``), refused (ValueError) if it cannot
+    score the study's samples: classes other than the store's, or an image size or channels other
+    than the tokenizer's."""
     from rargen.classifier import check_matches, load_scorer
     from rargen.store import TokenStore
     from rargen.sweep import check_classifier_for_tokenizer
@@ -177,6 +178,7 @@ def check_study_classifier(data: StudyData) -> None:
     check_matches(scorer, what=what, class_names=store.class_names or None, num_classes=store.num_classes)
     if data.tokenizer is not None:
         check_classifier_for_tokenizer(scorer, data.tokenizer, store.num_tokens)
+    return scorer
 
 
 # -------------------------------------------------------------------------------------------------
@@ -231,14 +233,13 @@ class Evaluator:
         copy_quantile: float = 0.05,
     ) -> None:
         from rargen.checkpoint import load
-        from rargen.classifier import load_scorer
 
         self.samples_per_class, self.cfg_scale = samples_per_class, cfg_scale
         self.train_tokens, self.train_labels = store_tokens(data.store)
         self.heldout_tokens, self.heldout_labels = store_tokens(data.heldout_store)
         self.tokenizer = load(data.tokenizer).eval() if data.tokenizer else None
         # The scorer of `sweep`/`evaluate --classifier`: the reference statistics are computed once.
-        self.scorer = load_scorer(data.classifier) if data.classifier else None
+        self.scorer = study_scorer(data) if data.classifier else None
         if self.tokenizer is not None:
             self.train_pixels = grey_pixels(self.decode(self.train_tokens))
             heldout = nearest_distances(grey_pixels(self.decode(self.heldout_tokens)), self.train_pixels)
@@ -335,10 +336,9 @@ def run_study(
     if not 0 <= index < count:
         raise ValueError(f"shard {index}/{count}: need 0 <= i < n")
     check_study_folder(out, config)
-    if data.classifier is not None:
-        check_study_classifier(data)
+    # Built before any run trains: it refuses a classifier that cannot score the samples.
+    evaluator = Evaluator(data, config.samples_per_class, config.cfg_scale, config.copy_quantile)
     runs = study_runs(config)
-    evaluator: Evaluator | None = None
     for i, run in enumerate(runs):
         if i % count != index:
             continue
@@ -346,9 +346,6 @@ def run_study(
         if not (folder / "final").exists():
             log(f"== run {i + 1}/{len(runs)}: {run.name}")
             train(run.train_config(config), data.store, folder, resume=True, device="cpu", progress=progress)
-        evaluator = evaluator or Evaluator(
-            data, config.samples_per_class, config.cfg_scale, config.copy_quantile
-        )
         rows = evaluate_run(folder, evaluator)
         log(f"   {run.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items() if k != "step"))
     missing = [r.name for r in runs if not _evaluated(out / "runs" / r.name, r.budget)]
