@@ -174,6 +174,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 @command("train-tokenizer")
 def _train_tokenizer_parser(subparsers: argparse._SubParsersAction) -> None:
+    from rargen.tokenizer_train import TokenizerTrainConfig
+
     parser = subparsers.add_parser(
         "train-tokenizer",
         help="train the small VQ tokenizer on the digits, an image folder or an .npz of images",
@@ -191,12 +193,10 @@ def _train_tokenizer_parser(subparsers: argparse._SubParsersAction) -> None:
         "--image-size", type=positive_int, default=None, help="square training size (default: preset)"
     )
     parser.add_argument("--codebook-size", type=positive_int, default=None, help="codes (default: preset)")
-    parser.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default 300)")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="images per step (default 64)")
-    parser.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate (default 2e-3)")
-    parser.add_argument(
-        "--seed", type=int, default=None, help="initialisation and data-order seed (default 0)"
-    )
+    add_config_flags(
+        parser, TokenizerTrainConfig, only=("steps", "batch_size", "lr", "seed"),
+        types={"steps": positive_int, "batch_size": positive_int},
+    )  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue the run in --out (exact)")
     add_threads(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -214,8 +214,7 @@ def _run_train_tokenizer(args: argparse.Namespace) -> int:
     model_config = (
         None if args.resume and not overrides else VQTokenizerConfig.from_name(args.preset, **overrides)
     )
-    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
-    train_config = TokenizerTrainConfig(**{k: v for k, v in given.items() if v is not None})
+    train_config = TokenizerTrainConfig(**config_values(args, TokenizerTrainConfig))
     report = train_tokenizer(
         args.out, args.data, model_config=model_config, train_config=train_config,
         resume=args.resume, progress=not args.no_progress,

@@ -36,14 +36,14 @@ REPORT_NAME = "report.json"
 
 @dataclass(frozen=True)
 class TokenizerTrainConfig:
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = 2e-3
+    steps: int = 300  # optimizer steps
+    batch_size: int = 64  # images per step
+    lr: float = 2e-3  # AdamW peak learning rate
     weight_decay: float = 1e-4
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     recon_loss: Literal["l2", "l1"] = "l2"
-    seed: int = 0
+    seed: int = 0  # initialisation and data-order seed
     restart_every: int = 25  # check for dead codes every this many steps ...
     restart_until: float = 0.9  # ... during this fraction of training (let the last codes settle)
     log_every: int = 25
