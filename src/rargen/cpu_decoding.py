@@ -13,6 +13,7 @@ erf) runs inside the same oneDNN call.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,18 +98,31 @@ def packed_for_cpu_decoding(model: RAR) -> RAR:
     elif weight.dtype != torch.float32:
         return model
 
-    def view(module: nn.Module | None) -> nn.Module | None:
-        if module is None or isinstance(module, KVCache):
-            return None  # the view gets its own cache
+    def packed(name: str, module: nn.Module) -> nn.Module | None:
         if isinstance(module, MLP):
             return PackedMLP(module)
-        if isinstance(module, nn.Linear):
-            return PackedLinear(module)
+        return PackedLinear(module) if isinstance(module, nn.Linear) else None
+
+    return decoding_view(model, packed)
+
+
+def decoding_view(model: RAR, replace: Callable[[str, nn.Module], nn.Module | None]) -> RAR:
+    """A shallow copy of ``model``'s module tree sharing every parameter, in which each submodule
+    for which ``replace(its name, it)`` returns a module is swapped for that module, and without
+    the KV cache (a view gets its own). The one way decoding views are made (oneDNN-packed here,
+    int8 in ``rargen.quantize``); ``model`` is left untouched."""
+
+    def view(module: nn.Module | None, name: str) -> nn.Module | None:
+        if module is None or isinstance(module, KVCache):
+            return None
+        replaced = replace(name, module)
+        if replaced is not None:
+            return replaced
         clone = copy.copy(module)
-        clone._modules = {name: view(child) for name, child in module._modules.items()}
+        clone._modules = {child: view(sub, child) for child, sub in module._modules.items()}
         return clone
 
-    return view(model)
+    return view(model, "")
 
 
 def is_packed(model: RAR) -> bool:
@@ -116,4 +130,4 @@ def is_packed(model: RAR) -> bool:
     return isinstance(model.head, PackedLinear)
 
 
-__all__ = ["PackedLinear", "PackedMLP", "is_packed", "packed_for_cpu_decoding"]
+__all__ = ["PackedLinear", "PackedMLP", "decoding_view", "is_packed", "packed_for_cpu_decoding"]

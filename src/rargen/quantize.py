@@ -18,13 +18,13 @@ a sample's numbers also depend slightly on the rows multiplied beside it (its ba
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
 from torch import Tensor, nn
 
-from rargen.model import RAR, KVCache
+from rargen.cpu_decoding import decoding_view
+from rargen.model import RAR
 
 QUANTIZATIONS = ("int8",)
 
@@ -68,18 +68,10 @@ def quantized_for_decoding(model: RAR, quantize: str) -> RAR:
         raise ValueError("quantize='int8' needs torch's quantized CPU kernels (torch.ops.quantized)")
     per_step = {"qkv", "proj", "fc1", "fc2", "head"}  # not adaln: its modulations are computed ahead
 
-    def view(module: nn.Module | None, name: str = "") -> nn.Module | None:
-        if module is None or isinstance(module, KVCache):
-            return None
-        if isinstance(module, nn.Linear) and name in per_step:
-            return Int8Linear(module)
-        clone = copy.copy(module)
-        clone._modules = {
-            child_name: view(child, child_name) for child_name, child in module._modules.items()
-        }
-        return clone
+    def int8(name: str, module: nn.Module) -> nn.Module | None:
+        return Int8Linear(module) if isinstance(module, nn.Linear) and name in per_step else None
 
-    return view(model)
+    return decoding_view(model, int8)
 
 
 __all__ = ["QUANTIZATIONS", "Int8Linear", "int8_available", "quantized_for_decoding"]
