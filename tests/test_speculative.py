@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from scipy.stats import chisquare
 
 from conftest import randomize
-from rargen.decoding import prepare_for_decoding
+from rargen.decoding import Decoder, prepare_for_decoding
 from rargen.model import RAR, ModelConfig
 from rargen.sampling import SampleConfig, draw_noise, generate, token_probs
 from rargen.speculative import generate_speculative
@@ -85,6 +85,16 @@ def test_speculative_tokens_equal_plain_tokens_for_the_same_seeds(tiny_model: RA
         plain = generate(tiny_model, labels, config, seeds=seeds)
         for speculate in (1, 4, 15, 40):
             assert torch.equal(generate(tiny_model, labels, config, seeds=seeds, speculate=speculate), plain)
+
+
+def test_windows_across_modulation_tables_give_the_same_tokens(tiny_model: RAR, monkeypatch) -> None:
+    """Tables of 3 positions (the path of models whose tables do not all fit the budget at once):
+    windows read across table boundaries, and the tokens are those of whole tables."""
+    labels, seeds, config = [1, 2, 3], [10, 11, 12], SampleConfig(cfg_scale=3.0)
+    whole = generate(tiny_model, labels, config, seeds=seeds, speculate=5)
+    monkeypatch.setattr(Decoder, "modulation_chunk", lambda self, conditions: 3)
+    for speculate in (0, 2, 5):
+        assert torch.equal(generate(tiny_model, labels, config, seeds=seeds, speculate=speculate), whole)
 
 
 def test_a_sample_does_not_depend_on_its_batch(tiny_model: RAR) -> None:

@@ -21,7 +21,7 @@ different positions simply use different tables). No step reads the adaLN weight
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +115,72 @@ def prepare_for_decoding(
     return Decoder(packed_for_cpu_decoding(model))
 
 
+class ModulationTables:
+    """adaLN modulations of (label, sequence index) pairs, computed ahead.
+
+    A table holds ``chunk`` consecutive sequence indices of one label (key ``(label, index)``:
+    indices ``index * chunk ..``, from 2, the first decoded, to L); every table missing at a call
+    is computed in one batched product (``RAR.decode_modulations``) and kept until ``keep`` drops
+    it. What a ``DecodeBatch`` step and a speculative window read instead of the adaLN weights.
+    """
+
+    def __init__(self, model: RAR, chunk: int) -> None:
+        self.model, self.chunk = model, chunk
+        self.tables: dict[tuple[int, int], Tensor] = {}
+
+    def key(self, label: int, position: int) -> tuple[int, int]:
+        return (label, position // self.chunk)
+
+    def keep(self, keys: set[tuple[int, int]]) -> None:
+        """Drop every table not in ``keys`` (no row needs it any more: rows only move forward)."""
+        for key in [key for key in self.tables if key not in keys]:
+            del self.tables[key]
+
+    def prepare(self, keys: Iterable[tuple[int, int]]) -> None:
+        """Compute the tables of ``keys`` not computed yet, all in one batched product."""
+        missing = sorted(key for key in set(keys) if key not in self.tables)
+        if not missing:
+            return
+        chunk, last = self.chunk, self.model.config.num_image_tokens
+        labels, positions, sizes = [], [], []
+        for label, index in missing:
+            span = range(max(2, index * chunk), min((index + 1) * chunk, last + 1))
+            labels += [label] * len(span)
+            positions += list(span)
+            sizes.append(len(span))
+        device = self.model.device
+        tables = self.model.decode_modulations(
+            torch.tensor(labels, device=device), torch.tensor(positions, device=device)
+        )
+        self.tables.update(zip(missing, tables.split(sizes), strict=True))
+
+    def rows(self, labels: Sequence[int], positions: Sequence[int]) -> Tensor:
+        """Modulations (n, 6 * depth + 2, D) of the pairs ``(labels[i], positions[i])``."""
+        chunk = self.chunk
+        self.prepare(self.key(label, position) for label, position in zip(labels, positions, strict=True))
+        return torch.stack(
+            [
+                self.tables[(label, position // chunk)][position - max(2, position // chunk * chunk)]
+                for label, position in zip(labels, positions, strict=True)
+            ]
+        )
+
+    def span(self, label: int, first: int, length: int) -> Tensor:
+        """Modulations (length, 6 * depth + 2, D) of ``label`` at sequence indices ``first ..``."""
+        chunk, stop = self.chunk, first + length
+        indices = range(first // chunk, (stop - 1) // chunk + 1)
+        self.prepare((label, index) for index in indices)
+        parts = []
+        for index in indices:
+            start = max(2, index * chunk)
+            parts.append(
+                self.tables[(label, index)][
+                    max(first, start) - start : min(stop, (index + 1) * chunk) - start
+                ]
+            )
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class DecodeBatch:
     """Rows decoding together in one static KV cache; rows 0 .. ``len(self) - 1`` are live.
 
@@ -133,8 +199,9 @@ class DecodeBatch:
         self.feed = torch.zeros(rows, dtype=torch.int64, device=model.device)
         self.labels: list[int] = []
         self.positions: list[int] = []
-        self.chunk = decoder.modulation_chunk(rows if conditions is None else conditions)
-        self._tables: dict[tuple[int, int], Tensor] = {}
+        self.modulations = ModulationTables(
+            model, decoder.modulation_chunk(rows if conditions is None else conditions)
+        )
         self._labels_tensor: Tensor | None = None
         self._step = _compiled_step(model.device) if self.compiled else None
 
@@ -196,32 +263,11 @@ class DecodeBatch:
 
     def _modulations(self) -> Tensor:
         """Each live row's modulation (n, 6 * depth + 2, D), from tables computed ahead."""
-        chunk, last = self.chunk, self.model.config.num_image_tokens
-        keys = {
-            (label, position // chunk) for label, position in zip(self.labels, self.positions, strict=True)
-        }
-        for key in [key for key in self._tables if key not in keys]:
-            del self._tables[key]  # no live row needs it any more (rows only move forward)
-        missing = sorted(key for key in keys if key not in self._tables)
-        if missing:  # one batched product for every new table
-            labels, positions, sizes = [], [], []
-            for label, index in missing:
-                span = range(max(2, index * chunk), min((index + 1) * chunk, last + 1))
-                labels += [label] * len(span)
-                positions += list(span)
-                sizes.append(len(span))
-            device = self.model.device
-            tables = self.model.decode_modulations(
-                torch.tensor(labels, device=device), torch.tensor(positions, device=device)
-            )
-            self._tables.update(zip(missing, tables.split(sizes), strict=True))
-        tables = self._tables
-        return torch.stack(
-            [
-                tables[(label, position // chunk)][position - max(2, position // chunk * chunk)]
-                for label, position in zip(self.labels, self.positions, strict=True)
-            ]
+        tables = self.modulations
+        tables.keep(
+            {tables.key(label, position) for label, position in zip(self.labels, self.positions, strict=True)}
         )
+        return tables.rows(self.labels, self.positions)
 
     def step(self) -> Tensor:
         """Feed one position per live row (``feed`` for image tokens); logits (n, V) of each
@@ -251,6 +297,7 @@ __all__ = [
     "MODULATION_CHUNK_BYTES",
     "DecodeBatch",
     "Decoder",
+    "ModulationTables",
     "decode_fixed_shapes",
     "prepare_for_decoding",
 ]

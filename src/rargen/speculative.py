@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rargen.decoding import Decoder
+from rargen.decoding import Decoder, ModulationTables
 from rargen.model import RAR, KVCache
 
 
@@ -76,57 +76,28 @@ class SpeculationStats:
         return self.tokens / max(1e-9, self.passes_per_image)
 
 
-class _Modulations:
-    """adaLN modulations of (condition, sequence index) pairs, computed ahead in chunks of
-    positions (as ``DecodeBatch``) and kept while a window may still need them."""
-
-    def __init__(self, model: RAR, labels: Sequence[int], chunk: int) -> None:
-        self.model, self.chunk = model, chunk
-        self.labels = list(labels)  # condition index -> label
-        self.tables: dict[tuple[int, int], Tensor] = {}
-        self.full = None
-        positions = model.config.num_image_tokens + 1  # sequence indices 0 .. L
-        if chunk >= positions:  # every condition's whole table fits the budget: one gather per pass
-            device = model.device
-            self.full = model.decode_modulations(
-                torch.tensor(self.labels, device=device).repeat_interleave(positions),
-                torch.arange(positions, device=device).repeat(len(self.labels)),
-            ).unflatten(0, (len(self.labels), positions))
-
-    def gather(self, conditions: Tensor, positions: Tensor, groups, row_condition: Tensor) -> Tensor:
-        """Modulations (M, 6 * depth + 2, D) of the fed positions (``conditions``, ``positions``
-        (M,)), listed group by group as ``_window_pass`` takes them."""
-        if self.full is not None:
-            return self.full[conditions, positions]
-        parts = []
-        for rows, first, length in groups:
-            for c in row_condition[rows].tolist():
-                parts.append(self.span(c, first, length))
-        return torch.cat(parts)
-
-    def span(self, condition: int, first: int, length: int) -> Tensor:
-        """Modulations (length, 6 * depth + 2, D) of sequence indices ``first ..``."""
-        parts, s, n = [], first, length
-        while n > 0:
-            index, offset = divmod(s, self.chunk)
-            take = min(n, self.chunk - offset)
-            parts.append(self._table(condition, index)[offset : offset + take])
-            s, n = s + take, n - take
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _table(self, condition: int, index: int) -> Tensor:
-        key = (condition, index)
-        if key not in self.tables:
-            for old in [old for old in self.tables if old[0] == condition and old[1] < index - 1]:
-                del self.tables[old]  # windows only move forward
-            last = self.model.config.num_image_tokens + 1
-            positions = [min(s, last) for s in range(index * self.chunk, (index + 1) * self.chunk)]
-            device = self.model.device
-            self.tables[key] = self.model.decode_modulations(
-                torch.full((self.chunk,), self.labels[condition], device=device),
-                torch.tensor(positions, device=device),
-            )
-        return self.tables[key]
+def _window_modulations(
+    tables: ModulationTables,
+    full: Tensor | None,
+    groups,
+    rows: Tensor,
+    seq: Tensor,
+    row_condition: Tensor,
+    conditions: Sequence[int],
+) -> Tensor:
+    """Modulations (M, 6 * depth + 2, D) of the fed positions (cache ``rows``, sequence indices
+    ``seq`` (M,)), listed group by group as ``_window_pass`` takes them. ``row_condition`` maps a
+    cache row to its label's index in ``conditions``; ``full``: every label's whole table stacked
+    (conditions x indices 2 .. L), when they fit the budget together."""
+    if full is not None:
+        return full[row_condition[rows], seq - 2]
+    spans = []
+    for cache_rows, first, length in groups:
+        for c in row_condition[cache_rows].tolist():
+            spans.append((conditions[c], first, length))
+    # Windows only move forward: a table no window reads now is never read again.
+    tables.keep({tables.key(label, s) for label, first, n in spans for s in range(first, first + n)})
+    return torch.cat([tables.span(label, first, length) for label, first, length in spans])
 
 
 def _window_pass(
@@ -229,7 +200,11 @@ def generate_speculative(
         reach[:] = 1
         conditions = sorted(set(row_labels))
         row_condition = torch.tensor([conditions.index(x) for x in row_labels], device=device)
-        modulations = _Modulations(model, conditions, decoder.modulation_chunk(len(conditions)))
+        tables = ModulationTables(model, decoder.modulation_chunk(len(conditions)))
+        full = None
+        if tables.chunk > L:  # every label's whole table fits the budget: one gather per pass
+            tables.prepare((label, 0) for label in conditions)  # one product for all labels
+            full = torch.stack([tables.span(label, 2, L - 1) for label in conditions])
         all_rows = torch.arange(B, device=device)
         while bool((done < L).any()):
             passes += 1
@@ -265,7 +240,7 @@ def generate_speculative(
                 cache_rows = (group[:, None] * per + torch.arange(per, device=device)).flatten()
                 groups.append((cache_rows, value + 1, min(speculate + 1, L - value)))
                 first_member += size
-            mod = modulations.gather(row_condition[rows], seq, groups, row_condition)
+            mod = _window_modulations(tables, full, groups, rows, seq, row_condition, conditions)
             logits = _window_pass(model, cache, groups, feed, seq, rows, mod)
             # (sample, row, w) entries -> per (sample, w): cond/null logits, guided and filtered.
             cond = r == 0
