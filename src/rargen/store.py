@@ -240,6 +240,39 @@ def resolve_image_size(tokenizer: nn.Module, image_size: int | None) -> int:
     return image_size
 
 
+def store_plan(
+    *,
+    source: dict[str, Any],
+    num_images: int,
+    class_names: Sequence[str],
+    augment: str,
+    image_size: int | None,
+    grid: Sequence[int],
+    codebook_size: int,
+    shard_size: int,
+    tokenizer: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """A store's plan (plan.json): what it holds and how it is sharded, the one schema that
+    ``pretokenize`` and ``write_store`` write and ``TokenStore`` reads."""
+    return {
+        "format": STORE_FORMAT,
+        "version": STORE_VERSION,
+        "source": source,
+        "num_source_images": num_images,
+        "class_names": list(class_names),
+        "num_classes": len(class_names),
+        "augment": augment,
+        "num_variants": num_variants(augment),
+        "image_size": image_size,
+        "grid": list(grid),
+        "codebook_size": codebook_size,
+        "token_dtype": np.dtype(TOKEN_DTYPE).name,
+        "tokenizer": tokenizer,
+        "shard_size": shard_size,
+        "num_shards": -(-num_images // shard_size),
+    }
+
+
 def pretokenize(
     source: ImageSource | str | os.PathLike,
     tokenizer: nn.Module | str | os.PathLike,
@@ -282,7 +315,7 @@ def pretokenize(
             f"image_size, batch_size, shard_size and num_workers must be positive, got {image_size}, "
             f"{batch_size}, {shard_size}, {num_workers}"
         )
-    variants = num_variants(augment)
+    num_variants(augment)  # an unknown augment is refused before the source is opened
     rank, world_size = distributed.rank_and_world(rank, world_size)
     out = Path(out)
     if not isinstance(source, ImageSource):
@@ -293,26 +326,14 @@ def pretokenize(
         raise ValueError(f"codebook_size {codebook_size} does not fit the store's uint16 codes (max 65536)")
     grid = token_shape_of(tokenizer, image_size, image_size)  # (h, w), or (K,) for a 1D tokenizer
     num_source = len(source)
-    plan = {
-        "format": STORE_FORMAT,
-        "version": STORE_VERSION,
-        "source": source.describe(),
-        "num_source_images": num_source,
-        "class_names": list(source.class_names),
-        "num_classes": source.num_classes,
-        "augment": augment,
-        "num_variants": variants,
-        "image_size": image_size,
-        "grid": list(grid),
-        "codebook_size": codebook_size,
-        "token_dtype": np.dtype(TOKEN_DTYPE).name,
-        "tokenizer": {
+    plan = store_plan(
+        source=source.describe(), num_images=num_source, class_names=source.class_names, augment=augment,
+        image_size=image_size, grid=grid, codebook_size=codebook_size, shard_size=shard_size,
+        tokenizer={
             "kind": getattr(type(tokenizer), "checkpoint_kind", type(tokenizer).__name__),
             "state_sha256": state_sha256(tokenizer),
         },
-        "shard_size": shard_size,
-        "num_shards": -(-num_source // shard_size),
-    }
+    )  # fmt: skip
     tokenizer_meta = {"path": None, "sha256": None}
     if tokenizer_path is not None:
         from rargen.checkpoint import checkpoint_hash
@@ -397,23 +418,10 @@ def write_store(
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; write_store needs a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    plan = {
-        "format": STORE_FORMAT,
-        "version": STORE_VERSION,
-        "source": source or {"type": "arrays"},
-        "num_source_images": num,
-        "class_names": list(class_names),
-        "num_classes": len(class_names),
-        "augment": augment,
-        "num_variants": variants,
-        "image_size": image_size,
-        "grid": list(grid),
-        "codebook_size": codebook_size,
-        "token_dtype": np.dtype(TOKEN_DTYPE).name,
-        "tokenizer": None,
-        "shard_size": shard_size,
-        "num_shards": -(-num // shard_size),
-    }
+    plan = store_plan(
+        source=source or {"type": "arrays"}, num_images=num, class_names=class_names, augment=augment,
+        image_size=image_size, grid=grid, codebook_size=codebook_size, shard_size=shard_size, tokenizer=None,
+    )  # fmt: skip
     _write_json(out / PLAN_NAME, plan)
     for shard in range(plan["num_shards"]):
         start, stop = shard * shard_size, min((shard + 1) * shard_size, num)
