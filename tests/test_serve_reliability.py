@@ -14,7 +14,7 @@ import pytest
 import rargen.serve as serve_module
 from conftest import requires
 from rargen.serve import Handler, ServeConfig, Server, make_server
-from serve_helpers import request, running_server, save_tiny_pair, wait_for
+from serve_helpers import events, open_stream, request, running_server, save_tiny_pair, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -248,3 +248,96 @@ def test_fuzzed_bodies_all_get_an_answer(pair, monkeypatch) -> None:
                 assert answer["error"]
         assert request(server, "GET", "/health")[0] == 200
     assert seen.get(400, 0) > 10 and seen.get(422, 0) > 10  # the fuzzing reached both checks
+
+
+# ---------------------------------------------------------------------------------------------
+# Load: many users with the same settings, some pressing Stop (issue 25, items 1 and 2)
+
+
+def _load_request(server, body: dict, cancel: tuple[str, int] | None) -> list | None:
+    """One user: the final PNGs, or None when the user hung up (``cancel``: ("stream", after this
+    many progress events) or ("plain", after this many milliseconds))."""
+    if cancel is None:
+        status, answer, _ = request(server, "POST", "/generate", body)
+        assert status == 200, answer
+        return _pixels(answer)
+    how, when = cancel
+    if how == "plain":
+        with socket.create_connection(server.server_address[:2], timeout=30) as client:
+            client.sendall(post(json.dumps(body).encode()))
+            time.sleep(when / 1000)
+        return None
+    conn, response = open_stream(server, {**body, "stream_every": 1})
+    try:
+        seen = 0
+        for name, _ in events(response):
+            if name == "progress":
+                seen += 1
+            if seen >= when or name in ("done", "error"):
+                return None
+        return None
+    finally:
+        conn.close()
+
+
+def test_64_users_with_equal_settings_some_cancelling_all_get_their_images(pair, monkeypatch) -> None:
+    """64 concurrent requests with identical settings, a third cancelled at random points, batch
+    sizes that overflow the 16 shared rows together (4 + 8 + 8 ...): every request that was not
+    cancelled gets exactly the images it gets alone, and the server serves on with /health 200.
+    On a4f2558 the decoding thread died (equal jobs compared by their noise tensors, batches
+    overflowed at admission) and every request hung."""
+    from rargen.decoding import DecodeBatch
+
+    original = DecodeBatch.step
+
+    def slower(self):  # a few ms per step, so that users overlap and cancel mid-decode
+        time.sleep(0.003)
+        return original(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", slower)
+    rng = random.Random(25)
+    sizes = [rng.choice([1, 4, 8]) for _ in range(64)]
+    cancels = [None] * 64
+    for i in rng.sample(range(64), 21):
+        stream = rng.random() < 0.5
+        cancels[i] = ("stream", rng.randrange(0, 4)) if stream else ("plain", rng.randrange(5, 200))
+    body = {"class": 3, "seed": 11}
+    results: list = [None] * 64
+    errors: list = []
+    with running_server(pair, rate_limit=0, max_batch_size=8, max_rows=16, max_queue=64) as server:
+
+        def user(i: int) -> None:
+            try:
+                results[i] = _load_request(server, {**body, "batch_size": sizes[i]}, cancels[i])
+            except Exception as error:  # noqa: BLE001 - reported by the main thread
+                errors.append((i, repr(error)))
+
+        threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(64)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 120
+        for thread in threads:
+            thread.join(max(0.1, deadline - time.monotonic()))
+        assert not any(thread.is_alive() for thread in threads), "requests hung"
+        assert errors == []
+        assert wait_for(lambda: request(server, "GET", "/health")[1]["active_jobs"] == 0, timeout=10)
+        status, health, _ = request(server, "GET", "/health")
+        assert status == 200 and health["status"] == "ok" and health["failed"] == 0
+        # A user who hung up after the last step may still count as completed.
+        assert health["completed"] + health["cancelled"] == 64 and health["completed"] >= 64 - 21
+        assert health["cancelled"] > 0
+        monkeypatch.setattr(DecodeBatch, "step", original)
+        alone = {size: _load_request(server, {**body, "batch_size": size}, None) for size in set(sizes)}
+        assert request(server, "GET", "/health")[0] == 200
+    for i in range(64):
+        if cancels[i] is None:
+            assert results[i] == alone[sizes[i]], f"request {i} (batch {sizes[i]})"
+
+
+def test_health_is_503_when_the_decoding_loop_is_dead(pair) -> None:
+    """/health said ok while every generation hung; now it reports the dead loop."""
+    with running_server(pair, rate_limit=0) as server:
+        server.engine.scheduler.stop()
+        status, answer, _ = request(server, "GET", "/health")
+        assert status == 503 and answer["status"] == "unhealthy"
+        assert answer["scheduler"] == "the decoding thread is not running"

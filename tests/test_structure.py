@@ -77,3 +77,30 @@ def test_readme_layout_names_every_module() -> None:
     named = set(re.findall(r"`(?:src/rargen/)?(\w+\.py)`", layout))
     assert sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in named) == []
     assert sorted(name for name in named if not (PACKAGE / name).is_file()) == []
+
+
+ARRAY_TYPES = re.compile(r"\b(Tensor|ndarray|GaussianStats|FeatureStats)\b")
+
+
+def test_no_dataclass_compares_tensors_or_arrays() -> None:
+    """Generated equality of a dataclass holding a tensor or array raises ("Boolean value of Tensor
+    ... is ambiguous") the first time two equal instances meet in ``in`` or ``list.remove``: the
+    server's decoding thread died of it (issue 25). Such dataclasses compare by identity."""
+    import dataclasses
+    import importlib
+
+    comparing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "__main__.py":  # running it is the command line
+            continue
+        module = importlib.import_module(
+            ".".join(("rargen", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+        )
+        for name, value in vars(module).items():
+            if not (dataclasses.is_dataclass(value) and isinstance(value, type)):
+                continue
+            if value.__module__ != module.__name__ or not value.__dataclass_params__.eq:
+                continue
+            if any(ARRAY_TYPES.search(str(field.type)) for field in dataclasses.fields(value)):
+                comparing.append(f"{module.__name__}.{name}")
+    assert comparing == []

@@ -10,6 +10,7 @@ keeps its own label, guidance schedule, temperature, top-k/top-p and noise insid
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -24,8 +25,12 @@ from torch import Tensor
 from rargen.decoding import Decoder
 from rargen.sampling import Sample, SampleConfig, Sampler
 
+log = logging.getLogger(__name__)
 
-@dataclass
+
+# eq=False: jobs are compared by identity. Generated equality compared the noise tensors of two
+# requests with equal settings (`job in list`, `list.remove`) and raised inside the loop.
+@dataclass(eq=False)
 class Job:
     """One request's samples: what the scheduler decodes and what it reports back on ``events``.
 
@@ -40,6 +45,7 @@ class Job:
     stream_every: int = 0  # token rows between progress events; 0 = none
     cancelled: bool = False
     samples: list[Sample] | None = None
+    reported: int = -1  # tokens done at the last progress event
 
     def __post_init__(self) -> None:
         self.events: queue.Queue = queue.Queue()
@@ -56,6 +62,10 @@ class QueueFull(Exception):
 class BatchScheduler:
     """Decodes all jobs in one batch on a background thread (``start`` / ``stop``)."""
 
+    # Seconds without a decoding step, while jobs wait or decode, after which ``healthy`` says
+    # stalled: far beyond one step of the largest model at the largest batch on a CPU.
+    stall_after = 120.0
+
     def __init__(self, decoder: Decoder, max_rows: int, max_queue: int) -> None:
         self.decoder, self.max_rows, self.max_queue = decoder, max_rows, max_queue
         self._sampler = self._new_sampler()
@@ -64,6 +74,7 @@ class BatchScheduler:
         self._active: list[Job] = []
         self._finished: deque[tuple[float, int]] = deque()  # (time, images) of the last minute
         self._stop = False
+        self._beat = time.monotonic()  # when the loop last made progress (or went idle)
         self._thread = threading.Thread(target=self._run, name="rargen-batch", daemon=True)
 
     def _new_sampler(self) -> Sampler:
@@ -83,6 +94,19 @@ class BatchScheduler:
             self._lock.notify_all()
         if self._thread.is_alive():
             self._thread.join(10)
+
+    def healthy(self) -> tuple[bool, str]:
+        """(ok, what the loop is doing): not ok when the thread is dead or when jobs wait or
+        decode and no step came for ``stall_after`` seconds."""
+        if not self.running:
+            return False, "the decoding thread is not running"
+        with self._lock:
+            if not self._active and not self._waiting:
+                return True, "idle"
+            quiet = time.monotonic() - self._beat
+        if quiet > self.stall_after:
+            return False, f"no decoding step for {quiet:.0f} s with jobs waiting (stalled)"
+        return True, "decoding"
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; it joins the batch at the next step its rows fit. QueueFull beyond
@@ -120,43 +144,73 @@ class BatchScheduler:
         while True:
             with self._lock:
                 while not self._stop and not self._active and not self._waiting:
+                    self._beat = time.monotonic()
                     self._lock.wait()
                 if self._stop:
                     return
-                self._drop_cancelled()
-                joining = []
-                while self._waiting and self._sampler.fits(
-                    len(self._waiting[0].labels), self._waiting[0].config.guided
-                ):
-                    job = self._waiting.popleft()
-                    if not job.cancelled:
-                        joining.append(job)
-                if not self._active and not joining:
-                    continue
             try:
-                with torch.inference_mode():
-                    for job in joining:  # prefill + token 0, then the job decodes with the others
-                        job.samples = self._sampler.add(job.labels, job.config, noise=job.noise)
-                        with self._lock:
-                            self._active.append(job)
-                    self._report()
-                    if self._active:
-                        self._sampler.step()
-                        self._report()
-            except Exception as error:  # a failed step fails the jobs in the batch, not the server
+                self._cycle()
+            except Exception as error:  # noqa: BLE001 - no error may end the loop: fail, log, go on
+                self._fail_batch(error)
+
+    def _cycle(self) -> None:
+        """Let jobs in, step the batch once, report."""
+        with self._lock:
+            self._drop_cancelled()
+            joining = self._admit()
+            if not self._active and not joining:
+                return
+        with torch.inference_mode():
+            for index, job in enumerate(joining):  # prefill + token 0, then it decodes with the others
+                try:
+                    job.samples = self._sampler.add(job.labels, job.config, noise=job.noise)
+                except ValueError as error:  # refused before the sampler changed: this job only
+                    self._fail([job], error)
+                    continue
+                except Exception:  # a failed prefill may leave the batch half-changed: all of it fails
+                    with self._lock:
+                        self._active.append(job)
+                        self._waiting.extendleft(reversed(joining[index + 1 :]))  # not started: they wait
+                    raise
                 with self._lock:
-                    failed, self._active = self._active + [j for j in joining if j not in self._active], []
-                    self._sampler = self._new_sampler()
-                for job in failed:
-                    job.events.put(("error", f"generation failed: {error!r}"))
+                    self._active.append(job)
+            self._report()
+            if self._active:
+                self._sampler.step()
+                self._beat = time.monotonic()
+                self._report()
+
+    def _admit(self) -> list[Job]:
+        """Take waiting jobs, first come first served, while their rows fit together: each job's
+        rows are reserved as it is taken (under the lock)."""
+        joining: list[Job] = []
+        while self._waiting:
+            job = self._waiting[0]
+            reserved = [(len(j.labels), j.config.guided) for j in joining]
+            if not job.cancelled and not self._sampler.fits(len(job.labels), job.config.guided, reserved):
+                break
+            self._waiting.popleft()
+            if not job.cancelled:
+                joining.append(job)
+        return joining
+
+    def _fail_batch(self, error: Exception) -> None:
+        """The shared batch failed: its jobs fail, the sampler starts anew, queued jobs wait on."""
+        with self._lock:
+            failed, self._active = self._active, []
+            self._sampler = self._new_sampler()
+        self._fail(failed, error)
+
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        log.error("generation failed for %d job(s): %r", len(jobs), error, exc_info=error)
+        for job in jobs:
+            job.events.put(("error", f"generation failed: {error!r}"))
 
     def _drop_cancelled(self) -> None:
-        cancelled = [job for job in self._active if job.cancelled]
-        for job in cancelled:
+        for job in [job for job in self._active if job.cancelled]:
             self._sampler.remove(job.samples or [])
             self._active.remove(job)
-        for job in [job for job in self._waiting if job.cancelled]:
-            self._waiting.remove(job)
+        self._waiting = deque(job for job in self._waiting if not job.cancelled)
 
     def _report(self) -> None:
         """Progress and completion events for the jobs whose samples got a token."""
@@ -174,9 +228,9 @@ class BatchScheduler:
                 and done % job.width == 0
                 and rows % job.stream_every == 0
                 and 0 < done < L
-                and getattr(job, "_reported", -1) != done
+                and job.reported != done
             ):
-                job._reported = done  # type: ignore[attr-defined]
+                job.reported = done
                 job.events.put(("rows", rows, torch.stack([s.tokens for s in samples]).clone()))
         if done_jobs:
             with self._lock:

@@ -294,7 +294,8 @@ def describe_classifier(report: dict[str, Any], out: str | os.PathLike) -> str:
 # Scoring samples
 
 
-@dataclass(frozen=True)
+# eq=False: arrays inside; compared by identity (see tests/test_structure.py)
+@dataclass(frozen=True, eq=False)
 class Scorer:
     """A loaded classifier with what it was trained on: class names and the held-out statistics."""
 

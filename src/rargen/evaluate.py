@@ -42,7 +42,8 @@ class EvalConfig:
     pr_batch_size: int = 10000  # rows/columns per pairwise-distance block
 
 
-@dataclass
+# eq=False: arrays inside; compared by identity (see tests/test_structure.py)
+@dataclass(eq=False)
 class InceptionFeatures:
     pool: np.ndarray  # (N, 2048) float32, kept whole for precision/recall
     pool_stats: FeatureStats

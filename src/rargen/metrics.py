@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 
-@dataclass(frozen=True)
+# eq=False: arrays inside; compared by identity (see tests/test_structure.py)
+@dataclass(frozen=True, eq=False)
 class GaussianStats:
     """Mean (D,) and covariance (D, D) of a feature set, float64."""
 
@@ -220,7 +221,8 @@ def iter_npz_batches(
             yield np.frombuffer(data, dtype=dtype).reshape((n, *shape[1:]))
 
 
-@dataclass(frozen=True)
+# eq=False: arrays inside; compared by identity (see tests/test_structure.py)
+@dataclass(frozen=True, eq=False)
 class ImageBatchFile:
     """What an ADM-style .npz holds: images (``arr_0``, uint8 NHWC) and/or stored statistics."""
 

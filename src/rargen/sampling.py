@@ -152,11 +152,15 @@ class Sampler:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def fits(self, count: int, guided: bool) -> bool:
-        """Whether ``count`` more samples fit now."""
-        if guided and not self.guided_capacity:
+    def fits(self, count: int, guided: bool, reserved: Sequence[tuple[int, bool]] = ()) -> bool:
+        """Whether ``count`` more samples fit now, after the ``reserved`` (count, guided) groups
+        that are to be added first."""
+        groups = [*reserved, (count, guided)]
+        if any(g for _, g in groups) and not self.guided_capacity:
             return False
-        return count <= len(self._free_rows) and count * (2 if guided else 1) <= self.batch.free
+        samples = sum(n for n, _ in groups)
+        rows = sum(n * (2 if g else 1) for n, g in groups)
+        return samples <= len(self._free_rows) and rows <= self.batch.free
 
     def add(
         self,

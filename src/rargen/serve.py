@@ -4,8 +4,9 @@
 on the standard library's ``ThreadingHTTPServer`` (no web framework: a page, four routes and SSE
 need none):
 
-* ``GET /`` the page; ``GET /health`` liveness and job counts; ``GET /info`` the model, its class
-  names, the limits and the default settings (the page builds its form from it);
+* ``GET /`` the page; ``GET /health`` liveness and job counts (503 when the decoding loop is
+  dead or stalled); ``GET /info`` the model, its class names, the limits and the default
+  settings (the page builds its form from it);
 * ``POST /generate`` JSON settings -> JSON with base64 PNGs and the settings;
 * ``POST /generate/stream`` the same settings -> ``text/event-stream``: ``start``, then
   ``progress`` events with partial images every ``stream_every`` token rows (rows not yet sampled
@@ -247,7 +248,9 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/health":
             with engine._lock:
                 stats = dict(engine.stats)
-            self.send_json(200, {"status": "ok", **stats, **engine.scheduler.load()})
+            healthy, state = engine.scheduler.healthy()  # a dead or stalled decoding loop is a 503
+            body = {"status": "ok" if healthy else "unhealthy", "scheduler": state}
+            self.send_json(200 if healthy else 503, {**body, **stats, **engine.scheduler.load()})
         elif path == "/info":
             self.send_json(200, engine.info())
         else:
