@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rargen.loader import TokenLoader
-from rargen.store import TokenStore, write_store
+from rargen.data.loader import TokenLoader
+from rargen.data.store import write_store
+from rargen.data.token_store import TokenStore
 
 
 def folder_bytes(path: Path) -> int:

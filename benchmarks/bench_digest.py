@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rargen.checkpoint import file_sha256
 from rargen.model import RAR, ModelConfig
+from rargen.weight_files import file_sha256
 
 
 def best_of(repeats: int, fn) -> float:

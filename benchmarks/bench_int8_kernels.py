@@ -4,7 +4,7 @@
 
 Compares the float32 oneDNN product on a prepacked weight (rargen's fp32 decoding), the
 weight-only ``torch.ops.aten._weight_int8pack_mm`` with float32 and bf16 inputs, and the
-dynamically quantized linear (int8 weights and per-call int8 inputs) that ``rargen.quantize``
+dynamically quantized linear (int8 weights and per-call int8 inputs) that ``rargen.sampling.int8``
 uses. All from one process, interleaved per shape.
 """
 
@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from rargen.quantize import Int8Linear
+from rargen.sampling.int8 import Int8Linear
 
 
 def int8pack(x, q, scales, bias):

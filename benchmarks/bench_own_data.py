@@ -3,7 +3,7 @@
 Writes ``WORK/my_images``: 10 class folders of 60 grey 28x28 PNGs (scikit-learn's digits, taken
 class by class in file order and upscaled bicubically from 8x8, named ``digit_0`` ...) plus one
 corrupt file, then runs every ``rargen`` command of README.md's "The pipeline on your own data"
-block in ``WORK`` (through ``rargen.cli.main``, with ``--threads`` appended) and prints the time of
+block in ``WORK`` (through ``rargen.cli.main.main``, with ``--threads`` appended) and prints the time of
 each and the scores: the classifier's held-out accuracy and its train-vs-held-out Fréchet distance
 (the real-data baseline), then the sweep's and evaluate's scores of the generated samples.
 
@@ -60,7 +60,7 @@ def main() -> None:
         "--reuse", action="store_true", help="skip train-tokenizer / pretokenize when their output exists"
     )
     args = parser.parse_args()
-    from rargen.cli import main as rargen
+    from rargen.cli.main import main as rargen
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
     /work/venv/bin/python benchmarks/bench_precision.py --preset rar-mini --batch 4
 
-Per-step distributions come from ``rargen.sampling.token_probs`` (the cached decode path of
+Per-step distributions come from ``rargen.sampling.engine.token_probs`` (the cached decode path of
 ``generate``) on random tokens, with CFG (the RAR-B sampling preset). The model has random weights
 drawn at realistic scales (Linear N(0, 1/fan_in), LayerNorm weights 1 + N(0, 0.25^2)), so its
 distributions are peaked rather than uniform. Reported: max |p - p64| and mean KL(p64 || p).
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from rargen.model import RAR, ModelConfig
-from rargen.sampling import SampleConfig, token_probs
+from rargen.sampling.engine import SampleConfig, token_probs
 
 
 def realistic_weights(model: RAR, seed: int = 0) -> RAR:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for variant in args.variants.split(","):
         bf16, compile = "bf16" in variant, "compiled" in variant
-        quantize = "int8" if variant == "int8" else None  # rargen.quantize (CPU only)
+        quantize = "int8" if variant == "int8" else None  # rargen.sampling.int8 (CPU only)
         m = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32)
         start = time.perf_counter()
         probs = token_probs(m, labels, tokens, config, bf16=bf16, compile=compile, quantize=quantize).double()

@@ -3,8 +3,8 @@
     PYTHONPATH=src python benchmarks/bench_quantize.py runs/demo --per-class 50
 
 Samples ``--per-class`` digits of every class with the demo's sampling settings and seeds
-(``rargen.demo.sample_digits``), once in float32 and once with ``quantize="int8"``
-(``rargen.quantize``), and scores both with the demo's digit classifier (class accuracy and the
+(``rargen.demo.pipeline.sample_digits``), once in float32 and once with ``quantize="int8"``
+(``rargen.sampling.int8``), and scores both with the demo's digit classifier (class accuracy and the
 Fréchet distance in its features, as the demo's report does). The two runs alternate
 ``--repeats`` times on a shared host; the time is the median.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from rargen.checkpoint import load
-from rargen.decoding import prepare_for_decoding
-from rargen.demo import DemoConfig, sample_digits, score
+from rargen.demo.pipeline import DemoConfig, sample_digits, score
+from rargen.sampling.decoding import prepare_for_decoding
 
 
 def main(argv: list[str] | None = None) -> int:

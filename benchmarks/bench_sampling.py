@@ -7,9 +7,9 @@ and the same CFG setting, and are timed in one process, alternately. ``--steps S
 tokens of a generation and reports time / S; both samplers' steps grow with t (attention reads the
 prefix), so quote whole generations (``--steps 256``). ``--full-official B`` also times one full
 256-step official generation at batch B. rargen's eager variants run on a model packed once for
-oneDNN by ``rargen.decoding.prepare_for_decoding`` once per model, as ``rargen sample`` does (the
+oneDNN by ``rargen.sampling.decoding.prepare_for_decoding`` once per model, as ``rargen sample`` does (the
 packing time is printed above the table; ``generate`` on a plain model prepares on every call),
-and drive the same ``rargen.sampling.Sampler`` step that ``generate`` and the web server drive.
+and drive the same ``rargen.sampling.engine.Sampler`` step that ``generate`` and the web server drive.
 The roofline floor per step is max(weight bytes / bandwidth, FLOPs / matmul rate), both measured here.
 The official tree (an
 extracted checkout, never vendored) is imported as in tests/reference: namespace-package stubs
@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "referenc
 from official_shim import import_official  # noqa: E402
 
 from rargen.convert import to_official
-from rargen.decoding import Decoder, prepare_for_decoding
 from rargen.model import RAR, ModelConfig
-from rargen.sampling import SampleConfig, Sampler
+from rargen.sampling.decoding import Decoder, prepare_for_decoding
+from rargen.sampling.engine import SampleConfig, Sampler
 
 
 def sync(device: torch.device) -> None:
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             for variant in args.variants.split(","):
                 bf16, compile = "bf16" in variant, "compiled" in variant
-                quantize = "int8" if variant == "int8" else None  # rargen.quantize, CPU only
+                quantize = "int8" if variant == "int8" else None  # rargen.sampling.int8, CPU only
                 m = copy.deepcopy(model).to(torch.bfloat16) if bf16 else model
                 # prepared once per model, as `rargen sample` does (packing timed above)
                 decoder = prepare_for_decoding(m, bf16=bf16, compile=compile, quantize=quantize)

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/bench_speculative.py runs/demo/generator --speculate 4,8,16
 
-Both samplers draw the same images (same seeds, same noise: ``rargen.speculative`` makes the
+Both samplers draw the same images (same seeds, same noise: ``rargen.sampling.speculative`` makes the
 tokens plain decoding makes) from one model prepared once (``prepare_for_decoding``), timed in
 one process round-robin (plain, then each K, then again) so that load on a shared host hits all
 alike; the table gives the median of ``--repeats`` rounds. Forward passes per image include the
@@ -19,10 +19,10 @@ import time
 import torch
 
 from rargen.checkpoint import load
-from rargen.decoding import prepare_for_decoding
 from rargen.model import RAR, ModelConfig
-from rargen.sampling import SampleConfig, draw_noise, generate, sample_seed
-from rargen.speculative import generate_speculative
+from rargen.sampling.decoding import prepare_for_decoding
+from rargen.sampling.engine import SampleConfig, draw_noise, generate, sample_seed
+from rargen.sampling.speculative import generate_speculative
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--int8", action="store_true", help="quantize='int8' (CPU; rargen.quantize)")
+    parser.add_argument("--int8", action="store_true", help="quantize='int8' (CPU; rargen.sampling.int8)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)

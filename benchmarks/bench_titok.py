@@ -26,11 +26,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from rargen.decoding import Decoder, prepare_for_decoding
 from rargen.model import RAR, ModelConfig
-from rargen.sampling import SampleConfig, Sampler, draw_noise, generate
-from rargen.titok import TiTok, TiTokConfig
-from rargen.vqgan import MaskGITVQGAN, VQGANConfig
+from rargen.sampling.decoding import Decoder, prepare_for_decoding
+from rargen.sampling.engine import SampleConfig, Sampler, draw_noise, generate
+from rargen.tokenizers.titok import TiTok, TiTokConfig
+from rargen.tokenizers.vqgan import MaskGITVQGAN, VQGANConfig
 
 TITOK_OF_LENGTH = {32: "titok-l-32", 64: "titok-b-64", 128: "titok-s-128"}
 

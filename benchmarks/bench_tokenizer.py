@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from rargen.vq_tokenizer import VQTokenizer, VQTokenizerConfig
-from rargen.vqgan import MaskGITVQGAN, VQGANConfig
+from rargen.tokenizers.vq import VQTokenizer, VQTokenizerConfig
+from rargen.tokenizers.vqgan import MaskGITVQGAN, VQGANConfig
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:

@@ -3,10 +3,11 @@
     python benchmarks/gpu_train.py                                    # RAR-B @256, RAR-XL @128, compiled
     python benchmarks/gpu_train.py --device cpu --presets rar-tiny --batch 4 --steps 2 --no-compile  # smoke
 
-The step is the one ``rargen.train`` runs: orders and label dropout from ``draw_step_randomness``, the
-model's forward without checks, ``token_loss``, backward, global-norm clipping, fused AdamW. MFU counts
-3x the model's forward matmul FLOPs (``flops_per_token``) against the GPU's dense bf16 peak
-(``rargen.train.PEAK_BF16_FLOPS``; H200 989 TFLOP/s). Goal: MFU >= 45% for RAR-B and RAR-XL on an H200.
+The step is the one ``rargen.train.generator`` runs: orders and label dropout from
+``draw_step_randomness``, the model's forward without checks, ``token_loss``, backward, global-norm
+clipping, fused AdamW. MFU counts 3x the model's forward matmul FLOPs (``flops_per_token``) against
+the GPU's dense bf16 peak (``rargen.train.generator.PEAK_BF16_FLOPS``; H200 989 TFLOP/s).
+Goal: MFU >= 45% for RAR-B and RAR-XL on an H200.
 Times are CUDA-event measured after warm-up (compile time is reported apart).
 """
 
@@ -19,13 +20,13 @@ import time
 import torch
 
 from rargen.model import RAR, ModelConfig
-from rargen.train import PEAK_BF16_FLOPS, draw_step_randomness, param_groups, peak_flops, token_loss
+from rargen.train.generator import PEAK_BF16_FLOPS, draw_step_randomness, param_groups, peak_flops, token_loss
 
 DEFAULT_BATCH = {"rar-b": 256, "rar-l": 192, "rar-xl": 128, "rar-xxl": 96}
 
 
 def bench(preset: str, batch: int, steps: int, device: torch.device, compile: bool, ckpt: bool) -> dict:
-    from rargen.train import enable_activation_checkpointing
+    from rargen.train.generator import enable_activation_checkpointing
 
     cfg = ModelConfig.from_name(preset)
     torch.manual_seed(0)

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 import rargen
-from rargen.pretrained import find_release
-from rargen.sample_images import save_grid, to_uint8
-from rargen.tokenizer import codes_from_sequence
+from rargen.hub.releases import find_release
+from rargen.sampling.images import save_grid, to_uint8
+from rargen.tokenizers.base import codes_from_sequence
 
 
 def main(argv: list[str] | None = None) -> Path:

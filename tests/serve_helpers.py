@@ -14,8 +14,9 @@ import torch
 
 from rargen.checkpoint import save
 from rargen.model import RAR, ModelConfig
-from rargen.serve import ServeConfig, Server, make_server
-from rargen.vq_tokenizer import VQTokenizer, VQTokenizerConfig
+from rargen.serve.engine import ServeConfig
+from rargen.serve.server import Server, make_server
+from rargen.tokenizers.vq import VQTokenizer, VQTokenizerConfig
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

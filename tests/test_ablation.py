@@ -12,18 +12,23 @@ import numpy as np
 import pytest
 import torch
 
-import rargen.sampling
-from rargen.ablation import Evaluator, StudyConfig, StudyData, Window, parse_windows, run_study, study_runs
+import rargen.sampling.engine
 from rargen.checkpoint import load, save
-from rargen.digit_classifier import (
-    DigitClassifier,
-    DigitClassifierConfig,
-    classifier_accuracy,
-    digit_frechet_distance,
+from rargen.data.store import write_store
+from rargen.data.token_store import TokenStore
+from rargen.demo.ablation import (
+    Evaluator,
+    StudyConfig,
+    StudyData,
+    Window,
+    parse_windows,
+    run_study,
+    study_runs,
 )
-from rargen.store import TokenStore, write_store
-from rargen.train import TrainConfig
-from rargen.vq_tokenizer import VQTokenizer, VQTokenizerConfig
+from rargen.demo.digit_classifier import DigitClassifier, DigitClassifierConfig, digit_frechet_distance
+from rargen.evaluation.classifier import classifier_accuracy
+from rargen.tokenizers.vq import VQTokenizer, VQTokenizerConfig
+from rargen.train.recipe import TrainConfig
 
 BUDGET = 8
 
@@ -146,13 +151,13 @@ def test_samples_are_scored_as_the_digit_classifier_scores_them(finished, study_
     torch.manual_seed(0)
     save(DigitClassifier(DigitClassifierConfig(image_size=16)).eval(), tmp_path / "clf")
     evaluator = Evaluator(dataclasses.replace(study_data, classifier=tmp_path / "clf"), samples_per_class=2)
-    sampled, generate = [], rargen.sampling.generate_images
+    sampled, generate = [], rargen.sampling.engine.generate_images
 
     def generate_and_keep(*args, **kwargs):  # the evaluator's own samples, to be scored here too
         sampled.append(generate(*args, **kwargs))
         return sampled[-1]
 
-    monkeypatch.setattr(rargen.sampling, "generate_images", generate_and_keep)
+    monkeypatch.setattr(rargen.sampling.engine, "generate_images", generate_and_keep)
     result = evaluator.evaluate(load(out / "runs" / f"{_config().windows[0].name}-b{BUDGET}-s0" / "final"))
 
     images, labels = torch.cat(sampled), torch.arange(10).repeat_interleave(2)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import randomize
-from rargen.batching import BatchScheduler, Job
-from rargen.decoding import prepare_for_decoding
 from rargen.model import RAR, ModelConfig
-from rargen.sampling import SampleConfig, draw_noise, generate, sample_seed
+from rargen.sampling.decoding import prepare_for_decoding
+from rargen.sampling.engine import SampleConfig, draw_noise, generate, sample_seed
+from rargen.serve.batching import BatchScheduler, Job
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

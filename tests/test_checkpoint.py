@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rargen
-from rargen.checkpoint import CheckpointError, read_weights_file, remove_stale_temporaries
+from rargen.checkpoint import remove_stale_temporaries
 from rargen.model import RAR
+from rargen.weight_files import CheckpointError, read_weights_file
 
 
 def test_round_trip(tmp_path: Path, tiny_model: RAR) -> None:

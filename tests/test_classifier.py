@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from rargen.checkpoint import load, read_record
-from rargen.classifier import (
+from rargen.cli.main import main
+from rargen.data.sources import FolderSource, read_images, stratified_split
+from rargen.evaluation.classifier import (
     HELDOUT_STATS_NAME,
     ImageClassifier,
     ImageClassifierConfig,
@@ -21,10 +23,8 @@ from rargen.classifier import (
     load_scorer,
     score_samples,
 )
-from rargen.cli import main
-from rargen.metrics import frechet_distance
+from rargen.evaluation.metrics import frechet_distance
 from rargen.progress import PlainProgress, progress_bar
-from rargen.sources import FolderSource, read_images, stratified_split
 
 
 def shapes_folder(root, classes=3, per_class=12, size=12, corrupt=True):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from rargen.checkpoint import save
-from rargen.cli import main
+from rargen.cli.main import main
 from rargen.model import RAR, ModelConfig
-from rargen.vq_tokenizer import VQTokenizer, VQTokenizerConfig
+from rargen.tokenizers.vq import VQTokenizer, VQTokenizerConfig
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_bugs_keep_their_traceback_and_debug_shows_expected_ones(folders, monkey
         raise TypeError("a bug in rargen")
 
     argv = ["sample", str(gen), "--tokenizer", str(tok), "--labels", "1", "--out", str(root / "o")]
-    monkeypatch.setattr("rargen.sample_images.sample_to_folder", bug)
+    monkeypatch.setattr("rargen.sampling.images.sample_to_folder", bug)
     with pytest.raises(TypeError, match="a bug in rargen"):
         main(argv)
     monkeypatch.undo()

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rargen
-from rargen.cli import main
+from rargen.cli.main import main
 from rargen.convert import from_official, infer_official_config, to_official
 from rargen.model import RAR, ModelConfig
 
@@ -74,7 +74,7 @@ def test_rejects_non_rar_files(tmp_path: Path) -> None:
 
 
 def main_or_raise(argv: list[str]) -> None:
-    from rargen.cli import build_parser
+    from rargen.cli.main import build_parser
 
     args = build_parser().parse_args(argv)
     args.run(args)

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import requires
-from rargen.cpu_decoding import PackedLinear, is_packed, packed_for_cpu_decoding
 from rargen.model import RAR
-from rargen.sampling import SampleConfig, generate, token_probs
+from rargen.sampling.cpu import PackedLinear, is_packed, packed_for_cpu_decoding
+from rargen.sampling.engine import SampleConfig, generate, token_probs
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),

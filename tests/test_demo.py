@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 import rargen
-from rargen.cli import main
-from rargen.demo import DemoConfig
+from rargen.cli.main import main
+from rargen.demo.pipeline import DemoConfig
 from rargen.model import RAR
-from rargen.sampling import SampleConfig, generate_images
+from rargen.sampling.engine import SampleConfig, generate_images
 
 
 @pytest.mark.slow

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 import rargen
-from rargen.digit_classifier import (
+from rargen.data.digits import load_digit_images
+from rargen.demo.digit_classifier import (
     DigitClassifier,
     DigitClassifierConfig,
-    classifier_accuracy,
     digit_feature_stats,
     digit_frechet_distance,
     train_digit_classifier,
 )
-from rargen.digits import load_digit_images
-from rargen.metrics import frechet_distance
+from rargen.evaluation.classifier import classifier_accuracy
+from rargen.evaluation.metrics import frechet_distance
 
 
 @pytest.fixture(scope="module")

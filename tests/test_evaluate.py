@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from rargen.checkpoint import file_sha256
-from rargen.cli import main
-from rargen.inception import FIDInception
-from rargen.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
+from rargen.cli.main import main
+from rargen.evaluation.inception import FIDInception
+from rargen.evaluation.metrics import FeatureStats, frechet_distance, inception_score, precision_recall
+from rargen.weight_files import file_sha256
 
 
 @pytest.mark.slow

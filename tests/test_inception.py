@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import requires
-from rargen.inception import (
+from rargen.evaluation.inception import (
     NUM_LOGITS,
     POOL_DIM,
     SPATIAL_DIM,
@@ -21,7 +21,7 @@ from rargen.inception import (
     preprocess,
     tf_resize_bilinear,
 )
-from rargen.metrics import FeatureStats, frechet_distance
+from rargen.evaluation.metrics import FeatureStats, frechet_distance
 
 
 def _reference_resize(x: torch.Tensor, size: int = 299) -> torch.Tensor:

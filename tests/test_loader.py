@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from rargen.loader import TokenLoader
-from rargen.store import TokenStore, write_store
+from rargen.data.loader import TokenLoader
+from rargen.data.store import write_store
+from rargen.data.token_store import TokenStore
 
 NUM_IMAGES, NUM_VARIANTS = 103, 10
 

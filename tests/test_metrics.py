@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from rargen.metrics import (
+from rargen.evaluation.metrics import (
     FeatureStats,
     GaussianStats,
     frechet_distance,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rargen.model import RAR, CacheAt, KVCache, ModelConfig, cache_mask, count_params_official
+from rargen.kv_cache import CacheAt, KVCache, cache_mask
+from rargen.model import RAR, ModelConfig, count_params_official
 from rargen.orders import raster_orders, sample_orders
 
 # Official totals (spec Sec. 1.7) minus exactly the never-used rows (MaskGIT mask-token row,

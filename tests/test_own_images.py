@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from rargen.sources import FolderSource, read_images, stratified_split
-from rargen.store import TokenStore, pretokenize
-from rargen.tokenizer_train import load_training_images
-from rargen.vq_tokenizer import VQTokenizer, VQTokenizerConfig
+from rargen.data.sources import FolderSource, read_images, stratified_split
+from rargen.data.store import pretokenize
+from rargen.data.token_store import TokenStore
+from rargen.tokenizers.vq import VQTokenizer, VQTokenizerConfig
+from rargen.train.tokenizer import load_training_images
 
 
 def _grey_folder(root, classes=3, per_class=6, size=12, corrupt=True):
@@ -76,8 +77,8 @@ def test_pretokenize_records_no_size_needs_one(tmp_path):
 
 
 def test_train_without_a_preset_on_a_small_store_uses_the_small_recipe(tmp_path, capsys):
-    from rargen.cli import main
-    from rargen.store import write_store
+    from rargen.cli.main import main
+    from rargen.data.store import write_store
 
     rng = np.random.default_rng(0)
     store = write_store(
@@ -99,7 +100,7 @@ def test_train_without_a_preset_on_a_small_store_uses_the_small_recipe(tmp_path,
 
 
 def test_grid_has_a_row_for_every_class(tmp_path):
-    from rargen.sample_images import GRID_LABEL_WIDTH, save_grid
+    from rargen.sampling.images import GRID_LABEL_WIDTH, save_grid
 
     labels = [c for c in range(10) for _ in range(50)]  # 500 images: the old grid showed classes 0 and 1
     images = np.zeros((500, 4, 4, 3), dtype=np.uint8)
@@ -115,7 +116,7 @@ def test_grid_has_a_row_for_every_class(tmp_path):
 
 def test_tokenizer_trained_on_grey_images_records_one_channel(tmp_path):
     from rargen.checkpoint import read_record
-    from rargen.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+    from rargen.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
     root = _grey_folder(tmp_path / "data", classes=2, per_class=4, size=16, corrupt=False)
     config = TokenizerTrainConfig(steps=2, batch_size=4, warmup_steps=1, sample_every=0, checkpoint_every=0)

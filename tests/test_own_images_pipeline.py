@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rargen.cli import main
-from rargen.sample_images import GRID_LABEL_WIDTH
+from rargen.cli.main import main
+from rargen.sampling.images import GRID_LABEL_WIDTH
 from test_classifier import shapes_folder
 
 TINY_MODEL = ["--model", "dim=32", "--model", "depth=1", "--model", "num_heads=2", "--model", "mlp_dim=64"]

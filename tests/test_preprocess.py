@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rargen.preprocess import center_crop, image_variants, num_variants, to_tensor
+from rargen.data.preprocess import center_crop, image_variants, num_variants, to_tensor
 
 
 def _noise(width: int, height: int, seed: int = 0) -> Image.Image:

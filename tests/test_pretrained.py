@@ -19,8 +19,9 @@ import torch
 
 import rargen
 from fake_hub import COMMIT, FakeHub, official_bin, paired_generator_bin, serving_hub
-from rargen import hub, pretrained
-from rargen.cli import main
+from rargen.cli.main import main
+from rargen.hub import download as hub
+from rargen.hub import releases as pretrained
 from rargen.model import RAR
 
 
@@ -87,6 +88,51 @@ def test_hf_download_converts_to_the_same_logits_and_the_second_call_sends_nothi
     folder = pretrained.resolve("hf://yucornetto/RAR/rar_a.bin")
     assert folder.name == hashlib.sha256(data).hexdigest()  # the converted folder is keyed by the digest
     assert json.loads((folder / "config.json").read_text())["extra"]["source_sha256"] == folder.name
+
+
+def count_calls(monkeypatch, module_name: str, function: str) -> list[int]:
+    """Count calls of ``module_name.function`` through every rargen module that imported it."""
+    import sys
+
+    original, calls = getattr(sys.modules[module_name], function), []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "rargen" and getattr(module, function, None) is original:
+            monkeypatch.setattr(module, function, counted)
+    return calls
+
+
+def test_from_pretrained_builds_once_and_hashes_the_cached_weights_once(
+    fake_hub: FakeHub, monkeypatch
+) -> None:
+    """It built the model twice on the first call (convert, then load the folder) and hashed the
+    cached weights twice on every later call (the cache's check, then load's): about 1 s/GB each."""
+    fake_hub.add_hub_file("yucornetto/RAR", "rar_a.bin", official_bin("official_rar_a"))
+    builds = count_calls(monkeypatch, "rargen.checkpoint", "build")
+    first = rargen.from_pretrained("hf://yucornetto/RAR/rar_a.bin")
+    assert len(builds) == 1
+    hashes = count_calls(monkeypatch, "rargen.weight_files", "file_sha256")
+    again = rargen.from_pretrained("hf://yucornetto/RAR/rar_a.bin")
+    assert (len(builds), len(hashes)) == (2, 1)
+    assert torch.equal(logits_of(again), logits_of(first))
+    assert again.checkpoint_extra == first.checkpoint_extra and "source_sha256" in first.checkpoint_extra
+
+
+def test_a_converted_folder_changed_on_disk_is_converted_again(fake_hub: FakeHub) -> None:
+    fake_hub.add_hub_file("yucornetto/RAR", "rar_a.bin", official_bin("official_rar_a"))
+    first = rargen.from_pretrained("hf://yucornetto/RAR/rar_a.bin")
+    folder = pretrained.resolve("hf://yucornetto/RAR/rar_a.bin")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one flipped bit in the tensor bytes
+    weights.write_bytes(bytes(data))
+    again = rargen.from_pretrained("hf://yucornetto/RAR/rar_a.bin")
+    assert torch.equal(logits_of(again), logits_of(first))
+    assert weights.read_bytes() != bytes(data)  # written anew
 
 
 def test_vqgan_tokenizer_over_the_hub_decodes_like_the_local_file(fake_hub: FakeHub, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""int8 decoding (rargen.quantize): close to float, explicitly not exact, refused where it cannot run."""
+"""int8 decoding (rargen.sampling.int8): close to float, explicitly not exact, refused where it cannot run."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import randomize
-from rargen.decoding import prepare_for_decoding
 from rargen.model import RAR, ModelConfig
-from rargen.quantize import Int8Linear, int8_available
-from rargen.sampling import SampleConfig, generate, token_probs
+from rargen.sampling.decoding import prepare_for_decoding
+from rargen.sampling.engine import SampleConfig, generate, token_probs
+from rargen.sampling.int8 import Int8Linear, int8_available
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
@@ -62,7 +62,7 @@ def test_sample_command_int8(tmp_path) -> None:
     import json
 
     from rargen.checkpoint import save
-    from rargen.cli import main
+    from rargen.cli.main import main
     from test_sample_cli import TinyTokenizer, TinyTokenizerConfig
 
     save(

@@ -65,7 +65,7 @@ def own_data_commands() -> list[list[str]]:
 def test_readme_own_data_commands_run_on_a_folder(tmp_path, monkeypatch, capsys, one_torch_thread) -> None:
     """The README's own-data block, command by command through the CLI, on a class-folder tree of
     28x28 grey images named as in the README (my_images), with the step counts cut."""
-    from rargen.cli import main
+    from rargen.cli.main import main
     from test_classifier import shapes_folder
 
     shapes_folder(tmp_path / "my_images", classes=3, per_class=8, size=28)

@@ -14,10 +14,10 @@ from torch import nn
 
 from conftest import randomize
 from rargen.checkpoint import checkpoint_hash, load, register_kind, save
-from rargen.cli import main
+from rargen.cli.main import main
 from rargen.model import RAR, ModelConfig
-from rargen.sample_images import to_uint8
-from rargen.sampling import SampleConfig, generate_images, sample_seed
+from rargen.sampling.engine import SampleConfig, generate_images, sample_seed
+from rargen.sampling.images import to_uint8
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def test_sample_command_end_to_end(tmp_path) -> None:
     png = np.asarray(Image.open(tmp_path / "a" / "images" / "000007.png"))
     assert np.array_equal(png, a["arr_0"][7])
     # One row per class (10), one column per sample (2) after the class-name column.
-    from rargen.sample_images import GRID_LABEL_WIDTH
+    from rargen.sampling.images import GRID_LABEL_WIDTH
 
     assert Image.open(tmp_path / "a" / "grid.png").size == (GRID_LABEL_WIDTH + 2 * 8, 10 * 8)
     assert json.loads((tmp_path / "a" / "meta.json").read_text())["class_names"] == names
@@ -110,7 +110,7 @@ def test_sample_command_checks_the_tokenizer_before_sampling(tmp_path, capsys, m
     save(RAR(ModelConfig.from_name("rar-tiny")), tmp_path / "gen")
     save(TinyTokenizer(TinyTokenizerConfig(codebook_size=16)), tmp_path / "tok16")
     sampled = []
-    monkeypatch.setattr("rargen.sample_images.generate_images", lambda *a, **k: sampled.append(1))
+    monkeypatch.setattr("rargen.sampling.images.generate_images", lambda *a, **k: sampled.append(1))
     for tokenizer, message in (
         (tmp_path / "gen", "not an image tokenizer"),
         (tmp_path / "tok16", "has 16 codes"),
@@ -130,7 +130,7 @@ def _sample_rank(rank: int, world: int, port: int, root: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from rargen.sample_images import sample_to_folder
+    from rargen.sampling.images import sample_to_folder
 
     try:
         config = SampleConfig(cfg_scale=2.0, cfg_power=1.0)
@@ -149,7 +149,7 @@ def test_two_gloo_ranks_give_the_same_image_set_as_one_process(tmp_path) -> None
 
     import torch.multiprocessing as mp
 
-    from rargen.sample_images import sample_to_folder
+    from rargen.sampling.images import sample_to_folder
 
     model = randomize(RAR(ModelConfig.from_name("rar-tiny", dropout=0.0, attn_dropout=0.0))).eval()
     save(model, tmp_path / "gen")

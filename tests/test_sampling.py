@@ -11,16 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from rargen.convert import from_official
-from rargen.decoding import DecodeBatch, Decoder, decode_fixed_shapes
-from rargen.model import RAR, KVCache
-from rargen.sampling import (
-    SampleConfig,
-    cfg_schedule,
-    filter_logits,
-    generate,
-    sample_seed,
-    token_probs,
-)
+from rargen.kv_cache import KVCache
+from rargen.model import RAR
+from rargen.sampling.decoding import DecodeBatch, Decoder, decode_fixed_shapes
+from rargen.sampling.engine import SampleConfig, generate, sample_seed, token_probs
+from rargen.sampling.next_token import cfg_schedule, filter_logits
 
 DATA = Path(__file__).parent / "data"
 

@@ -8,7 +8,8 @@ import torch
 
 from conftest import randomize
 from rargen.model import RAR, ModelConfig
-from rargen.sampling import SampleConfig, filter_logits, generate, token_probs
+from rargen.sampling.engine import SampleConfig, generate, token_probs
+from rargen.sampling.next_token import filter_logits
 
 TINY = [1e-38, 1e-39, 1e-45, 1e-300, 5e-324]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

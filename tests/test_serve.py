@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from rargen.checkpoint import load
-from rargen.decoding import DecodeBatch
-from rargen.sampling import SampleConfig, generate, sample_seed
+from rargen.sampling.decoding import DecodeBatch
+from rargen.sampling.engine import SampleConfig, generate, sample_seed
 from serve_helpers import CLASS_NAMES, events, open_stream, request, running_server, save_tiny_pair, wait_for
 
 GUIDED = {"cfg_scale": 3.0, "cfg_power": 1.5, "temperature": 0.9, "top_k": 20, "top_p": 0.95}

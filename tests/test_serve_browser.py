@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import requires
-from rargen.decoding import DecodeBatch
+from rargen.sampling.decoding import DecodeBatch
 from serve_helpers import request, running_server, save_tiny_pair, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-import rargen.serve as serve_module
+import rargen.serve.server as serve_module
 from conftest import requires
-from rargen.serve import Handler, ServeConfig, Server, make_server
+from rargen.serve.engine import ServeConfig
+from rargen.serve.server import Handler, Server, make_server
 from serve_helpers import events, open_stream, request, running_server, save_tiny_pair, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -193,7 +194,7 @@ def test_ipv6_hosts(pair, host: str) -> None:
 
 
 def test_a_port_in_use_or_out_of_range_is_one_clear_line(pair, capsys) -> None:
-    from rargen.cli import main
+    from rargen.cli.main import main
 
     with running_server(pair) as server:
         port = server.server_address[1]
@@ -286,7 +287,7 @@ def test_64_users_with_equal_settings_some_cancelling_all_get_their_images(pair,
     cancelled gets exactly the images it gets alone, and the server serves on with /health 200.
     On a4f2558 the decoding thread died (equal jobs compared by their noise tensors, batches
     overflowed at admission) and every request hung."""
-    from rargen.decoding import DecodeBatch
+    from rargen.sampling.decoding import DecodeBatch
 
     original = DecodeBatch.step
 

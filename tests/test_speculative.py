@@ -1,4 +1,4 @@
-"""Speculative decoding draws from exactly plain decoding's distribution (rargen.speculative)."""
+"""Speculative decoding draws from exactly plain decoding's distribution (rargen.sampling.speculative)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from scipy.stats import chisquare
 
 from conftest import randomize
-from rargen.decoding import Decoder, prepare_for_decoding
 from rargen.model import RAR, ModelConfig
-from rargen.sampling import SampleConfig, draw_noise, generate, token_probs
-from rargen.speculative import generate_speculative
+from rargen.sampling.decoding import Decoder, prepare_for_decoding
+from rargen.sampling.engine import SampleConfig, draw_noise, generate, token_probs
+from rargen.sampling.speculative import generate_speculative
 from train_data import make_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -162,7 +162,7 @@ def test_bad_speculate_raises(tiny_model: RAR) -> None:
 def test_sample_command_speculate_gives_the_plain_images(tmp_path) -> None:
     """``rargen sample --speculate K``: the images of plain sampling with the same seed."""
     from rargen.checkpoint import save
-    from rargen.cli import main
+    from rargen.cli.main import main
     from test_sample_cli import TinyTokenizer, TinyTokenizerConfig
 
     save(

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from rargen.preprocess import image_variants, to_tensor
-from rargen.sources import ArraySource, FolderSource, npz_source, open_source
-from rargen.store import TokenStore, pretokenize, write_store
+from rargen.data.preprocess import image_variants, to_tensor
+from rargen.data.sources import ArraySource, FolderSource, npz_source, open_source
+from rargen.data.store import pretokenize, write_store
+from rargen.data.token_store import TokenStore
 from tiny_tokenizer import FaultyTokenizer, PoolTokenizer
 
 
@@ -194,7 +195,7 @@ def test_write_store_from_arrays(tmp_path):
 
 def test_cli_pretokenize(tmp_path, capsys):
     from rargen.checkpoint import checkpoint_hash, register_kind, save
-    from rargen.cli import main
+    from rargen.cli.main import main
 
     register_kind("test-pool-tokenizer", "tiny_tokenizer:PoolTokenizer")
     tokenizer = PoolTokenizer()
@@ -321,7 +322,7 @@ def test_pretokenize_on_a_complete_read_only_store(tmp_path, monkeypatch):
     def no_writes(*args, **kwargs):  # root ignores file modes: any write attempt fails the test
         raise PermissionError(13, "Permission denied", str(args[0]) if args else None)
 
-    monkeypatch.setattr("rargen.store._write_json", no_writes)
+    monkeypatch.setattr("rargen.data.store._write_json", no_writes)
     monkeypatch.setattr("rargen.checkpoint.atomic_write_dir", no_writes)
     try:
         assert pretokenize(source, PoolTokenizer(), out, image_size=16, shard_size=2, progress=False) == out

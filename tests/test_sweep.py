@@ -10,13 +10,9 @@ import torch
 
 from conftest import randomize
 from rargen.checkpoint import save
-from rargen.cli import main
-from rargen.digit_classifier import (
-    DigitClassifier,
-    DigitClassifierConfig,
-    classifier_accuracy,
-    digit_frechet_distance,
-)
+from rargen.cli.main import main
+from rargen.demo.digit_classifier import DigitClassifier, DigitClassifierConfig, digit_frechet_distance
+from rargen.evaluation.classifier import classifier_accuracy
 from rargen.model import RAR, ModelConfig
 from test_sample_cli import TinyTokenizer, TinyTokenizerConfig
 

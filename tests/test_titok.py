@@ -12,15 +12,15 @@ from safetensors.torch import load_file, save_file
 
 import rargen
 from rargen.checkpoint import save
-from rargen.cli import main
-from rargen.titok import TiTok, TiTokConfig
-from rargen.titok_convert import (
+from rargen.cli.main import main
+from rargen.tokenizers.base import Tokenizer, codes_from_sequence, token_shape_of
+from rargen.tokenizers.titok import TiTok, TiTokConfig
+from rargen.tokenizers.titok_convert import (
     config_from_official,
     convert_official_titok,
     from_official,
     to_official,
 )
-from rargen.tokenizer import Tokenizer, codes_from_sequence, token_shape_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,12 +12,13 @@ from PIL import Image
 import rargen
 from conftest import randomize
 from rargen.checkpoint import save
-from rargen.cli import main
+from rargen.cli.main import main
+from rargen.data.store import write_store
+from rargen.data.token_store import TokenStore
 from rargen.model import RAR, ModelConfig
-from rargen.sampling import SampleConfig, generate_images
-from rargen.store import TokenStore, write_store
-from rargen.titok import TiTok, TiTokConfig
-from rargen.titok_convert import save_official_snapshot
+from rargen.sampling.engine import SampleConfig, generate_images
+from rargen.tokenizers.titok import TiTok, TiTokConfig
+from rargen.tokenizers.titok_convert import save_official_snapshot
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,7 +37,7 @@ def test_store_train_sample_over_1d_tokens(tmp_path):
     assert main(pretokenize) == 0
     store = TokenStore(tmp_path / "store")
     assert store.grid == (8,) and store.num_tokens == 8 and store.codebook_size == 64 and len(store) == 359
-    from rargen.sources import open_source
+    from rargen.data.sources import open_source
 
     image = open_source("digits:heldout", image_size=32).load(5)
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255
@@ -59,7 +60,7 @@ def test_store_train_sample_over_1d_tokens(tmp_path):
     assert arr.shape == (3, 32, 32, 3)
     assert Image.open(tmp_path / "out" / "images" / "000001.png").size == (32, 32)
     # rargen sweep samples and scores each guidance scale through the same path
-    from rargen.digit_classifier import DigitClassifier, DigitClassifierConfig
+    from rargen.demo.digit_classifier import DigitClassifier, DigitClassifierConfig
 
     torch.manual_seed(0)
     save(DigitClassifier(DigitClassifierConfig(image_size=32)).eval(), tmp_path / "clf")
@@ -84,7 +85,7 @@ def test_write_store_takes_1d_sequences(tmp_path):
 
 
 def test_generate_images_refuses_a_2d_tokenizer_for_a_non_square_sequence():
-    from rargen.vqgan import MaskGITVQGAN, VQGANConfig
+    from rargen.tokenizers.vqgan import MaskGITVQGAN, VQGANConfig
 
     model = randomize(RAR(ModelConfig.from_name("rar-tiny", num_image_tokens=8, codebook_size=64))).eval()
     vqgan = MaskGITVQGAN(VQGANConfig.from_name("maskgit-vqgan-test")).eval()
@@ -119,7 +120,7 @@ def test_serve_over_1d_tokens_streams_token_progress_then_the_images_of_generate
     import base64
     import io
 
-    from rargen.sampling import generate, sample_seed
+    from rargen.sampling.engine import generate, sample_seed
     from serve_helpers import events, open_stream, request, running_server
 
     tokenizer = _titok()

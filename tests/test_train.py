@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 import rargen
-import rargen.train as train_module
+import rargen.train.generator as train_module
 from rargen.model import RAR, ModelConfig
 from rargen.orders import random_order_prob
-from rargen.train import TrainConfig, draw_step_randomness, lr_at, param_groups, train
+from rargen.train.generator import draw_step_randomness, param_groups, train
+from rargen.train.recipe import TrainConfig, lr_at
 from train_data import data_factory, make_store
 
 TESTS = Path(__file__).parent
@@ -252,7 +253,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import torch
 from train_data import data_factory, make_store
-from rargen.train import TrainConfig, train
+from rargen.train.generator import TrainConfig, train
 cfg = TrainConfig(preset="rar-tiny", steps=24, batch_size=8, warmup=4, lr=1e-3, log_every=4,
                   checkpoint_every=4, keep_checkpoints=2, ema_decay=0.9, anneal_start=0.25, anneal_end=0.75)
 log = sys.argv[1] + ("-resumed" if "--resume" in sys.argv else "") + ".batches"
@@ -421,7 +422,7 @@ def test_existing_run_needs_resume_and_the_same_recipe(tmp_path):
 
 
 def test_cli_rejects_typos():
-    from rargen.cli import build_parser
+    from rargen.cli.main import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--data", "x", "--out", "y", "--stpes", "3"])
@@ -451,7 +452,7 @@ def test_cli_rejects_typos():
 def _write_store(path: Path, codebook_size: int = 64, tokenizer_sha: str | None = None) -> Path:
     import numpy as np
 
-    from rargen.store import write_store
+    from rargen.data.store import write_store
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, codebook_size, size=(24, 4, 4))
@@ -466,7 +467,7 @@ def _write_store(path: Path, codebook_size: int = 64, tokenizer_sha: str | None 
 
 
 def test_cli_trains_on_a_token_store(tmp_path):
-    from rargen.cli import main
+    from rargen.cli.main import main
 
     store = _write_store(tmp_path / "store")
     argv = ["train", "--data", str(store), "--out", str(tmp_path / "run"), "--preset", "rar-tiny",
@@ -488,7 +489,7 @@ def test_cli_resume_on_a_token_store(tmp_path, monkeypatch):
     newest checkpoint (it writes only the later ones) and ends bit-identical to an uninterrupted run."""
     import shutil
 
-    from rargen.cli import main
+    from rargen.cli.main import main
 
     store = _write_store(tmp_path / "store")
 

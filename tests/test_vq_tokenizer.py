@@ -10,15 +10,15 @@ from safetensors.torch import load_file
 
 import rargen
 from rargen.checkpoint import save
-from rargen.digits import load_digit_images
-from rargen.tokenizer import Tokenizer
-from rargen.tokenizer_train import (
+from rargen.data.digits import load_digit_images
+from rargen.tokenizers.base import Tokenizer
+from rargen.tokenizers.vq import VQTokenizer, VQTokenizerConfig
+from rargen.train.tokenizer import (
     TokenizerTrainConfig,
     batch_indices,
     evaluate_tokenizer,
     train_tokenizer,
 )
-from rargen.vq_tokenizer import VQTokenizer, VQTokenizerConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -142,7 +142,7 @@ def test_short_training_keeps_most_of_the_codebook_in_use(tmp_path):
 
 
 def test_resume_is_bit_exact(tmp_path, monkeypatch):
-    import rargen.tokenizer_train as tokenizer_train
+    import rargen.train.tokenizer as tokenizer_train
 
     saved = []
     original = tokenizer_train._save_checkpoint
@@ -183,7 +183,7 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
 def test_cli_trains_on_an_npz_and_resumes(tmp_path, capsys):
     import numpy as np
 
-    from rargen.cli import main
+    from rargen.cli.main import main
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "imgs.npz", rng.integers(0, 256, size=(20, 12, 12, 3), dtype=np.uint8))

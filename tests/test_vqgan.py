@@ -14,8 +14,8 @@ from conftest import requires
 from rargen.checkpoint import load_official as convert_official_vqgan
 from rargen.checkpoint import save
 from rargen.convert import is_official_vqgan_state_dict
-from rargen.tokenizer import Tokenizer
-from rargen.vqgan import (
+from rargen.tokenizers.base import Tokenizer
+from rargen.tokenizers.vqgan import (
     MaskGITVQGAN,
     VQGANConfig,
 )
@@ -57,7 +57,7 @@ def test_official_preset_key_layout_matches_the_official_state_dict():
 
 
 def test_resnet_block_shortcut_acts_on_output():
-    from rargen.vqgan import ResnetBlock
+    from rargen.tokenizers.vqgan import ResnetBlock
 
     torch.manual_seed(0)
     block = ResnetBlock(32, 64)

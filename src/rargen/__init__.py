@@ -4,10 +4,10 @@ Importing rargen has no side effects: no network, no global torch flags, no patc
 """
 
 from rargen.checkpoint import load, save
+from rargen.hub.releases import from_pretrained
 from rargen.model import RAR, ModelConfig
 from rargen.orders import random_order_prob, sample_orders
-from rargen.pretrained import from_pretrained
-from rargen.sampling import SampleConfig, generate, generate_images, token_probs
+from rargen.sampling.engine import SampleConfig, generate, generate_images, token_probs
 from rargen.version import __version__
 
 __all__ = [

@@ -1,5 +1,5 @@
 """``python -m rargen`` = the ``rargen`` command (torchrun launches it this way)."""
 
-from rargen.cli import main
+from rargen.cli.main import main
 
 raise SystemExit(main())

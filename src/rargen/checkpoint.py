@@ -44,11 +44,11 @@ WEIGHTS_NAME = "model.safetensors"
 # does not need and so that modules can register themselves without import cycles.
 _KINDS: dict[str, str] = {
     "rar": "rargen.model:RAR",
-    "maskgit-vqgan": "rargen.vqgan:MaskGITVQGAN",
-    "vq-tokenizer": "rargen.vq_tokenizer:VQTokenizer",
-    "titok": "rargen.titok:TiTok",
-    "digit-classifier": "rargen.digit_classifier:DigitClassifier",
-    "image-classifier": "rargen.classifier:ImageClassifier",
+    "maskgit-vqgan": "rargen.tokenizers.vqgan:MaskGITVQGAN",
+    "vq-tokenizer": "rargen.tokenizers.vq:VQTokenizer",
+    "titok": "rargen.tokenizers.titok:TiTok",
+    "digit-classifier": "rargen.demo.digit_classifier:DigitClassifier",
+    "image-classifier": "rargen.evaluation.classifier:ImageClassifier",
 }
 
 
@@ -386,6 +386,11 @@ def load(
             verify_weights(weight_file, record)
         module = build(record["kind"], config, state_dict, str(weight_file))
         module.checkpoint_extra = record.get("extra", {})
+    return placed(module, device, dtype)
+
+
+def placed(module: nn.Module, device: str | torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+    """``module`` moved to ``device`` (and cast to ``dtype`` when given), as ``load`` returns it."""
     return module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
 
 

@@ -2,7 +2,7 @@
 
 ``read_official`` turns an official file (or its state dict) into ``(kind, config, weights)`` in
 rargen's layout; ``rargen.checkpoint`` builds the module (``rargen.load`` on a ``.bin`` does both).
-The official TiTok snapshots, a folder rather than one file, are in ``rargen.titok_convert``.
+The official TiTok snapshots, a folder rather than one file, are in ``rargen.tokenizers.titok_convert``.
 
 The official generator files (``rar_b.bin`` ... ``rar_xxl.bin``) are ``torch.save`` state dicts
 of ``modeling/rar.py::RAR`` (spec Sec. 6). The whole layout mapping lives in this one table:
@@ -27,7 +27,7 @@ embedding table, positional rows beyond ``L+1``, target-aware rows 0, 1 and beyo
 timestep rows beyond ``L+1``. ``to_official`` writes them back as zeros, so weights trained with
 rargen load (strictly) into the official code.
 
-The MaskGIT-VQGAN file (``maskgit-vqgan-imagenet-f16-256.bin``) uses ``rargen.vqgan``'s key names
+The MaskGIT-VQGAN file (``maskgit-vqgan-imagenet-f16-256.bin``) uses ``rargen.tokenizers.vqgan``'s key names
 as they are; only its config is inferred from the tensor shapes.
 """
 
@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from rargen.model import RAR, ModelConfig
-from rargen.vqgan import MaskGITVQGAN, VQGANConfig
-from rargen.weight_files import check_state_dict, read_weights_file
+from rargen.tokenizers.vqgan import MaskGITVQGAN, VQGANConfig
+from rargen.weight_files import check_state_dict, describe_state, read_weights_file
 
 # The official tables carry a fixed number of spare rows (``image_seq_len + 1024`` positions,
 # ``image_seq_len + 100`` timesteps).
@@ -91,10 +91,7 @@ def read_official_file(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def describe(state: dict[str, Tensor], limit: int = 6, hints: bool = True) -> str:
     """What an unrecognised state dict holds, with a hint when it is wrapped or another official kind."""
-    keys = list(state)
-    shown = ", ".join(f"{k} {tuple(getattr(state[k], 'shape', ()))}" for k in keys[:limit])
-    hint = _hint(state) if hints else ""
-    return f"{len(keys)} entries ({shown}{', ...' if len(keys) > limit else ''}){hint}"
+    return describe_state(state, limit) + (_hint(state) if hints else "")
 
 
 def _hint(state: dict[str, Tensor]) -> str:

@@ -1,6 +1,6 @@
 """The key/value cache of decoding: static buffers of every attention layer, one row per decoding
 slot, and where each decoded row writes and attends (``CacheAt``). ``rargen.model`` reads and writes
-it in ``RAR.prefill``/``RAR.decode_step``; ``rargen.decoding`` owns one per generation.
+it in ``RAR.prefill``/``RAR.decode_step``; ``rargen.sampling.decoding`` owns one per generation.
 """
 
 from __future__ import annotations

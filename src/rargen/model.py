@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rargen.kv_cache import CacheAt, KVCache, cache_mask  # noqa: F401 - rargen.model's names too
+from rargen.kv_cache import CacheAt, KVCache, cache_mask
 from rargen.orders import check_orders
 
 LN_EPS = 1e-6
@@ -103,7 +103,7 @@ PRESETS: dict[str, ModelConfig] = {
     "rar-l": ModelConfig(dim=1024, depth=24, num_heads=16, mlp_dim=4096),
     "rar-xl": ModelConfig(dim=1280, depth=32, num_heads=16, mlp_dim=5120),
     "rar-xxl": ModelConfig(dim=1408, depth=40, num_heads=16, mlp_dim=6144),
-    # RAR-B over TiTok's 1D tokens (rargen.titok: 4096 codes; 32, 64 or 128 tokens per 256x256
+    # RAR-B over TiTok's 1D tokens (rargen.tokenizers.titok: 4096 codes; 32, 64 or 128 tokens per 256x256
     # image), at the RAR-B widths (the defaults). Training takes V and L from the token store, so any
     # preset also trains on TiTok tokens.
     "rar-b-titok-l32": ModelConfig(codebook_size=4096, num_image_tokens=32),
@@ -369,7 +369,7 @@ class RAR(nn.Module):
         return self.head(modulate(self.final_norm(x), shift, scale))
 
     # ----------------------------------------------------------------------------------------
-    # Sampling: raster order with a static KV cache, each row at its own position (rargen.decoding)
+    # Sampling: raster order with a static KV cache, each row at its own position (rargen.sampling.decoding)
 
     @property
     def device(self) -> torch.device:
@@ -461,9 +461,7 @@ def count_params_official(config: ModelConfig) -> int:
 
 __all__ = [
     "RAR",
-    "CacheAt",
     "ModelConfig",
     "PRESETS",
-    "KVCache",
     "count_params_official",
 ]

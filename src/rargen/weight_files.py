@@ -1,5 +1,6 @@
 """Weight files: reading one (``.safetensors`` or ``torch.save`` with ``weights_only``), its
-SHA-256, and comparing a state dict with the one a module expects.
+SHA-256, describing a state dict in an error message, and comparing a state dict with the one a
+module expects.
 
 The lowest layer under ``checkpoint`` (rargen's folders) and ``convert`` (the official files): it
 imports nothing from rargen, so both can use it without an import circle.
@@ -84,3 +85,10 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def describe_state(state: dict[str, Any], limit: int = 6) -> str:
+    """A state dict in one line for an error message: its size and first keys with their shapes."""
+    keys = list(state)
+    shown = ", ".join(f"{k} {tuple(getattr(state[k], 'shape', ()))}" for k in keys[:limit])
+    return f"{len(keys)} entries ({shown}{', ...' if len(keys) > limit else ''})"

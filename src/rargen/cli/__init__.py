@@ -1,0 +1,1 @@
+"""The ``rargen`` command: one module per group of commands, flags derived from the configs."""

@@ -1,0 +1,392 @@
+"""Image sources for every command that reads images: the digits, a class-folder tree, an ``.npz``.
+
+A source is a random-access list of (PIL image, label) with class names. Unconditional data has no
+class names (``num_classes == 0``) and every label is 0, which is then also the generator's null
+label (``num_classes``), so a store of unconditional data trains an unconditional model as is.
+``stratified_split`` is the one held-out split (seeded, shuffled, per class), ``read_images``
+the one way to read a source into memory, reporting what it skipped, and ``split_images`` the two
+together: what the trainers of a tokenizer or a classifier start from.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+# Images with more pixels are skipped (and listed in the store's report.json) before they are
+# decoded: a 97 KB PNG can declare 10000 x 10000 pixels and take 1 GB to decode. 40 M pixels is
+# about 6300 x 6300, beyond any ImageNet photo; raise it with `max_pixels` (`--max-pixels`).
+DEFAULT_MAX_PIXELS = 40_000_000
+# Single-channel modes with more than 8 bits per pixel; PIL's convert("RGB") clips them to 255.
+_HIGH_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of ``image``, scaling high-bit-depth greyscale (16-bit PNG/TIFF) to 8 bits.
+
+    PIL's own ``convert("RGB")`` clips 16-bit values to 255, which stored a 16-bit greyscale PNG
+    as a white square. 16-bit values v map to round(v / 257) (65535 -> 255); PNG's 16-bit grey
+    opens as ``I;16`` (or ``I``), whose values are 16-bit.
+    """
+    if image.mode in _HIGH_BIT_GREY:
+        values = np.asarray(image).astype(np.float64)
+        grey = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The decoded RGB image of the file ``path``; ValueError for what must be skipped.
+
+    Not a regular file (a FIFO named .png would block the reader for ever, a folder, a device),
+    or more than ``max_pixels`` pixels (checked from the header, before decoding), raise a
+    ValueError that says so; a corrupt file raises PIL's error.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
+        raise ValueError(f"not a regular file ({kind})")
+    with warnings.catch_warnings():  # the size is checked below, before any decoding
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ValueError(
+                    f"{width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,} "
+                    "(a decompression bomb or a huge image); raise max_pixels (--max-pixels) to keep it"
+                )
+            return to_rgb(image)  # forces the full decode, so corrupt files raise here
+
+
+class ImageSource:
+    """A random-access image list: ``len``, ``load(i)``, ``label(i)``, ``name(i)``, ``class_names``."""
+
+    class_names: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int) -> Image.Image:
+        """The RGB image at ``index``; raises (OSError, ValueError, ...) if it cannot be read."""
+        raise NotImplementedError
+
+    def label(self, index: int) -> int:
+        raise NotImplementedError
+
+    def name(self, index: int) -> str:
+        """A human-readable name of item ``index`` (a file path where there is one), for reports."""
+        return f"#{index}"
+
+    def describe(self) -> dict[str, Any]:
+        """What this source is, for the store's ``meta.json``."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _uint8_images(array: np.ndarray, what: str) -> np.ndarray:
+    """(N, H, W[, C]) uint8 or float in [0, 1] -> (N, H, W, 3) uint8 (floats are rounded)."""
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise ValueError(f"{what}: expected images (N, H, W, 3) or (N, H, W), got shape {array.shape}")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f"{what}: images must be uint8 or float in [0, 1], got dtype {array.dtype}")
+        low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"{what}: float images must lie in [0, 1], found [{low:.3g}, {high:.3g}]")
+        array = np.round(array * 255.0).astype(np.uint8)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return array
+
+
+class ArraySource(ImageSource):
+    """Images held in memory: (N, H, W, 3) uint8 (or float in [0, 1]) plus optional labels."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray | None = None,
+        class_names: tuple[str, ...] | None = None,
+        description: dict[str, Any] | None = None,
+    ) -> None:
+        self.images = _uint8_images(np.asarray(images), "images")
+        if labels is None:
+            self.labels = np.zeros(len(self.images), dtype=np.int64)
+            self.class_names = tuple(class_names or ())
+        else:
+            self.labels = np.asarray(labels).astype(np.int64).reshape(-1)
+            if len(self.labels) != len(self.images):
+                raise ValueError(f"{len(self.labels)} labels for {len(self.images)} images")
+            if self.labels.size and self.labels.min() < 0:
+                raise ValueError(f"labels must be >= 0, found {int(self.labels.min())}")
+            num_classes = int(self.labels.max()) + 1 if self.labels.size else 0
+            default_names = tuple(str(i) for i in range(num_classes))
+            self.class_names = tuple(class_names) if class_names else default_names
+            if len(self.class_names) < num_classes:
+                raise ValueError(f"{len(self.class_names)} class names for labels up to {num_classes - 1}")
+        self.description = description or {"type": "array"}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index], mode="RGB")
+
+    def label(self, index: int) -> int:
+        return int(self.labels[index])
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.description, "num_images": len(self)}
+
+
+def digit_source(split: str = "train", image_size: int = 32) -> ArraySource:
+    """The embedded digits (classes "0".."9"), upscaled to ``image_size`` by rargen.data.digits (bicubic)."""
+    from rargen.data.digits import DIGIT_CLASS_NAMES, load_digit_images
+
+    images, labels = load_digit_images(split, image_size=image_size)  # (N, 3, S, S) float in [0, 1]
+    array = images.permute(0, 2, 3, 1).numpy()
+    return ArraySource(
+        array,
+        labels.numpy(),
+        DIGIT_CLASS_NAMES,
+        {"type": "digits", "split": split, "image_size": image_size},
+    )
+
+
+def npz_source(path: str | os.PathLike) -> ArraySource:
+    """An ``.npz`` with ``arr_0`` (N, H, W, 3) uint8 or float in [0, 1], optional ``labels`` (N,)
+    and optional ``class_names`` (strings); without ``labels`` the data is unconditional."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no .npz file at {str(path)!r}")
+    with np.load(path, allow_pickle=False) as data:
+        if "arr_0" not in data:
+            raise ValueError(f"{path}: an image .npz needs the images under 'arr_0'; found keys {list(data)}")
+        labels = data["labels"] if "labels" in data else None
+        names = tuple(str(n) for n in data["class_names"]) if "class_names" in data else None
+        return ArraySource(data["arr_0"], labels, names, {"type": "npz", "path": str(path.resolve())})
+
+
+class FolderSource(ImageSource):
+    """``root/<class>/<image>`` (class index = sorted folder order), or ``root/<image>`` unconditional.
+
+    Files are found by extension and sorted, so the order (and therefore the store) is reproducible.
+    """
+
+    def __init__(self, root: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        if max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+        self.root, self.max_pixels = Path(root), max_pixels
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"no image folder at {str(self.root)!r}")
+        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.files: list[Path] = []
+        labels: list[int] = []
+        if folders:
+            self.class_names = tuple(folders)
+            for index, folder in enumerate(folders):
+                found = self._images_in(self.root / folder, recursive=True)
+                self.files += found
+                labels += [index] * len(found)
+        else:
+            self.class_names = ()
+            self.files = self._images_in(self.root, recursive=False)
+            labels = [0] * len(self.files)
+        if not self.files:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(self.root)!r}")
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    @staticmethod
+    def _images_in(folder: Path, recursive: bool) -> list[Path]:
+        candidates = folder.rglob("*") if recursive else folder.iterdir()
+        return sorted(
+            p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> Image.Image:
+        return open_image_file(self.files[index], self.max_pixels)
+
+    def label(self, index: int) -> int:
+        return int(self.labels[index])
+
+    def name(self, index: int) -> str:
+        return str(self.files[index].relative_to(self.root))
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "folder", "path": str(self.root.resolve()), "num_images": len(self)}
+
+
+def open_source(
+    spec: str | os.PathLike, image_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ImageSource:
+    """``"digits"`` / ``"digits:train|heldout|all"``, a folder of images, or an ``.npz`` file.
+
+    ``image_size`` only matters for the digits, which are upscaled straight to the target size;
+    ``max_pixels`` for a folder (larger images are skipped).
+    """
+    text = str(spec)
+    if text == "digits" or text.startswith("digits:"):
+        split = text.partition(":")[2] or "train"
+        return digit_source(split, image_size=image_size)
+    path = Path(text)
+    if path.is_dir():
+        return FolderSource(path, max_pixels)
+    if path.suffix == ".npz":
+        return npz_source(path)
+    choices = "pass 'digits[:split]', a folder of images or an .npz file"
+    if not path.exists():
+        raise FileNotFoundError(f"no image source at {text!r}; {choices}")
+    raise ValueError(f"cannot read images from {text!r}; {choices}")
+
+
+def stratified_split(
+    labels: np.ndarray, heldout_fraction: float = 0.1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices: a seeded shuffle within each class, ``heldout_fraction`` of each held out.
+
+    Every class with at least two images gives at least one to each side, so a file written in
+    folder (class) order no longer holds out one whole class, as taking the last 10% did. Unlabelled
+    data (all labels 0) is one class, i.e. a plain seeded shuffle. Both index arrays are sorted.
+    """
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) < 2:
+        raise ValueError(f"a held-out split needs at least 2 images, got {len(labels)}")
+    rng = np.random.default_rng(seed)
+    train, heldout = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        wanted = max(1, round(heldout_fraction * len(members)))
+        count = 0 if len(members) < 2 else min(len(members) - 1, wanted)
+        heldout.append(members[:count])
+        train.append(members[count:])
+    heldout_idx = np.sort(np.concatenate(heldout))
+    if len(heldout_idx) == 0:  # every class has a single image: hold out one image anyway
+        heldout_idx = np.sort(rng.permutation(len(labels))[:1])
+    train_idx = np.setdiff1d(np.arange(len(labels)), heldout_idx)
+    return train_idx, heldout_idx
+
+
+def read_images(
+    source: ImageSource, image_size: int, indices: Any = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """(images (n, S, S, 3) uint8, labels (n,), source indices (n,), skipped) of the readable images.
+
+    Each image is centre-cropped and resized to ``image_size`` as ``pretokenize`` does, so a
+    tokenizer is trained on what it will later tokenize. ``skipped`` lists ``{"index", "name",
+    "error"}`` for every image that could not be read (corrupt, not a regular file, too large).
+    """
+    from rargen.data.preprocess import center_crop
+
+    indices = range(len(source)) if indices is None else indices
+    images, labels, kept, skipped = [], [], [], []
+    for index in indices:
+        index = int(index)
+        try:
+            image = center_crop(source.load(index), image_size)
+        except Exception as error:  # noqa: BLE001 - as in pretokenize: a bad file skips the image, never the run
+            error_text = f"{type(error).__name__}: {error}"
+            skipped.append({"index": index, "name": source.name(index), "error": error_text})
+            continue
+        images.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        labels.append(source.label(index))
+        kept.append(index)
+    shape = (0, image_size, image_size, 3)
+    array = np.stack(images) if images else np.zeros(shape, dtype=np.uint8)
+    return array, np.asarray(labels, dtype=np.int64), np.asarray(kept, dtype=np.int64), skipped
+
+
+def describe_read(what: str, num_read: int, skipped: list[dict[str, Any]], limit: int = 10) -> str:
+    """A console summary: how many images were read, how many skipped and why (the first ``limit``)."""
+    lines = [f"{what}: read {num_read} image(s), skipped {len(skipped)}"]
+    for item in skipped[:limit]:
+        lines.append(f"  skipped {item['name']}: {' '.join(str(item['error']).split())}")
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more (all listed in report.json)")
+    return "\n".join(lines)
+
+
+def source_image_size(source: ImageSource) -> int:
+    """The shorter side of the first readable image of ``source`` (what it is cropped to)."""
+    for index in range(len(source)):
+        try:
+            width, height = source.load(index).size
+        except Exception:  # noqa: BLE001 - unreadable files are reported by read_images
+            continue
+        return min(width, height)
+    raise ValueError("the image source has no readable image to take the size from; pass --image-size")
+
+
+class SplitImages(NamedTuple):
+    """A source read into memory and split: images (N, 3, S, S) float32 in [0, 1], labels (N,) int64."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    heldout_images: Tensor
+    heldout_labels: Tensor
+    class_names: tuple[str, ...]
+    skipped: list[dict[str, Any]]  # read_images' list of the unreadable files
+
+
+def split_images(
+    data: str | os.PathLike,
+    image_size: int,
+    *,
+    heldout_fraction: float,
+    seed: int,
+    purpose: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    log: Callable[[str], None] | None = print,
+    source: ImageSource | None = None,
+) -> SplitImages:
+    """``data`` (any ``open_source`` spec) read at ``image_size`` and split into train and held-out.
+
+    ``"digits"`` takes the digits' own fixed split (``rargen.data.digits``), as every digit tool does;
+    anything else is read once by ``read_images`` (what it skipped reported through ``log``) and
+    split by ``stratified_split(labels, heldout_fraction, seed)``. ``purpose`` names what the images
+    train, for the messages: ``"tokenizer"`` logs as ``train-tokenizer`` and refuses fewer than 2
+    images with "a tokenizer needs at least 2". ``source`` is ``data`` already opened, by a caller
+    that looked at it first (the classifier: its classes and image size), so it is not opened twice;
+    for ``"digits"`` it goes unused, the digits' own split being taken all the same.
+    """
+    if str(data) == "digits":
+        from rargen.data.digits import DIGIT_CLASS_NAMES, load_digit_images
+
+        train_images, train_labels = load_digit_images("train", image_size)
+        heldout_images, heldout_labels = load_digit_images("heldout", image_size)
+        return SplitImages(train_images, train_labels, heldout_images, heldout_labels, DIGIT_CLASS_NAMES, [])
+    if source is None:
+        source = open_source(data, image_size=image_size, max_pixels=max_pixels)
+    images, labels, _, skipped = read_images(source, image_size)
+    if log is not None:
+        log(describe_read(f"train-{purpose}: {data}", len(images), skipped))
+    if len(images) < 2:
+        raise ValueError(f"{str(data)!r}: {len(images)} readable image(s); a {purpose} needs at least 2")
+    train_idx, heldout_idx = stratified_split(labels, heldout_fraction, seed)
+    # Indexed as is, so channels-last in memory (the classifier trains on that layout; the tokenizer
+    # copies to contiguous): a conv's float sums depend on the layout, so it is the caller's choice.
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    targets = torch.from_numpy(labels)
+    return SplitImages(
+        tensor[train_idx], targets[train_idx], tensor[heldout_idx], targets[heldout_idx],
+        tuple(source.class_names), skipped,
+    )  # fmt: skip

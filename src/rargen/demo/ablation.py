@@ -1,0 +1,469 @@
+"""An ablation study: a grid of ordinary training runs on one store, all else equal, scored alike.
+
+The grid is annealing windows (fractions of each run's steps: ``0/0`` raster only, ``1/1`` random
+order throughout, ``0.5/0.75`` the paper's default) x budgets (optimizer steps) x seeds. Every run is
+a plain ``rargen train`` run folder under ``out/runs/`` with evenly spaced checkpoints, so a study
+that is stopped resumes where it stopped (finished runs are kept, a partial one continues from its
+newest checkpoint) and ``shard=(i, n)`` splits the runs over processes or machines.
+
+Every kept checkpoint of every run is evaluated the same way (``evaluation.json`` in its folder):
+* negative log-likelihood in raster order, bits per token, through the model's own forward, on the
+  held-out store and on the training store (their gap is memorisation in likelihood);
+* with a tokenizer: the fraction of generated samples that are copies, i.e. whose nearest training
+  image (decoded from the training store, grey pixels) is closer than the ``copy_quantile`` quantile
+  of the real held-out images' nearest-training distances (a model that generalises like the real
+  data scores about ``copy_quantile``; one that replays its training set scores near 1);
+* with a classifier (the demo's digit classifier or a ``train-classifier`` folder): class accuracy and
+  Fréchet distance in its features to its held-out split (``rargen.evaluation.classifier``, as
+  ``rargen sweep``).
+
+Two protocols: the fixed budget (the final checkpoint, as the paper's tables) and each run at its
+best checkpoint by held-out NLL (early stopping). ``write_report`` gives ``table.md``/``table.json``
+(mean and standard deviation over seeds) and ``curves.png`` (metrics against the step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rargen.train.recipe import TrainConfig
+from rargen.train.run_state import checkpoints
+
+METRICS = ("heldout_nll", "train_nll", "copy_fraction", "class_accuracy", "frechet_distance")
+LOWER_IS_BETTER = {"heldout_nll": True, "train_nll": True, "copy_fraction": True,
+                   "class_accuracy": False, "frechet_distance": True}  # fmt: skip
+LABELS = {
+    "heldout_nll": "held-out NLL (bits/token, raster)",
+    "train_nll": "training NLL (bits/token, raster)",
+    "copy_fraction": "copies among samples",
+    "class_accuracy": "class accuracy",
+    "frechet_distance": "Fréchet distance (classifier features)",
+}
+
+
+@dataclass(frozen=True)
+class Window:
+    """A randomness-annealing window: r = 1 before ``start``, 0 after ``end`` (fractions of steps)."""
+
+    start: float
+    end: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"annealing window {self.start}/{self.end}: need 0 <= start <= end <= 1")
+
+    @property
+    def name(self) -> str:
+        if self.end == 0.0:
+            return "raster"
+        if self.start == 1.0:
+            return "random"
+        return f"anneal-{self.start:.2f}-{self.end:.2f}"
+
+
+# The paper's Table 2 trains RAR-L 400 epochs with windows in steps of 100 epochs (quarters).
+WINDOW_PRESETS: dict[str, tuple[Window, ...]] = {
+    "paper-table2": tuple(
+        Window(s / 4, e / 4)
+        for s, e in [(0, 0), (0, 1), (1, 2), (2, 3), (3, 4), (0, 2), (1, 3), (2, 4), (0, 4), (4, 4)]
+    ),  # fmt: skip
+    "raster-vs-rar": (Window(0.0, 0.0), Window(0.5, 0.75), Window(1.0, 1.0)),
+}
+
+
+def parse_windows(spec: str) -> tuple[Window, ...]:
+    """A preset name (``WINDOW_PRESETS``) or a comma list of ``start/end`` fractions (``0/0,0.5/0.75``)."""
+    if spec in WINDOW_PRESETS:
+        return WINDOW_PRESETS[spec]
+    windows = []
+    for item in spec.split(","):
+        try:
+            start, end = (float(x) for x in item.split("/"))
+        except ValueError:
+            raise ValueError(
+                f"annealing window {item!r}: give start/end fractions like 0.5/0.75, or a preset "
+                f"({', '.join(WINDOW_PRESETS)})"
+            ) from None
+        windows.append(Window(start, end))
+    return tuple(windows)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The grid and the evaluation. ``train`` holds everything that stays equal across runs; its
+    ``steps``, ``anneal_start``, ``anneal_end``, ``seed`` and checkpoint fields are set per run."""
+
+    train: TrainConfig
+    windows: tuple[Window, ...] = WINDOW_PRESETS["raster-vs-rar"]
+    budgets: tuple[int, ...] = (1500,)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    evaluations: int = 6  # evenly spaced checkpoints per run (the last is the budget)
+    samples_per_class: int = 20
+    cfg_scale: float = 3.0
+    copy_quantile: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not self.windows or not self.budgets or not self.seeds:
+            raise ValueError("a study needs at least one window, one budget and one seed")
+        if len({w.name for w in self.windows}) != len(self.windows):
+            raise ValueError(f"repeated annealing windows: {[w.name for w in self.windows]}")
+        for budget in self.budgets:
+            if not isinstance(budget, int) or budget < self.evaluations:
+                raise ValueError(f"budget {budget!r} must be an int >= evaluations ({self.evaluations})")
+        if not 0.0 < self.copy_quantile < 1.0:
+            raise ValueError(f"copy_quantile {self.copy_quantile} must be in (0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["train"] = self.train.to_dict()
+        values["windows"] = [[w.start, w.end] for w in self.windows]
+        return json.loads(json.dumps(values))  # tuples -> lists, as read back from study.json
+
+
+@dataclass(frozen=True)
+class Run:
+    window: Window
+    budget: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.window.name}-b{self.budget}-s{self.seed}"
+
+    def train_config(self, study: StudyConfig) -> TrainConfig:
+        every = max(1, self.budget // study.evaluations)
+        return dataclasses.replace(
+            study.train, steps=self.budget, anneal_start=float(self.window.start),
+            anneal_end=float(self.window.end), seed=self.seed, checkpoint_every=every,
+            keep_checkpoints=-(-self.budget // every) + 1, sample_every=self.budget,
+            log_every=min(study.train.log_every, every),
+        )  # fmt: skip
+
+
+def study_runs(config: StudyConfig) -> list[Run]:
+    # Seed by seed: a study cut short still compares every window on its first seeds.
+    return [Run(w, b, s) for b in config.budgets for s in config.seeds for w in config.windows]
+
+
+@dataclass(frozen=True)
+class StudyData:
+    """The stores a study trains and evaluates on, and the optional sample scorers."""
+
+    store: Path
+    heldout_store: Path
+    tokenizer: Path | None = None
+    classifier: Path | None = None
+
+
+def study_scorer(data: StudyData) -> Any:
+    """The study's classifier loaded to score (``load_scorer``), refused (ValueError) if it cannot
+    score the study's samples: classes other than the store's, or an image size or channels other
+    than the tokenizer's."""
+    from rargen.data.token_store import TokenStore
+    from rargen.evaluation.classifier import check_matches, load_scorer
+    from rargen.evaluation.sweep import check_classifier_for_tokenizer
+
+    assert data.classifier is not None
+    scorer, store = load_scorer(data.classifier), TokenStore(data.store)
+    what = f"the store {str(data.store)!r}"
+    check_matches(scorer, what=what, class_names=store.class_names or None, num_classes=store.num_classes)
+    if data.tokenizer is not None:
+        check_classifier_for_tokenizer(scorer, data.tokenizer, store.num_tokens)
+    return scorer
+
+
+# -------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def store_tokens(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
+    """All images of a store in their first variant: tokens (N, L) int64 and labels (N,) int64."""
+    from rargen.data.token_store import TokenStore
+
+    store = TokenStore(path)
+    index = np.arange(len(store))
+    tokens = store.gather(index, np.zeros_like(index)).reshape(len(store), -1)
+    return torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(store.labels.astype(np.int64))
+
+
+@torch.no_grad()
+def raster_nll_bits(model: Any, tokens: Tensor, labels: Tensor, batch_size: int = 256) -> float:
+    """Mean negative log-likelihood of ``tokens`` (N, L) given their labels, raster order, in bits
+    per token, through ``model``'s teacher-forced forward (in eval mode: no dropout)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start : start + batch_size]
+        logits = model(batch, labels[start : start + batch_size])
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch.flatten(),
+                                                         reduction="sum"))  # fmt: skip
+    model.train(was_training)
+    return total / tokens.numel() / math.log(2)
+
+
+def grey_pixels(images: Tensor) -> Tensor:
+    """(N, 3, H, W) in [0, 1] -> (N, H*W) grey values: the space copies are measured in."""
+    return images.float().mean(dim=1).flatten(1)
+
+
+def nearest_distances(images: Tensor, reference: Tensor) -> Tensor:
+    """L2 distance of each row of ``images`` to its nearest row of ``reference`` (both grey pixels)."""
+    return torch.cat([torch.cdist(images[i : i + 512], reference).min(dim=1).values
+                      for i in range(0, len(images), 512)])  # fmt: skip
+
+
+class Evaluator:
+    """Scores checkpoints of one study; holds the data it needs once (stores, decoded references)."""
+
+    def __init__(
+        self,
+        data: StudyData,
+        samples_per_class: int = 20,
+        cfg_scale: float = 3.0,
+        copy_quantile: float = 0.05,
+    ) -> None:
+        from rargen.checkpoint import load
+
+        self.samples_per_class, self.cfg_scale = samples_per_class, cfg_scale
+        self.train_tokens, self.train_labels = store_tokens(data.store)
+        self.heldout_tokens, self.heldout_labels = store_tokens(data.heldout_store)
+        self.tokenizer = load(data.tokenizer).eval() if data.tokenizer else None
+        # The scorer of `sweep`/`evaluate --classifier`: the reference statistics are computed once.
+        self.scorer = study_scorer(data) if data.classifier else None
+        if self.tokenizer is not None:
+            self.train_pixels = grey_pixels(self.decode(self.train_tokens))
+            heldout = nearest_distances(grey_pixels(self.decode(self.heldout_tokens)), self.train_pixels)
+            self.copy_threshold = float(torch.quantile(heldout, copy_quantile))
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor) -> Tensor:
+        from rargen.tokenizers.base import codes_from_sequence
+
+        return torch.cat([self.tokenizer.decode(codes_from_sequence(self.tokenizer, tokens[i : i + 256]))
+                          for i in range(0, len(tokens), 256)]).float().clamp(0, 1)  # fmt: skip
+
+    def likelihood(self, model: Any) -> dict[str, float]:
+        """Held-out and training NLL, bits per token in raster order."""
+        return {
+            "heldout_nll": raster_nll_bits(model, self.heldout_tokens, self.heldout_labels),
+            "train_nll": raster_nll_bits(model, self.train_tokens, self.train_labels),
+        }
+
+    def copies(self, images: Tensor) -> float:
+        """Fraction of ``images`` nearer to a training image than the copy threshold (module docstring)."""
+        distances = nearest_distances(grey_pixels(images), self.train_pixels)
+        return float((distances < self.copy_threshold).float().mean())
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        result = self.likelihood(model)
+        if self.tokenizer is None:
+            return result
+        from rargen.sampling.engine import SampleConfig, generate_images
+
+        classes = max(1, model.config.num_classes)
+        labels = torch.arange(classes).repeat_interleave(self.samples_per_class)
+        sample_config = SampleConfig(cfg_scale=self.cfg_scale if model.config.num_classes else 1.0)
+        # The same seeds for every checkpoint and run: differences come from the models, not the noise.
+        images = torch.cat([
+            generate_images(model, self.tokenizer, labels[i : i + 100], sample_config,
+                            seeds=list(range(i, min(i + 100, len(labels)))))
+            for i in range(0, len(labels), 100)
+        ])  # fmt: skip
+        result["copy_fraction"] = self.copies(images)
+        if self.scorer is not None:
+            from rargen.evaluation.classifier import classifier_scores
+
+            result |= classifier_scores(self.scorer.classifier, images, labels, self.scorer.heldout)
+        return result
+
+
+def evaluate_run(folder: Path, evaluator: Evaluator) -> list[dict[str, Any]]:
+    """Evaluate every kept checkpoint of a run (cached in ``evaluation.json``, one step at a time)."""
+    from rargen.checkpoint import load
+
+    record = folder / "evaluation.json"
+    rows = json.loads(record.read_text()) if record.exists() else []
+    done = {row["step"] for row in rows}
+    for checkpoint in checkpoints(folder):
+        step = int(checkpoint.name[5:])
+        if step in done:
+            continue
+        torch.manual_seed(0)
+        rows.append({"step": step, **evaluator.evaluate(load(checkpoint).eval())})
+        rows.sort(key=lambda row: row["step"])
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=2) + "\n")
+        tmp.replace(record)
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------
+# The study
+
+
+def check_study_folder(out: Path, config: StudyConfig) -> None:
+    """A study folder records its grid; rerunning it resumes, another grid there is refused."""
+    from rargen.train.run_state import check_settings_record
+
+    check_settings_record(out / "study.json", config.to_dict(), "a study", "pass another --out")
+
+
+def run_study(
+    out: str | os.PathLike,
+    config: StudyConfig,
+    data: StudyData,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+    log: Any = print,
+) -> dict[str, Any] | None:
+    """Train and evaluate this shard's runs (run ``i`` belongs to shard ``i % n``), then, once every
+    run of the study is evaluated, write the report; returns it (None while other shards work)."""
+    from rargen.train.generator import train
+
+    out = Path(out)
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need 0 <= i < n")
+    check_study_folder(out, config)
+    # Built before any run trains: it refuses a classifier that cannot score the samples.
+    evaluator = Evaluator(data, config.samples_per_class, config.cfg_scale, config.copy_quantile)
+    runs = study_runs(config)
+    for i, run in enumerate(runs):
+        if i % count != index:
+            continue
+        folder = out / "runs" / run.name
+        if not (folder / "final").exists():
+            log(f"== run {i + 1}/{len(runs)}: {run.name}")
+            train(run.train_config(config), data.store, folder, resume=True, device="cpu", progress=progress)
+        rows = evaluate_run(folder, evaluator)
+        log(f"   {run.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items() if k != "step"))
+    missing = [r.name for r in runs if not _evaluated(out / "runs" / r.name, r.budget)]
+    if missing:
+        log(f"{len(missing)} runs not evaluated yet (other shards): {', '.join(missing[:4])} ...")
+        return None
+    return write_report(out, config)
+
+
+def _evaluated(folder: Path, budget: int) -> bool:
+    record = folder / "evaluation.json"
+    return record.exists() and any(row["step"] == budget for row in json.loads(record.read_text()))
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0}
+
+
+def summarise(out: Path, config: StudyConfig) -> dict[str, Any]:
+    """Per (window, budget): both protocols' metrics over the evaluated seeds, and the curves."""
+    groups: dict[tuple[str, int], list[list[dict[str, Any]]]] = {}
+    for run in study_runs(config):  # runs not evaluated yet (other shards at work) are left out
+        if not _evaluated(out / "runs" / run.name, run.budget):
+            continue
+        rows = json.loads((out / "runs" / run.name / "evaluation.json").read_text())
+        groups.setdefault((run.window.name, run.budget), []).append(rows)
+    rows_out = []
+    for (window, budget), per_seed in groups.items():
+        final = [next(r for r in rows if r["step"] == budget) for rows in per_seed]
+        best = [min(rows, key=lambda r: r["heldout_nll"]) for rows in per_seed]
+        metrics = [m for m in METRICS if m in final[0]]
+        steps = sorted(set.intersection(*({r["step"] for r in rows} for rows in per_seed)))
+        curves = {
+            m: [_mean_std([next(r[m] for r in rows if r["step"] == s) for rows in per_seed]) for s in steps]
+            for m in metrics
+        }
+        rows_out.append({
+            "window": window, "budget": budget, "seeds": len(per_seed),
+            "fixed_budget": {m: _mean_std([r[m] for r in final]) for m in metrics},
+            "best_checkpoint": {m: _mean_std([r[m] for r in best]) for m in metrics}
+            | {"step": _mean_std([r["step"] for r in best])},
+            "curve_steps": steps, "curves": curves,
+        })  # fmt: skip
+    for row in rows_out:  # separation from raster-only at the same budget, in standard deviations
+        raster = next((r for r in rows_out if r["window"] == "raster" and r["budget"] == row["budget"]), None)
+        for protocol in ("fixed_budget", "best_checkpoint"):
+            if raster is None or row["window"] == "raster":
+                continue
+            ours, theirs = row[protocol]["heldout_nll"], raster[protocol]["heldout_nll"]
+            spread = math.hypot(ours["std"], theirs["std"])
+            gain = theirs["mean"] - ours["mean"]
+            row[protocol]["nll_gain_over_raster_in_std"] = gain / spread if spread > 0 else math.inf
+    return {"config": config.to_dict(), "rows": rows_out}
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Markdown: one line per (window, budget) and protocol, mean ± std over seeds."""
+    metrics = [m for m in METRICS if m in summary["rows"][0]["fixed_budget"]]
+    head = ["window", "budget", "protocol", "step", *(LABELS[m] for m in metrics), "NLL gain vs raster (std)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in summary["rows"]:
+        for protocol, name in (("fixed_budget", "fixed budget"), ("best_checkpoint", "best by held-out NLL")):
+            result = row[protocol]
+            step = f"{row['budget']}" if protocol == "fixed_budget" else _cell(result["step"], 0)
+            gain = result.get("nll_gain_over_raster_in_std")
+            cells = [row["window"], str(row["budget"]), name, step]
+            cells += [_cell(result[m], 3) for m in metrics] + ["" if gain is None else f"{gain:+.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: dict[str, float], digits: int) -> str:
+    return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
+
+
+def plot_curves(summary: dict[str, Any], path: Path) -> None:
+    """Every metric against the optimizer step, one line per (window, budget), error bars = std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in METRICS if m in summary["rows"][0]["curves"]]
+    columns = min(3, len(metrics))
+    rows = -(-len(metrics) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
+    several_budgets = len({row["budget"] for row in summary["rows"]}) > 1
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        for row in summary["rows"]:
+            label = row["window"] + (f", {row['budget']} steps" if several_budgets else "")
+            points = row["curves"][metric]
+            ax.errorbar(row["curve_steps"], [p["mean"] for p in points], yerr=[p["std"] for p in points],
+                        marker="o", markersize=3, capsize=3, label=label)  # fmt: skip
+        ax.set(xlabel="optimizer step", ylabel=LABELS[metric], title=LABELS[metric])
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    seeds = summary["rows"][0]["seeds"]
+    fig.suptitle(f"annealing windows, mean ± std over {seeds} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(out: str | os.PathLike, config: StudyConfig) -> dict[str, Any]:
+    """``table.md``, ``table.json`` and ``curves.png`` of a study (of its evaluated runs: a partial
+    table while shards work); returns the summary."""
+    out = Path(out)
+    summary = summarise(out, config)
+    (out / "table.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "table.md").write_text(format_table(summary))
+    plot_curves(summary, out / "curves.png")
+    return summary
+
+
+__all__ = [
+    "WINDOW_PRESETS", "Evaluator", "Run", "StudyConfig", "StudyData", "Window", "format_table",
+    "parse_windows", "raster_nll_bits", "run_study", "study_runs", "write_report",
+]  # fmt: skip

@@ -1,0 +1,116 @@
+"""Tuning the sampler: sample a grid of guidance scales and temperatures, score each setting.
+
+Papers pick the guidance scale on a smaller sample count (e.g. 10k images) before the 50k
+evaluation. ``sweep`` does that: every (scale, temperature) pair is sampled class-balanced with
+``rargen.sampling.images.sample_to_folder`` and scored either with the ADM metrics
+(``rargen.evaluation.evaluate``: a reference batch and Inception weights) or with a classifier of the data
+(``rargen.evaluation.classifier``, ``rargen train-classifier``): class accuracy and Fréchet distance in its
+features to its held-out split. A classifier that does not fit the generator is refused first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rargen.sampling.engine import SampleConfig
+
+
+def check_classifier_for(scorer: Any, checkpoint: str | os.PathLike, tokenizer: str | os.PathLike) -> None:
+    """Refuse, before any sampling, a classifier whose classes, image size or channels are not those
+    of the generator (class names, or count) and tokenizer (its training size and channels)."""
+    from rargen.checkpoint import read_record
+    from rargen.evaluation.classifier import check_matches
+
+    record = read_record(checkpoint)
+    names = record.get("extra", {}).get("class_names")
+    what = f"the generator {str(checkpoint)!r}"
+    check_matches(scorer, what=what, class_names=names, num_classes=record["config"]["num_classes"])
+    check_classifier_for_tokenizer(scorer, tokenizer, record["config"]["num_image_tokens"])
+
+
+def check_classifier_for_tokenizer(scorer: Any, tokenizer: str | os.PathLike, num_image_tokens: int) -> None:
+    """Refuse a classifier whose image size or channels are not those of the images ``tokenizer``
+    decodes from ``num_image_tokens`` tokens (its training size and channels)."""
+    from rargen.evaluation.classifier import check_matches
+
+    if Path(tokenizer).is_dir():  # official files and released names are checked on the samples
+        from rargen.checkpoint import load
+
+        model = load(tokenizer, verify=False)
+        size = getattr(getattr(model, "config", None), "image_size", None)
+        shape = model.token_shape(size, size) if size and hasattr(model, "token_shape") else ()
+        if int(np.prod(shape)) != num_image_tokens:
+            size = None  # tokenized at another size: the samples' own size is checked after sampling
+        channels = getattr(model, "checkpoint_extra", {}).get("image_channels")
+        what = f"the tokenizer {str(tokenizer)!r}"
+        check_matches(scorer, what=what, image_size=size, image_channels=channels)
+
+
+def sweep(
+    checkpoint: str | os.PathLike,
+    tokenizer: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg_scales: Sequence[float],
+    temperatures: Sequence[float] = (1.0,),
+    *,
+    cfg_power: float = 0.0,
+    per_class: int = 10,
+    reference: str | os.PathLike | None = None,
+    inception: str | os.PathLike | None = None,
+    classifier: str | os.PathLike | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Sample and score every (scale, temperature); returns the rows (also ``out/sweep.json``)."""
+    from rargen.checkpoint import read_record
+    from rargen.sampling.images import class_balanced_labels, sample_to_folder
+
+    if classifier is None and (reference is None or inception is None):
+        raise ValueError(
+            "score with --reference and --inception (ADM metrics) or with --classifier DIR "
+            "(rargen train-classifier)"
+        )
+    out = Path(out)
+    labels = class_balanced_labels(read_record(checkpoint)["config"]["num_classes"], per_class)
+    scorer = None
+    if classifier is not None:
+        from rargen.evaluation.classifier import load_scorer, score_samples
+
+        scorer = load_scorer(classifier)
+        check_classifier_for(scorer, checkpoint, tokenizer)
+    rows = []
+    for scale, temperature in itertools.product(cfg_scales, temperatures):
+        config = SampleConfig(cfg_scale=scale, cfg_power=cfg_power, temperature=temperature)
+        folder = out / f"cfg{scale:g}-pow{cfg_power:g}-t{temperature:g}"
+        npz = sample_to_folder(
+            checkpoint, tokenizer, labels, config, folder, seed=seed, batch_size=batch_size, progress=progress
+        )
+        if scorer is not None:
+            scores = score_samples(npz, scorer)
+        else:
+            from rargen.evaluation.evaluate import evaluate
+
+            result = evaluate(npz, reference, inception, progress=progress)
+            scores = {k: result[k] for k in ("fid", "sfid", "inception_score", "precision", "recall")}
+        rows.append({"cfg_scale": scale, "cfg_power": cfg_power, "temperature": temperature, **scores})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+def format_sweep(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of the sweep rows."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    for row in rows:
+        cells = [f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Training: the generator's loop and recipe, the tokenizer's trainer, and the saved state of a run."""
