@@ -11,6 +11,9 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +136,24 @@ def test_a_converted_folder_changed_on_disk_is_converted_again(fake_hub: FakeHub
     again = rargen.from_pretrained("hf://yucornetto/RAR/rar_a.bin")
     assert torch.equal(logits_of(again), logits_of(first))
     assert weights.read_bytes() != bytes(data)  # written anew
+
+
+def test_a_conversion_killed_mid_write_leaves_no_temporary_in_the_cache(fake_hub: FakeHub) -> None:
+    """Issue 25 item 6: a killed conversion left a full-size hidden ``.DIGEST.tmp-PID-*`` folder in
+    the cache forever (gigabytes for rar-xxl); the next conversion into that cache removes it. A
+    live writer's temporary (this process's pid) is left alone."""
+    data = official_bin("official_rar_a")
+    fake_hub.add_hub_file("yucornetto/RAR", "rar_a.bin", data)
+    converted = hub.cache_settings().rargen_cache / "converted"
+    converted.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    stale = converted / f".{hashlib.sha256(data).hexdigest()}.tmp-{int(dead.stdout)}-x1"
+    live = converted / f".other.tmp-{os.getpid()}-x2"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half written")
+    rargen.from_pretrained("hf://yucornetto/RAR/rar_a.bin")
+    assert not stale.exists() and live.exists()
 
 
 def test_vqgan_tokenizer_over_the_hub_decodes_like_the_local_file(fake_hub: FakeHub, tmp_path: Path) -> None:

@@ -126,10 +126,13 @@ def _converted(source: str, release: Release | None, verify: bool) -> tuple[Path
     folder = _valid_converted(settings, digest, hub.read_records(settings), verify)
     if folder is not None:
         return folder, None
-    from rargen.checkpoint import WEIGHTS_NAME, load_official, read_record, save
+    from rargen.checkpoint import WEIGHTS_NAME, load_official, read_record, remove_stale_temporaries, save
 
     module = load_official(path)  # torch.load(weights_only=True), after hub's format and digest checks
     folder = settings.rargen_cache / "converted" / digest
+    # A conversion killed mid-write leaves a full-size hidden temporary (gigabytes for rar-xxl):
+    # clear those of dead writers before writing another.
+    remove_stale_temporaries(folder.parent)
     module.checkpoint_extra = {"converted_from": key, "source_sha256": digest}
     save(module, folder, extra=module.checkpoint_extra)
     written = read_record(folder)["weights_sha256"][WEIGHTS_NAME]  # hashed while saving
