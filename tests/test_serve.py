@@ -336,7 +336,7 @@ def test_a_client_that_disconnects_cancels_its_job_and_frees_the_worker(pair, sl
     with running_server(pair, rate_limit=0) as server:
         with socket.create_connection(server.server_address[:2], timeout=5) as client:
             body = json.dumps({"class": 5, "seed": 3}).encode()
-            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
             assert wait_for(lambda: slow_decode["calls"] >= 2)
         # 15 decode steps at 50 ms would take 0.65 s more; the job stops within a step or two.

@@ -48,7 +48,7 @@ def raw_exchange(
 
 
 def post(body: bytes, path: str = "/generate", extra: str = "") -> bytes:
-    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{extra}"
     return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
 
 
@@ -163,6 +163,54 @@ def test_connections_are_capped_and_slow_clients_get_a_deadline(pair, monkeypatc
             assert slow.recv(4096).startswith(b"HTTP/1.0 408")
             assert time.monotonic() - began < 5
         assert request(server, "GET", "/health")[0] == 200
+
+
+def test_one_client_cannot_hold_every_connection(pair) -> None:
+    """Issue 25 item 8: 64 slow clients from one address held every slot, and everyone (``/health``
+    too) got 503 for 30 s. Connections are capped per address; another address is still served."""
+    with running_server(pair, rate_limit=0, max_connections_per_client=3) as server:
+        address = server.server_address[:2]
+        idle = [socket.create_connection(address, timeout=10) for _ in range(3)]
+        try:
+            assert wait_for(lambda: server._clients.get("127.0.0.1") == 3)
+            status, answer = raw_exchange(address, b"GET /health HTTP/1.0\r\n\r\n")
+            assert status == 503 and "--max-connections-per-client" in answer["error"]
+            with socket.socket() as other:  # 127.0.0.2 is loopback too: another client address
+                other.bind(("127.0.0.2", 0))
+                other.settimeout(30)
+                other.connect(address)
+                other.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                assert other.recv(4096).startswith(b"HTTP/1.0 200")
+        finally:
+            for client in idle:
+                client.close()
+        assert wait_for(lambda: "127.0.0.1" not in server._clients)
+        assert request(server, "GET", "/health")[0] == 200
+
+
+@pytest.mark.parametrize(
+    "headers, allowed, status",
+    [
+        ("Host: evil.example\r\n", "", 403),  # DNS rebinding: a page's own name resolving to 127.0.0.1
+        ("Host: localhost:8000\r\n", "", 200),
+        ("Host: [::1]:8000\r\n", "", 200),
+        ("Host: 127.0.0.1:8000\r\nOrigin: http://evil.example\r\n", "", 403),  # a cross-site POST
+        ("Host: 127.0.0.1:8000\r\nOrigin: null\r\n", "", 403),
+        ("Host: 127.0.0.1:8000\r\nOrigin: http://127.0.0.1:8000\r\n", "", 200),  # the page itself
+        ("Host: gpu-box.lan\r\nOrigin: http://gpu-box.lan:8000\r\n", "gpu-box.lan", 200),
+        ("Host: gpu-box.lan\r\n", "*", 200),
+        ("", "", 200),  # no Host: an HTTP/1.0 client, not a browser
+    ],
+)
+def test_requests_from_other_sites_are_refused(pair, headers: str, allowed: str, status: int) -> None:
+    """Issue 25 item 8: no Host or Origin check on a server meant for loopback."""
+    with running_server(pair, rate_limit=0, allowed_hosts=allowed) as server:
+        body = b'{"class": 1, "seed": 3}'
+        data = f"POST /generate HTTP/1.0\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode() + body
+        got, answer = raw_exchange(server.server_address, data)
+        assert got == status, answer
+        if status == 403:
+            assert "--allowed-hosts" in answer["error"]
 
 
 def test_a_burst_of_parallel_requests_is_served(pair) -> None:
@@ -305,7 +353,9 @@ def test_64_users_with_equal_settings_some_cancelling_all_get_their_images(pair,
     body = {"class": 3, "seed": 11}
     results: list = [None] * 64
     errors: list = []
-    with running_server(pair, rate_limit=0, max_batch_size=8, max_rows=16, max_queue=64) as server:
+    # 64 users, all on 127.0.0.1 here: the per-address connection cap would take them for one client.
+    settings = {"rate_limit": 0, "max_connections_per_client": 0}
+    with running_server(pair, max_batch_size=8, max_rows=16, max_queue=64, **settings) as server:
 
         def user(i: int) -> None:
             try:

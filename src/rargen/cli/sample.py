@@ -220,7 +220,8 @@ def _serve_parser(subparsers: argparse._SubParsersAction) -> None:
     add_config_flags(
         parser, ServeConfig, skip=("device",),
         types={"port": port, "max_batch_size": positive_int, "max_rows": positive_int,
-               "max_queue": positive_int, "rate_limit": non_negative_int, "stream_every": non_negative_int},
+               "max_queue": positive_int, "rate_limit": non_negative_int, "stream_every": non_negative_int,
+               "max_connections_per_client": non_negative_int},
     )  # fmt: skip
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.set_defaults(run=_run_serve)

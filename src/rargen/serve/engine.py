@@ -49,6 +49,8 @@ class ServeConfig:
     max_queue: int = 32  # requests waiting for rows; beyond it 503 with Retry-After
     rate_limit: int = 30  # generation requests per minute per client address; 0 = no limit
     stream_every: int = 0  # token rows between partial images; 0 = about 8 updates per image
+    max_connections_per_client: int = 32  # open connections one client address may hold; 0 = no cap
+    allowed_hosts: str = ""  # names served besides IPs and localhost, comma-separated; "*" = any
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -60,7 +62,7 @@ class ServeConfig:
                 f"ServeConfig.max_rows ({self.max_rows}) must be >= max_batch_size ({self.max_batch_size}): "
                 "a request of max_batch_size images would never fit in the batch"
             )
-        for name in ("port", "rate_limit", "stream_every", "max_queue"):
+        for name in ("port", "rate_limit", "stream_every", "max_queue", "max_connections_per_client"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServeConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.port > 65535:

@@ -18,14 +18,17 @@ joins at the next step and leaves when done), and each image is exactly what
 ``sample_seed(s, i)`` and its request's own settings, so it depends neither on the batch size nor
 on the other requests. Final PNGs carry their settings in PNG text chunks and in their file names.
 
-Safety: loopback by default; batch size, requests per minute per client, images decoding at once
-and queued requests are capped; bad settings get 422 with the reason; a client that disconnects
-cancels its job (its rows leave the batch at the next step). Every request gets an HTTP answer: 400
-for a body that is not JSON (also 5000-digit numbers, 30,000 nested brackets), 422 naming the
-field, 408 for a client that does not send its request within ``Handler.request_deadline``
-seconds, 503 beyond ``Server.max_connections`` open connections or ``max_queue`` waiting requests,
-500 with a short message for a bug (the server keeps serving). A client that half-closes its side
-after the request (``nc -N``) still gets its answer.
+Safety: loopback by default; a request whose ``Host`` is a name other than ``localhost`` (or one of
+``--allowed-hosts``), or whose ``Origin`` is another site, gets 403 (DNS rebinding, cross-site POSTs
+from a page the user happens to visit); open connections per client address are capped
+(``--max-connections-per-client``), so a few slow clients cannot take every slot; batch size, requests per
+minute per client, images decoding at once and queued requests are capped; bad settings get 422 with
+the reason; a client that disconnects cancels its job (its rows leave the batch at the next step).
+Every request gets an HTTP answer: 400 for a body that is not JSON (also 5000-digit numbers, 30,000
+nested brackets), 422 naming the field, 408 for a client that does not send its request within
+``Handler.request_deadline`` seconds, 503 beyond ``Server.max_connections`` open connections or
+``max_queue`` waiting requests, 500 with a short message for a bug (the server keeps serving). A
+client that half-closes its side after the request (``nc -N``) still gets its answer.
 """
 
 from __future__ import annotations
@@ -145,6 +148,18 @@ class Handler(BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"  # not 0.9: every answer, errors included, has a status line
 
     # -- every request gets an answer -----------------------------------------------------------
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        refusal = foreign_request(
+            self.headers.get("Host"), self.headers.get("Origin"), self.server.engine.config.allowed_hosts
+        )
+        if refusal is not None:
+            self.close_connection = True
+            self._answer_if_silent(403, refusal)
+            return False
+        return True
 
     def setup(self) -> None:
         super().setup()
@@ -339,6 +354,53 @@ class Handler(BaseHTTPRequestHandler):
             send("done" if outcome == "completed" else "error", payload)
 
 
+def _hostname(authority: str) -> str:
+    """The host of ``host[:port]`` or ``[v6]:port``, lower case, without a trailing dot."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1 : authority.find("]")] if "]" in authority else authority[1:]
+    if authority.count(":") == 1:
+        authority = authority.split(":")[0]
+    return authority.rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, name)
+            return True
+        except OSError:
+            pass
+    return False
+
+
+def foreign_request(host: str | None, origin: str | None, allowed_hosts: str) -> str | None:
+    """Why a request comes from where it should not (None when it may be served).
+
+    A ``Host`` that is a name other than ``localhost`` is how DNS rebinding reaches a loopback
+    server (a page's own name made to resolve to 127.0.0.1), so only IP literals, ``localhost`` and
+    the names in ``allowed_hosts`` are served. An ``Origin`` (browsers send one with every POST)
+    must be this server itself: another site's page may not spend this machine's compute.
+    A request without a ``Host`` (an HTTP/1.0 client, not a browser) is served.
+    """
+    names = {name.strip().lower().rstrip(".") for name in allowed_hosts.split(",") if name.strip()}
+    if "*" in names:
+        return None
+    fix = "; pass --allowed-hosts NAME to serve it"
+    if host is not None and not _accepted_name(_hostname(host), names):
+        return f"the Host header {host.strip()[:100]!r} is not this server's address{fix}"
+    if origin is not None:
+        scheme, _, authority = origin.strip().partition("://")
+        same_site = host is not None and authority.lower() == host.strip().lower()
+        if scheme not in ("http", "https") or not (same_site or _hostname(authority) in names):
+            return f"requests from the page at Origin {origin.strip()[:100]!r} are not served{fix}"
+    return None
+
+
+def _accepted_name(name: str, allowed: set[str]) -> bool:
+    return _is_ip(name) or name in ("localhost", "") or name in allowed
+
+
 class Server(ThreadingHTTPServer):
     """A ThreadingHTTPServer that owns an Engine; one thread per connection, at most
     ``max_connections`` of them (more get an immediate 503), on IPv4 or IPv6."""
@@ -350,6 +412,8 @@ class Server(ThreadingHTTPServer):
     def __init__(self, engine: Engine, *, quiet: bool = False) -> None:
         self.engine, self.quiet = engine, quiet
         self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._clients: dict[str, int] = {}  # open connections per client address
+        self._clients_lock = threading.Lock()
         host, port = engine.config.host, engine.config.port
         self.address_family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
         try:
@@ -366,21 +430,37 @@ class Server(ThreadingHTTPServer):
         super().server_bind()
 
     def process_request(self, request, client_address) -> None:
-        if not self._slots.acquire(blocking=False):
-            _refuse(request, self.max_connections)
+        address, cap = client_address[0], self.engine.config.max_connections_per_client
+        with self._clients_lock:
+            held = self._clients.get(address, 0)
+            if cap and held >= cap:
+                why = f"this address holds {cap} open connections (--max-connections-per-client)"
+            elif not self._slots.acquire(blocking=False):
+                why = f"the server is at its {self.max_connections} open connections"
+            else:
+                why, self._clients[address] = None, held + 1
+        if why is not None:
+            _refuse(request, why)
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._release(address)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._release(client_address[0])
+
+    def _release(self, address: str) -> None:
+        with self._clients_lock:
+            self._clients[address] -= 1
+            if not self._clients[address]:
+                del self._clients[address]
+        self._slots.release()
 
     def server_close(self) -> None:
         # The decoding thread is a daemon: left running, it can be inside a torch kernel while the
@@ -410,11 +490,9 @@ def _bind_error(host: str, port: int, error: OSError) -> str:
     return f"{where}: {error.strerror or error}"
 
 
-def _refuse(connection: socket.socket, limit: int) -> None:
-    """Answer a connection beyond the cap without a thread: 503 and close."""
-    body = json.dumps(
-        {"error": f"the server is at its {limit} open connections; retry shortly", "field": None}
-    )
+def _refuse(connection: socket.socket, why: str) -> None:
+    """Answer a connection beyond a cap without a thread: 503 and close."""
+    body = json.dumps({"error": f"{why}; retry shortly", "field": None})
     response = (
         "HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
         f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n{body}"
