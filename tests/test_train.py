@@ -332,6 +332,31 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert [json.loads(r)["loss"] for r in ref_rows] == [json.loads(r)["loss"] for r in cut_rows]
 
 
+def test_a_second_process_on_a_busy_run_folder_is_refused(tmp_path):
+    """Issue 25 item 7: the same study shard started twice in one folder doubled the rows of
+    ``metrics.jsonl`` (no lock on a run folder). A second writer is refused, naming the first; the
+    lock ends with the process, so a killed run resumes without any cleanup."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, _run_script(tmp_path, 0.05), run], env=_env())
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / "step-0000004").exists():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before the check"
+            time.sleep(0.01)
+        with pytest.raises(ValueError, match=f"in use by process {proc.pid} on"):
+            train(tiny(steps=24), data_factory(make_store(num=40)), run, resume=True, progress=False)
+        from rargen.train.tokenizer import train_tokenizer
+
+        with pytest.raises(ValueError, match=f"in use by process {proc.pid} on"):
+            train_tokenizer(run, resume=True, progress=False)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    rows = len((run / "metrics.jsonl").read_text().splitlines())
+    subprocess.run([sys.executable, _run_script(tmp_path, 0.0), run, "--resume"], env=_env(), check=True)
+    assert rows <= 6 and len((run / "metrics.jsonl").read_text().splitlines()) == 6  # 24 steps, one row per 4
+
+
 def test_checkpoint_layout_and_loading(tmp_path):
     cfg = tiny(steps=7, checkpoint_every=2, keep_checkpoints=2, ema_decay=0.5)
     final = train(cfg, data_factory(make_store()), tmp_path / "run", progress=False)

@@ -49,6 +49,7 @@ from rargen.train.run_state import (
     open_run_folder,
     read_checkpoint,
     read_weights,
+    run_folder_lock,
     step_folder,
     write_checkpoint,
     write_final,
@@ -188,179 +189,189 @@ def train(
             f"({world} x {config.grad_accum}); change batch_size or grad_accum"
         )
     micro = config.batch_size // (world * config.grad_accum)
-    checked: Path | str | None = None
-    if env.is_main:  # resume needs a folder all ranks share (one machine, or a network file system)
-        try:
-            checked = check_run_folder(out, config, resume)
-        except ValueError as error:
-            checked = f"error: {error}"
-    checked = distributed.broadcast_object(checked)
-    if isinstance(checked, str):
-        raise ValueError(checked[len("error: ") :])
-    resume_from = checked
-    loader = open_data(data, micro, rank, world, config.seed)
-    store = loader.store
-    mcfg = model_config_for(config, store)
-    if store.num_classes and hasattr(store, "labels") and int(store.labels.max()) >= store.num_classes:
-        raise ValueError(
-            f"the data has labels up to {int(store.labels.max())} but {store.num_classes} classes"
-        )
-    if sample_hook is None and tokenizer is not None:
-        sample_hook = image_grid_hook(tokenizer, store)
-
-    # Model, EMA and optimizer; weights are loaded before wrapping so every sharding sees full tensors.
-    torch.manual_seed(config.seed)  # the initial weights: the same on every rank
-    raw = RAR(mcfg)
-    generator = torch.Generator().manual_seed(config.seed)  # orders + label dropout, same on all ranks
-    torch.manual_seed(config.seed * 1_000_003 + rank)  # model dropout, per rank
-    state: dict[str, Any] | None = None
-    if resume_from is not None:
-        record, weights, state = read_checkpoint(resume_from)
-        raw.load_state_dict(weights)
-    raw.to(env.device)
-    ema = None
-    if config.ema_decay > 0:
-        source = read_weights(resume_from, "ema.safetensors", record) if resume_from else raw.state_dict()
-        ema = {
-            name: source[name].detach().to(env.device, torch.float32).clone()
-            for name, _ in raw.named_parameters()
-        }
-    if config.activation_checkpointing:
-        enable_activation_checkpointing(raw)
-    model, shard = distributed.wrap_for_training(raw, env, sharding=config.sharding, compile=config.compile)
-    ema = shard(ema) if ema is not None else None  # the EMA laid out like the parameters
-    fused = env.device.type == "cuda"
-    optimizer = torch.optim.AdamW(
-        param_groups(raw, config.weight_decay), lr=config.lr, betas=config.betas, fused=fused
-    )
-    start = 0
-    if state is not None:
-        _load_train_state(state, raw, optimizer, generator, loader, env, config)
-        start = int(state["step"])
-    params = [p for p in raw.parameters() if p.requires_grad]
-    ema_pairs = (list(ema.values()), [p for n, p in raw.named_parameters()]) if ema is not None else None
-
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and env.device.type == "cuda")
-    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    anneal = (config.resolve(config.anneal_start), config.resolve(config.anneal_end))
-    L, null_label = mcfg.num_image_tokens, mcfg.null_label
-    check_every_step = env.device.type == "cpu"  # a host sync is free on the CPU
-    train_flops = 3 * raw.flops_per_token()  # forward + backward ~ 3x forward
-    peak = peak_flops(env.device)
-    logger = MetricsLogger(out, enabled=env.is_main, resume_step=start)
-    batches = _forever(loader)
-
-    num_images = len(store) if hasattr(store, "__len__") else None
-    if env.is_main and progress:
-        print(describe_run(config, raw.num_params(), num_images, start), flush=True)
-    timing_step = start + min(10, config.steps - start)  # the expected time is printed after it
-    run_began = time.perf_counter()
-    from tqdm import tqdm
-
-    from rargen.progress import on_terminal
-
-    terminal = on_terminal()  # a log file gets plain lines at log steps, no carriage returns
-    bar = tqdm(
-        total=config.steps,
-        initial=start,
-        disable=not (progress and env.is_main and terminal),
-        unit="step",
-        dynamic_ncols=True,
-    )
-    sums = torch.zeros(4, device=env.device, dtype=torch.float64)  # loss, correct, grad norm, micro-steps
-    window_start, window_steps, last_saved = time.perf_counter(), 0, resume_from
-    model.train()
-    for step in range(start, config.steps):
-        r = random_order_prob(step, *anneal)
-        lr = lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        orders_all, drop_all = draw_step_randomness(generator, config.batch_size, L, r, config.label_dropout)
-        step_loss = torch.zeros((), device=env.device)
-        for j in range(config.grad_accum):
-            tokens, labels = next(batches)
-            rows = slice((j * world + rank) * micro, (j * world + rank + 1) * micro)
-            tokens = tokens.to(env.device, non_blocking=True)
-            labels = torch.where(drop_all[rows], null_label, labels).to(env.device, non_blocking=True)
-            orders = orders_all[rows].to(env.device, non_blocking=True)
-            if step == start and j == 0:
-                raw.check_inputs(tokens, labels, orders)  # one host sync: bad data fails before training
-            reduce_now = j == config.grad_accum - 1 or world == 1  # all-reduce on the last micro-step only
-            with contextlib.nullcontext() if reduce_now else distributed.no_sync(model, raw, config.sharding):
-                with autocast:
-                    logits = model(tokens, labels, orders, check=False)  # (micro, L, V)
-                loss, correct = token_loss(logits, tokens.gather(1, orders))
-                (loss / config.grad_accum).backward()
-            step_loss += loss.detach()
-            sums[1] += correct
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            params, config.grad_clip if config.grad_clip > 0 else float("inf")
-        )
-        grad_norm = distributed.full_tensor(grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema_pairs is not None:
-            torch._foreach_lerp_(
-                ema_pairs[0], [p.detach().float() for p in ema_pairs[1]], 1.0 - config.ema_decay
+    with contextlib.ExitStack() as held:
+        checked: Path | str | None = None
+        if env.is_main:  # resume needs a folder all ranks share (one machine, or a network file system)
+            try:
+                held.enter_context(run_folder_lock(out))  # one process trains a run folder
+                checked = check_run_folder(out, config, resume)
+            except ValueError as error:
+                checked = f"error: {error}"
+        checked = distributed.broadcast_object(checked)
+        if isinstance(checked, str):
+            raise ValueError(checked[len("error: ") :])
+        resume_from = checked
+        loader = open_data(data, micro, rank, world, config.seed)
+        store = loader.store
+        mcfg = model_config_for(config, store)
+        if store.num_classes and hasattr(store, "labels") and int(store.labels.max()) >= store.num_classes:
+            raise ValueError(
+                f"the data has labels up to {int(store.labels.max())} but {store.num_classes} classes"
             )
-        sums[0] += step_loss
-        sums[2] += grad_norm.detach().double()
-        sums[3] += config.grad_accum
-        window_steps += 1
-        done = step + 1
-        if check_every_step:
-            values = distributed.all_reduce_sum(torch.stack([step_loss.double(), grad_norm.double()]))
-            _check_finite(values, done, last_saved)
-        is_log = done % config.log_every == 0 or done == config.steps
-        is_ckpt = done % config.checkpoint_every == 0 or done == config.steps
-        if is_log or is_ckpt:  # the only host syncs of the loop
-            totals = distributed.all_reduce_sum(sums.clone()).tolist()
-            _check_finite(torch.tensor([totals[0], totals[2]]), done, last_saved)
-            if is_log:
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_steps * config.batch_size * L / elapsed
-                row = {
-                    "step": done,
-                    "loss": totals[0] / totals[3],
-                    "accuracy": totals[1] / (totals[3] * micro * L),
-                    "lr": lr,
-                    "r": r,
-                    "grad_norm": totals[2] / (window_steps * world),
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": tokens_per_s * train_flops / (peak * world) if peak else None,
-                    "seconds_per_step": elapsed / window_steps,
-                }
-                logger.log(row)
-                if progress and env.is_main and not terminal:
-                    print(
-                        f"step {done}/{config.steps} loss {row['loss']:.4f} acc {row['accuracy']:.3f} "
-                        f"lr {lr:.2e} {row['seconds_per_step']:.3f} s/step",
-                        flush=True,
-                    )
-                bar.set_postfix(
-                    loss=f"{row['loss']:.4f}", r=f"{r:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.3g}"
+        if sample_hook is None and tokenizer is not None:
+            sample_hook = image_grid_hook(tokenizer, store)
+
+        # Model, EMA and optimizer; weights are loaded before wrapping so every sharding sees full tensors.
+        torch.manual_seed(config.seed)  # the initial weights: the same on every rank
+        raw = RAR(mcfg)
+        generator = torch.Generator().manual_seed(config.seed)  # orders + label dropout, same on all ranks
+        torch.manual_seed(config.seed * 1_000_003 + rank)  # model dropout, per rank
+        state: dict[str, Any] | None = None
+        if resume_from is not None:
+            record, weights, state = read_checkpoint(resume_from)
+            raw.load_state_dict(weights)
+        raw.to(env.device)
+        ema = None
+        if config.ema_decay > 0:
+            source = read_weights(resume_from, "ema.safetensors", record) if resume_from else raw.state_dict()
+            ema = {
+                name: source[name].detach().to(env.device, torch.float32).clone()
+                for name, _ in raw.named_parameters()
+            }
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(raw)
+        model, shard = distributed.wrap_for_training(
+            raw, env, sharding=config.sharding, compile=config.compile
+        )
+        ema = shard(ema) if ema is not None else None  # the EMA laid out like the parameters
+        fused = env.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            param_groups(raw, config.weight_decay), lr=config.lr, betas=config.betas, fused=fused
+        )
+        start = 0
+        if state is not None:
+            _load_train_state(state, raw, optimizer, generator, loader, env, config)
+            start = int(state["step"])
+        params = [p for p in raw.parameters() if p.requires_grad]
+        ema_pairs = (list(ema.values()), [p for n, p in raw.named_parameters()]) if ema is not None else None
+
+        use_bf16 = config.precision == "bf16" or (config.precision == "auto" and env.device.type == "cuda")
+        autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        anneal = (config.resolve(config.anneal_start), config.resolve(config.anneal_end))
+        L, null_label = mcfg.num_image_tokens, mcfg.null_label
+        check_every_step = env.device.type == "cpu"  # a host sync is free on the CPU
+        train_flops = 3 * raw.flops_per_token()  # forward + backward ~ 3x forward
+        peak = peak_flops(env.device)
+        logger = MetricsLogger(out, enabled=env.is_main, resume_step=start)
+        batches = _forever(loader)
+
+        num_images = len(store) if hasattr(store, "__len__") else None
+        if env.is_main and progress:
+            print(describe_run(config, raw.num_params(), num_images, start), flush=True)
+        timing_step = start + min(10, config.steps - start)  # the expected time is printed after it
+        run_began = time.perf_counter()
+        from tqdm import tqdm
+
+        from rargen.progress import on_terminal
+
+        terminal = on_terminal()  # a log file gets plain lines at log steps, no carriage returns
+        bar = tqdm(
+            total=config.steps,
+            initial=start,
+            disable=not (progress and env.is_main and terminal),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        sums = torch.zeros(4, device=env.device, dtype=torch.float64)  # loss, correct, grad norm, micro-steps
+        window_start, window_steps, last_saved = time.perf_counter(), 0, resume_from
+        model.train()
+        for step in range(start, config.steps):
+            r = random_order_prob(step, *anneal)
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            orders_all, drop_all = draw_step_randomness(
+                generator, config.batch_size, L, r, config.label_dropout
+            )
+            step_loss = torch.zeros((), device=env.device)
+            for j in range(config.grad_accum):
+                tokens, labels = next(batches)
+                rows = slice((j * world + rank) * micro, (j * world + rank + 1) * micro)
+                tokens = tokens.to(env.device, non_blocking=True)
+                labels = torch.where(drop_all[rows], null_label, labels).to(env.device, non_blocking=True)
+                orders = orders_all[rows].to(env.device, non_blocking=True)
+                if step == start and j == 0:
+                    raw.check_inputs(tokens, labels, orders)  # one host sync: bad data fails before training
+                reduce_now = j == config.grad_accum - 1 or world == 1  # all-reduce on the last only
+                with (
+                    contextlib.nullcontext()
+                    if reduce_now
+                    else distributed.no_sync(model, raw, config.sharding)
+                ):
+                    with autocast:
+                        logits = model(tokens, labels, orders, check=False)  # (micro, L, V)
+                    loss, correct = token_loss(logits, tokens.gather(1, orders))
+                    (loss / config.grad_accum).backward()
+                step_loss += loss.detach()
+                sums[1] += correct
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, config.grad_clip if config.grad_clip > 0 else float("inf")
+            )
+            grad_norm = distributed.full_tensor(grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema_pairs is not None:
+                torch._foreach_lerp_(
+                    ema_pairs[0], [p.detach().float() for p in ema_pairs[1]], 1.0 - config.ema_decay
                 )
-                sums.zero_()
-                window_start, window_steps = time.perf_counter(), 0
-        if is_ckpt:
-            last_saved = save_checkpoint(out, done, raw, ema, optimizer, generator, loader, config, env)
-        if (
-            sample_hook is not None
-            and env.is_main
-            and (done % config.sample_every == 0 or done == config.steps)
-        ):
-            run_sample_hook(sample_hook, raw, done, out)
-        bar.update(1)
-        if done == timing_step and env.is_main and progress and done < config.steps:
-            per_step = (time.perf_counter() - run_began) / (done - start)
-            left = per_step * (config.steps - done)
-            print(f"expected time: {per_step:.3f} s/step, about {format_duration(left)} to go", flush=True)
-    bar.close()
-    logger.close()
-    if env.is_main:
-        write_final(out)
-    distributed.barrier()
-    return out / "final"
+            sums[0] += step_loss
+            sums[2] += grad_norm.detach().double()
+            sums[3] += config.grad_accum
+            window_steps += 1
+            done = step + 1
+            if check_every_step:
+                values = distributed.all_reduce_sum(torch.stack([step_loss.double(), grad_norm.double()]))
+                _check_finite(values, done, last_saved)
+            is_log = done % config.log_every == 0 or done == config.steps
+            is_ckpt = done % config.checkpoint_every == 0 or done == config.steps
+            if is_log or is_ckpt:  # the only host syncs of the loop
+                totals = distributed.all_reduce_sum(sums.clone()).tolist()
+                _check_finite(torch.tensor([totals[0], totals[2]]), done, last_saved)
+                if is_log:
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_steps * config.batch_size * L / elapsed
+                    row = {
+                        "step": done,
+                        "loss": totals[0] / totals[3],
+                        "accuracy": totals[1] / (totals[3] * micro * L),
+                        "lr": lr,
+                        "r": r,
+                        "grad_norm": totals[2] / (window_steps * world),
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": tokens_per_s * train_flops / (peak * world) if peak else None,
+                        "seconds_per_step": elapsed / window_steps,
+                    }
+                    logger.log(row)
+                    if progress and env.is_main and not terminal:
+                        print(
+                            f"step {done}/{config.steps} loss {row['loss']:.4f} acc {row['accuracy']:.3f} "
+                            f"lr {lr:.2e} {row['seconds_per_step']:.3f} s/step",
+                            flush=True,
+                        )
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.4f}", r=f"{r:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.3g}"
+                    )
+                    sums.zero_()
+                    window_start, window_steps = time.perf_counter(), 0
+            if is_ckpt:
+                last_saved = save_checkpoint(out, done, raw, ema, optimizer, generator, loader, config, env)
+            if (
+                sample_hook is not None
+                and env.is_main
+                and (done % config.sample_every == 0 or done == config.steps)
+            ):
+                run_sample_hook(sample_hook, raw, done, out)
+            bar.update(1)
+            if done == timing_step and env.is_main and progress and done < config.steps:
+                per_step = (time.perf_counter() - run_began) / (done - start)
+                left = format_duration(per_step * (config.steps - done))
+                print(f"expected time: {per_step:.3f} s/step, about {left} to go", flush=True)
+        bar.close()
+        logger.close()
+        if env.is_main:
+            write_final(out)
+        distributed.barrier()
+        return out / "final"
 
 
 def _check_finite(values: Tensor, step: int, last_saved: Path | None) -> None:

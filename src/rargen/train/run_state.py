@@ -10,10 +10,14 @@ tokenizer trainer rewrites one folder. ``MetricsLogger`` appends the run's scala
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,42 @@ def check_settings_record(record: Path, settings: dict[str, Any], what: str, fix
         return
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: Path) -> Iterator[None]:
+    """Hold ``out`` for this process: a second process writing the same run folder (the same
+    study shard started twice, a repeated command) would append to the same ``metrics.jsonl``,
+    race on its checkpoints and take the first one's temporaries for stale; it is refused, naming
+    the process that holds the folder. The lock (``flock``) ends with the process, so a killed run
+    leaves nothing to clean up."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = (out / LOCK_NAME).open("a+")
+    except OSError as error:
+        raise ValueError(
+            f"cannot write to the output folder {str(out)!r} ({error}); pass another --out"
+        ) from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ValueError(
+                f"{out} is in use by {holder}; wait for it to finish, stop it, or pass another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
 
 
 def step_folder(run: Path, step: int) -> Path:

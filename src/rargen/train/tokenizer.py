@@ -28,7 +28,7 @@ from torch import Tensor
 from rargen.checkpoint import config_from_dict, read_record, remove_stale_temporaries
 from rargen.data.sources import DEFAULT_MAX_PIXELS, split_images
 from rargen.tokenizers.vq import VQTokenizer, VQTokenizerConfig
-from rargen.train.run_state import TRAIN_STATE, read_checkpoint, write_checkpoint
+from rargen.train.run_state import TRAIN_STATE, read_checkpoint, run_folder_lock, write_checkpoint
 
 CHECKPOINT_DIR = "tokenizer"
 REPORT_NAME = "report.json"
@@ -202,114 +202,122 @@ def train_tokenizer(
 
     train_config = train_config or TokenizerTrainConfig()
     out_dir = Path(out_dir)
-    ckpt_path = out_dir / CHECKPOINT_DIR
-    remove_stale_temporaries(out_dir)  # half-written checkpoints of a killed run
-    if resume:
-        if not (ckpt_path / TRAIN_STATE).exists():
-            raise FileNotFoundError(f"nothing to resume: {str(ckpt_path)!r} has no {TRAIN_STATE}")
-        model, state = _load_checkpoint(ckpt_path)
-        if model_config is not None and model_config != model.config:
-            raise ValueError(
-                f"--resume: the checkpoint's model config {model.config} differs from the requested "
-                f"{model_config}; drop the model flags or train into a new --out"
+    with run_folder_lock(out_dir):  # one process trains a run folder (its temporaries are its own)
+        ckpt_path = out_dir / CHECKPOINT_DIR
+        remove_stale_temporaries(out_dir)  # half-written checkpoints of a killed run
+        if resume:
+            if not (ckpt_path / TRAIN_STATE).exists():
+                raise FileNotFoundError(f"nothing to resume: {str(ckpt_path)!r} has no {TRAIN_STATE}")
+            model, state = _load_checkpoint(ckpt_path)
+            if model_config is not None and model_config != model.config:
+                raise ValueError(
+                    f"--resume: the checkpoint's model config {model.config} differs from the requested "
+                    f"{model_config}; drop the model flags or train into a new --out"
+                )
+            start_step = int(state["step"])
+            # The loop draws nothing from the global generator; restored for code that wraps it.
+            torch.set_rng_state(state["torch_rng"])
+        else:
+            if ckpt_path.exists():
+                raise ValueError(
+                    f"{str(ckpt_path)!r} already holds a training run; pass --resume to continue it "
+                    "or choose another --out"
+                )
+            model_config = model_config or VQTokenizerConfig.from_name("vq-digits")
+            torch.manual_seed(train_config.seed)
+            model, state, start_step = VQTokenizer(model_config), None, 0
+        config = model.config
+
+        if isinstance(data, tuple):
+            train_images, heldout_images = data
+        else:
+            train_images, heldout_images = load_training_images(
+                data, config.image_size, seed=train_config.seed
             )
-        start_step = int(state["step"])
-        # The loop draws nothing from the global generator; restored for code that wraps it.
-        torch.set_rng_state(state["torch_rng"])
-    else:
-        if ckpt_path.exists():
-            raise ValueError(
-                f"{str(ckpt_path)!r} already holds a training run; pass --resume to continue it "
-                "or choose another --out"
-            )
-        model_config = model_config or VQTokenizerConfig.from_name("vq-digits")
-        torch.manual_seed(train_config.seed)
-        model, state, start_step = VQTokenizer(model_config), None, 0
-    config = model.config
+        for name, images in (("train", train_images), ("heldout", heldout_images)):
+            if images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
+                raise ValueError(
+                    f"{name} images must be a non-empty (N, 3, S, S) tensor, got {tuple(images.shape)}"
+                )
+            model.grid_shape(images.shape[2], images.shape[3])  # raises for sizes the model cannot tile
+        preview = heldout_images[:16]
+        channels = image_channels(train_images)
 
-    if isinstance(data, tuple):
-        train_images, heldout_images = data
-    else:
-        train_images, heldout_images = load_training_images(data, config.image_size, seed=train_config.seed)
-    for name, images in (("train", train_images), ("heldout", heldout_images)):
-        if images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
-            raise ValueError(
-                f"{name} images must be a non-empty (N, 3, S, S) tensor, got {tuple(images.shape)}"
-            )
-        model.grid_shape(images.shape[2], images.shape[3])  # raises for sizes the model cannot tile
-    preview = heldout_images[:16]
-    channels = image_channels(train_images)
+        decay, no_decay = [], []
+        for name, parameter in model.named_parameters():
+            (decay if parameter.ndim > 1 and "embedding" not in name else no_decay).append(parameter)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": train_config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=train_config.lr,
+            betas=(0.9, 0.99),
+        )
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        # Channels-last speeds up the CPU convolutions of this net by about 1.5x.
+        model.to(memory_format=torch.channels_last).train()
+        recon_fn = F.mse_loss if train_config.recon_loss == "l2" else F.l1_loss
 
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        (decay if parameter.ndim > 1 and "embedding" not in name else no_decay).append(parameter)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": train_config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=train_config.lr,
-        betas=(0.9, 0.99),
-    )
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    # Channels-last speeds up the CPU convolutions of this net by about 1.5x.
-    model.to(memory_format=torch.channels_last).train()
-    recon_fn = F.mse_loss if train_config.recon_loss == "l2" else F.l1_loss
+        running = torch.zeros(3)  # recon, vq, count (summed on the device, read at log steps only)
+        bar = tqdm(
+            range(start_step, train_config.steps),
+            initial=start_step,
+            total=train_config.steps,
+            disable=not (progress and on_terminal()),  # plain lines at log steps in a log file (below)
+            desc="tokenizer",
+        )
+        end = train_config.steps if stop_after is None else min(stop_after, train_config.steps)
+        for step in bar:
+            if step >= end:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, train_config)
+            x = train_images[
+                batch_indices(len(train_images), train_config.batch_size, step, train_config.seed)
+            ]
+            x = x.contiguous(memory_format=torch.channels_last)
+            out = model(x)
+            recon_loss = recon_fn(out.reconstruction, x)
+            loss = recon_loss + out.vq_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.quantizer.update_usage(out.codes)
+            done = step + 1
+            if (
+                done % train_config.restart_every == 0
+                and done <= train_config.restart_until * train_config.steps
+            ):
+                generator = torch.Generator().manual_seed(train_config.seed * 100_003 + step)
+                model.quantizer.restart_dead_codes(out.latents, generator)
+            running += torch.stack([recon_loss.detach(), out.vq_loss.detach(), torch.tensor(1.0)])
+            if done % train_config.log_every == 0:
+                recon_avg, vq_avg, n = running.tolist()
+                bar.set_postfix(recon=f"{recon_avg / n:.4f}", vq=f"{vq_avg / n:.4f}")
+                if progress and bar.disable:
+                    losses = f"recon {recon_avg / n:.4f} vq {vq_avg / n:.4f}"
+                    print(f"tokenizer step {done}/{train_config.steps} {losses}", flush=True)
+                running.zero_()
+            last = done == end
+            if (train_config.sample_every and done % train_config.sample_every == 0) or last:
+                model.eval()
+                save_reconstruction_grid(model, preview, out_dir / "samples" / f"recon_{done:06d}.png")
+                model.train()
+            if (train_config.checkpoint_every and done % train_config.checkpoint_every == 0) or last:
+                _save_checkpoint(ckpt_path, model, optimizer, done, train_config, channels)
 
-    running = torch.zeros(3)  # recon, vq, count (summed on the device, read at log steps only)
-    bar = tqdm(
-        range(start_step, train_config.steps),
-        initial=start_step,
-        total=train_config.steps,
-        disable=not (progress and on_terminal()),  # plain lines at log steps in a log file (below)
-        desc="tokenizer",
-    )
-    end = train_config.steps if stop_after is None else min(stop_after, train_config.steps)
-    for step in bar:
-        if step >= end:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, train_config)
-        x = train_images[batch_indices(len(train_images), train_config.batch_size, step, train_config.seed)]
-        x = x.contiguous(memory_format=torch.channels_last)
-        out = model(x)
-        recon_loss = recon_fn(out.reconstruction, x)
-        loss = recon_loss + out.vq_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.quantizer.update_usage(out.codes)
-        done = step + 1
-        if done % train_config.restart_every == 0 and done <= train_config.restart_until * train_config.steps:
-            generator = torch.Generator().manual_seed(train_config.seed * 100_003 + step)
-            model.quantizer.restart_dead_codes(out.latents, generator)
-        running += torch.stack([recon_loss.detach(), out.vq_loss.detach(), torch.tensor(1.0)])
-        if done % train_config.log_every == 0:
-            recon_avg, vq_avg, n = running.tolist()
-            bar.set_postfix(recon=f"{recon_avg / n:.4f}", vq=f"{vq_avg / n:.4f}")
-            if progress and bar.disable:
-                losses = f"recon {recon_avg / n:.4f} vq {vq_avg / n:.4f}"
-                print(f"tokenizer step {done}/{train_config.steps} {losses}", flush=True)
-            running.zero_()
-        last = done == end
-        if (train_config.sample_every and done % train_config.sample_every == 0) or last:
-            model.eval()
-            save_reconstruction_grid(model, preview, out_dir / "samples" / f"recon_{done:06d}.png")
-            model.train()
-        if (train_config.checkpoint_every and done % train_config.checkpoint_every == 0) or last:
-            _save_checkpoint(ckpt_path, model, optimizer, done, train_config, channels)
-
-    model.eval()
-    report = {
-        "heldout": evaluate_tokenizer(model, heldout_images),
-        "train_subset": evaluate_tokenizer(model, train_images[:512]),
-        "steps": max(start_step, end),
-        "image_channels": channels,
-        "model_config": dataclasses.asdict(config),
-        "train_config": dataclasses.asdict(train_config),
-        "checkpoint": str(ckpt_path),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-    return report
+        model.eval()
+        report = {
+            "heldout": evaluate_tokenizer(model, heldout_images),
+            "train_subset": evaluate_tokenizer(model, train_images[:512]),
+            "steps": max(start_step, end),
+            "image_channels": channels,
+            "model_config": dataclasses.asdict(config),
+            "train_config": dataclasses.asdict(train_config),
+            "checkpoint": str(ckpt_path),
+        }
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        return report
