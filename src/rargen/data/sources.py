@@ -1,5 +1,7 @@
 """Image sources for every command that reads images: the digits, a class-folder tree, an ``.npz``.
 
+What a class of a folder is (and which trees are refused) is ``rargen.data.folders``' one rule.
+
 A source is a random-access list of (PIL image, label) with class names. Unconditional data has no
 class names (``num_classes == 0``) and every label is 0, which is then also the generator's null
 label (``num_classes``), so a store of unconditional data trains an unconditional model as is.
@@ -22,7 +24,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+from rargen.data.folders import check_readable, describe_scan, scan_folder
+
 # Images with more pixels are skipped (and listed in the store's report.json) before they are
 # decoded: a 97 KB PNG can declare 10000 x 10000 pixels and take 1 GB to decode. 40 M pixels is
 # about 6300 x 6300, beyond any ImageNet photo; raise it with `max_pixels` (`--max-pixels`).
@@ -90,6 +93,17 @@ class ImageSource:
     def describe(self) -> dict[str, Any]:
         """What this source is, for the store's ``meta.json``."""
         raise NotImplementedError
+
+    @property
+    def excluded(self) -> tuple[dict[str, str], ...]:
+        """``{"path", "reason"}`` of each entry the source left out (a folder's hidden or stray files)."""
+        return ()
+
+    def summary(self, what: str) -> str:
+        """What a command prints when it opens the source: classes, images, what was left out."""
+        shown = ", ".join(self.class_names[:8]) + (", ..." if self.num_classes > 8 else "")
+        classes = f"{self.num_classes} classes ({shown})" if self.class_names else "unlabelled"
+        return f"{what}: {len(self)} images, {classes}"
 
     @property
     def num_classes(self) -> int:
@@ -185,38 +199,21 @@ def npz_source(path: str | os.PathLike) -> ArraySource:
 class FolderSource(ImageSource):
     """``root/<class>/<image>`` (class index = sorted folder order), or ``root/<image>`` unconditional.
 
-    Files are found by extension and sorted, so the order (and therefore the store) is reproducible.
+    What a class is, and which trees are refused, is ``rargen.data.folders``' rule (``scan``
+    holds the result); each class must have a readable image, checked here (one decode per
+    class). Files are sorted, so the order (and therefore the store) is reproducible.
     """
 
     def __init__(self, root: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if max_pixels < 1:
             raise ValueError(f"max_pixels must be positive, got {max_pixels}")
         self.root, self.max_pixels = Path(root), max_pixels
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"no image folder at {str(self.root)!r}")
-        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        self.files: list[Path] = []
-        labels: list[int] = []
-        if folders:
-            self.class_names = tuple(folders)
-            for index, folder in enumerate(folders):
-                found = self._images_in(self.root / folder, recursive=True)
-                self.files += found
-                labels += [index] * len(found)
-        else:
-            self.class_names = ()
-            self.files = self._images_in(self.root, recursive=False)
-            labels = [0] * len(self.files)
-        if not self.files:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(self.root)!r}")
-        self.labels = np.asarray(labels, dtype=np.int64)
-
-    @staticmethod
-    def _images_in(folder: Path, recursive: bool) -> list[Path]:
-        candidates = folder.rglob("*") if recursive else folder.iterdir()
-        return sorted(
-            p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-        )
+        self.scan = scan_folder(self.root)
+        check_readable(self.scan, lambda path: open_image_file(path, max_pixels))
+        self.class_names = self.scan.class_names
+        self.files: list[Path] = [path for files in self.scan.class_files for path in files]
+        counts = [len(files) for files in self.scan.class_files]
+        self.labels = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -232,6 +229,13 @@ class FolderSource(ImageSource):
 
     def describe(self) -> dict[str, Any]:
         return {"type": "folder", "path": str(self.root.resolve()), "num_images": len(self)}
+
+    @property
+    def excluded(self) -> tuple[dict[str, str], ...]:
+        return self.scan.excluded
+
+    def summary(self, what: str) -> str:
+        return describe_scan(self.scan, what)
 
 
 def open_source(

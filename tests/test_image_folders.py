@@ -1,0 +1,113 @@
+"""Image folders label honestly (issue 25, items 4 and 5): one rule for what a class is
+(``rargen.data.folders``), colliding, linked and empty classes refused naming them, everything
+left out said."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rargen.data.sources import FolderSource
+
+
+def _image(path: Path, value: int = 100, size: int = 8) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value, dtype=np.uint8), mode="L").save(path)
+
+
+def _tree(root: Path, classes: dict[str, int]) -> Path:
+    for c, (name, count) in enumerate(classes.items()):
+        for i in range(count):
+            _image(root / name / f"{i:02d}.png", 40 + 30 * c)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 4: names that differ only in case
+
+
+def test_class_names_differing_only_in_case_are_refused_naming_them_and_the_fix(tmp_path):
+    root = _tree(tmp_path / "data", {"Cat": 2, "cat": 2, "CAT": 2, "dog": 2})
+    with pytest.raises(ValueError, match="differ only in case") as caught:
+        FolderSource(root)
+    message = str(caught.value)
+    assert "'CAT' / 'Cat' / 'cat'" in message and "rename" in message and "dog" not in message
+    # Surrounding spaces count too: the server strips them before it looks a name up.
+    with pytest.raises(ValueError, match="differ only in case or spaces"):
+        FolderSource(_tree(tmp_path / "spaced", {"dog": 1, "dog ": 1}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 5: empty and unreadable classes, links, images at the root, hidden folders
+
+
+def test_an_empty_class_folder_is_refused_naming_it(tmp_path):
+    root = _tree(tmp_path / "data", {"cat": 2, "dog": 0})
+    (root / "dog").mkdir()
+    (root / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"no image file .*'dog' \(.*dog\).*remove the folder"):
+        FolderSource(root)
+
+
+def test_a_class_folder_of_unreadable_files_is_refused_naming_it(tmp_path):
+    root = _tree(tmp_path / "data", {"cat": 2})
+    for name in ("a.png", "b.jpg"):
+        (root / "dog" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "dog" / name).write_bytes(b"\x89PNG\r\n\x1a\nnot really an image")
+    with pytest.raises(ValueError, match=r"class 'dog' \(.*dog\): none of its 2 image file\(s\) can be read"):
+        FolderSource(root)
+    # One unreadable file in a class with readable ones is skipped at read time, as before.
+    (root / "dog" / "c.png").unlink(missing_ok=True)
+    _image(root / "dog" / "c.png")
+    assert FolderSource(root).class_names == ("cat", "dog")
+
+
+def test_a_class_folder_linked_to_another_class_or_the_root_is_refused_naming_both(tmp_path):
+    root = _tree(tmp_path / "data", {"cat": 3, "dog": 3})
+    os.symlink(root / "cat", root / "kitten")
+    with pytest.raises(ValueError, match="hold the same files") as caught:
+        FolderSource(root)
+    assert str(root / "cat") in str(caught.value) and str(root / "kitten") in str(caught.value)
+    (root / "kitten").unlink()
+    os.symlink(root, root / "everything")
+    with pytest.raises(ValueError, match=r"everything'? is a link to .*holds the whole image folder"):
+        FolderSource(root)
+    (root / "everything").unlink()
+    os.symlink(root / "dog" / "00.png", root / "cat" / "dog-00.png")  # one file, two labels
+    with pytest.raises(ValueError, match="the same file .* in two classes") as caught:
+        FolderSource(root)
+    assert "dog-00.png" in str(caught.value) and str(root / "dog" / "00.png") in str(caught.value)
+
+
+def test_a_class_folder_linked_from_elsewhere_is_followed_and_a_file_linked_twice_counts_once(tmp_path):
+    root = _tree(tmp_path / "data", {"cat": 2})
+    elsewhere = _tree(tmp_path / "disk2", {"dog": 3})
+    os.symlink(elsewhere / "dog", root / "dog")
+    os.symlink(root / "cat" / "00.png", root / "cat" / "00-again.png")
+    source = FolderSource(root)
+    assert source.class_names == ("cat", "dog") and len(source) == 5
+    assert {"path": "cat/00-again.png", "reason": "the same file as another image of its class (a link); "
+            "counted once"} in source.excluded  # fmt: skip
+
+
+def test_root_images_hidden_folders_and_other_files_are_left_out_and_said(tmp_path, capsys):
+    root = _tree(tmp_path / "data", {"cat": 2, "dog": 2, ".secret": 2})
+    _image(root / "stray1.png")
+    _image(root / "stray2.jpg")
+    _image(root / "cat" / ".thumb.png")
+    (root / "dog" / "labels.csv").write_text("x")
+    source = FolderSource(root)
+    assert source.class_names == ("cat", "dog") and len(source) == 4
+    reasons = {item["path"]: item["reason"] for item in source.excluded}
+    assert set(reasons) == {".secret", "stray1.png", "stray2.jpg", "cat/.thumb.png", "dog/labels.csv"}
+    assert "move it into a class folder" in reasons["stray1.png"]
+    assert "hidden" in reasons[".secret"] and "rename it" in reasons[".secret"]
+    summary = source.summary("pretokenize: data")
+    assert "2 classes, 4 image files (cat 2, dog 2)" in summary and "excluded 5:" in summary
+    assert "2 an image beside the class folders belongs to no class; move it into a class folder: " \
+        "stray1.png, stray2.jpg" in summary  # fmt: skip
+    assert "2 hidden (its name starts with '.'); rename it to use it: .secret, cat/.thumb.png" in summary
