@@ -1,6 +1,6 @@
 """Image folders label honestly (issue 25, items 4 and 5): one rule for what a class is
 (``rargen.data.folders``), colliding, linked and empty classes refused naming them, everything
-left out said."""
+left out said, and float images scaled rather than clipped."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rargen.data.sources import FolderSource
+from rargen.data.sources import FolderSource, to_rgb
 
 
 def _image(path: Path, value: int = 100, size: int = 8) -> None:
@@ -111,3 +111,40 @@ def test_root_images_hidden_folders_and_other_files_are_left_out_and_said(tmp_pa
     assert "2 an image beside the class folders belongs to no class; move it into a class folder: " \
         "stray1.png, stray2.jpg" in summary  # fmt: skip
     assert "2 hidden (its name starts with '.'); rename it to use it: .secret, cat/.thumb.png" in summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 5: float and 32-bit images
+
+
+def test_float_and_32_bit_images_are_scaled_not_clipped_to_black():
+    ramp = np.linspace(0.0, 1.0, 64, dtype=np.float32).reshape(8, 8)
+    rgb = np.asarray(to_rgb(Image.fromarray(ramp, mode="F")))
+    np.testing.assert_array_equal(rgb[..., 0], np.round(ramp * 255).astype(np.uint8))
+    assert rgb.shape == (8, 8, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    # Values outside [0, 1]: [0, 255] is kept as 8-bit values, anything else spans its own range.
+    eight_bit = np.asarray(to_rgb(Image.fromarray(ramp * 200, mode="F")))[..., 0]
+    np.testing.assert_array_equal(eight_bit, np.round(ramp * 200).astype(np.uint8))
+    signed = np.asarray(to_rgb(Image.fromarray(ramp * 6 - 3, mode="F")))[..., 0]
+    assert signed.min() == 0 and signed.max() == 255 and signed[4, 0] == round(32 / 63 * 255)
+    # NaN and infinities take the ends of the finite range instead of poisoning it.
+    odd = (ramp * 6 - 3).copy()
+    odd[0, 0], odd[0, 1], odd[0, 2] = np.nan, np.inf, -np.inf
+    out = np.asarray(to_rgb(Image.fromarray(odd, mode="F")))[..., 0]
+    assert out[0, 0] == 0 and out[0, 1] == 255 and out[0, 2] == 0 and out[7, 7] == 255
+    # 32-bit integers beyond 16 bits span their own range; within 16 bits they are 16-bit values.
+    wide = (np.arange(64, dtype=np.int32).reshape(8, 8) * 100_000) - 1_000_000
+    out = np.asarray(to_rgb(Image.fromarray(wide, mode="I")))[..., 0]
+    assert out.min() == 0 and out.max() == 255
+    sixteen = np.arange(64, dtype=np.int32).reshape(8, 8) * 1000
+    out = np.asarray(to_rgb(Image.fromarray(sixteen, mode="I")))[..., 0]
+    np.testing.assert_array_equal(out, np.round(sixteen / 257).astype(np.uint8))
+
+
+def test_a_float_tiff_in_a_folder_reads_as_its_values(tmp_path):
+    ramp = np.linspace(0.0, 1.0, 64, dtype=np.float32).reshape(8, 8)
+    (tmp_path / "data").mkdir()
+    Image.fromarray(ramp, mode="F").save(tmp_path / "data" / "a.tif")
+    assert Image.open(tmp_path / "data" / "a.tif").mode == "F"
+    image = np.asarray(FolderSource(tmp_path / "data").load(0))
+    np.testing.assert_array_equal(image[..., 1], np.round(ramp * 255).astype(np.uint8))

@@ -35,17 +35,28 @@ _HIGH_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An 8-bit RGB copy of ``image``, scaling high-bit-depth greyscale (16-bit PNG/TIFF) to 8 bits.
+    """An 8-bit RGB copy of ``image``, scaling high-bit-depth and float greyscale to 8 bits.
 
-    PIL's own ``convert("RGB")`` clips 16-bit values to 255, which stored a 16-bit greyscale PNG
-    as a white square. 16-bit values v map to round(v / 257) (65535 -> 255); PNG's 16-bit grey
-    opens as ``I;16`` (or ``I``), whose values are 16-bit.
+    PIL's own ``convert("RGB")`` clips values to [0, 255]: a 16-bit PNG became a white square and
+    a float TIFF of values in [0, 1] a black one. Integer images (``I;16``, ``I``) whose values fit
+    16 bits map v to round(v / 257) (65535 -> 255). Float images (``F``) are read in the first of
+    the ranges [0, 1], [0, 255], [0, 65535] that holds all their values, so an image keeps its
+    brightness; values outside all three (and 32-bit integers beyond 16 bits) span their own
+    min..max. NaN and infinities take the ends of the finite range.
     """
-    if image.mode in _HIGH_BIT_GREY:
-        values = np.asarray(image).astype(np.float64)
-        grey = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    return image.convert("RGB")
+    if image.mode not in (*_HIGH_BIT_GREY, "F"):
+        return image.convert("RGB")
+    values = np.asarray(image).astype(np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise ValueError(f"a {image.mode} image with no finite pixel value")
+    low, high = float(finite.min()), float(finite.max())
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    ranges = (1.0, 255.0, 65535.0) if image.mode == "F" else (65535.0,)
+    full = next((top for top in ranges if low >= 0.0 and high <= top), None)
+    offset, scale = (0.0, full) if full is not None else (low, (high - low) or 1.0)
+    grey = np.clip(np.round((values - offset) * (255.0 / scale)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
 
 
 def open_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
