@@ -1,9 +1,10 @@
 """Image folders label honestly (issue 25, items 4 and 5): one rule for what a class is
 (``rargen.data.folders``), colliding, linked and empty classes refused naming them, everything
-left out said, and float images scaled rather than clipped."""
+left out said, float images scaled rather than clipped, and a folder with nothing readable an error."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rargen.data.sources import FolderSource, to_rgb
+from rargen.data.sources import FolderSource, split_images, to_rgb
+from rargen.data.store import pretokenize
+from tiny_tokenizer import PoolTokenizer
 
 
 def _image(path: Path, value: int = 100, size: int = 8) -> None:
@@ -111,6 +114,79 @@ def test_root_images_hidden_folders_and_other_files_are_left_out_and_said(tmp_pa
     assert "2 an image beside the class folders belongs to no class; move it into a class folder: " \
         "stray1.png, stray2.jpg" in summary  # fmt: skip
     assert "2 hidden (its name starts with '.'); rename it to use it: .secret, cat/.thumb.png" in summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 5: what pretokenize says, records and refuses
+
+
+def _saved_tokenizer(path: Path) -> Path:
+    from rargen.checkpoint import register_kind, save
+
+    register_kind("test-pool-tokenizer", "tiny_tokenizer:PoolTokenizer")
+    save(PoolTokenizer(), path)
+    return path
+
+
+def _pretokenize_cli(data: Path, tokenizer: Path, out: Path) -> int:
+    from rargen.cli.main import main
+
+    argv = ["--tokenizer", str(tokenizer), "--out", str(out), "--image-size", "8", "--device", "cpu"]
+    return main(["pretokenize", "--data", str(data), *argv, "--num-workers", "1", "--threads", "1"])
+
+
+def test_pretokenize_prints_the_folder_summary_and_records_classes_and_exclusions(tmp_path, capsys):
+    root = _tree(tmp_path / "data", {"cat": 3, "dog": 2})
+    _image(root / "stray.png")
+    (root / "cat" / "broken.png").write_bytes(b"not an image")
+    assert _pretokenize_cli(root, _saved_tokenizer(tmp_path / "tok"), tmp_path / "store") == 0
+    printed = capsys.readouterr().out
+    assert "2 classes, 6 image files (cat 4, dog 2)" in printed and "stray.png" in printed
+    assert "read 5 image(s), skipped 1" in printed and "cat/broken.png" in printed
+    report = json.loads((tmp_path / "store" / "report.json").read_text())
+    assert report["classes"] == [{"name": "cat", "images": 3}, {"name": "dog", "images": 2}]
+    assert [item["path"] for item in report["excluded"]] == ["stray.png"]
+    assert [item["name"] for item in report["skipped"]] == ["cat/broken.png"]
+
+
+def test_pretokenize_of_a_folder_with_nothing_readable_fails_naming_it(tmp_path, capsys):
+    tokenizer = _saved_tokenizer(tmp_path / "tok")
+    for name in ("a.png", "b.png"):
+        (tmp_path / "flat" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "flat" / name).write_bytes(b"garbage")
+    assert _pretokenize_cli(tmp_path / "flat", tokenizer, tmp_path / "s1") == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "flat") in err and "none of its 2 image file(s) can be read" in err
+    assert not (tmp_path / "s1" / "meta.json").exists()
+    (tmp_path / "empty").mkdir()
+    assert _pretokenize_cli(tmp_path / "empty", tokenizer, tmp_path / "s2") == 2
+    assert "no images" in capsys.readouterr().err
+    # A library source that reads nothing (every file gone after the source was opened) is an
+    # error too, never an empty store that exits 0.
+    source = FolderSource(_tree(tmp_path / "gone", {"a": 1, "b": 1}))
+    for path in (tmp_path / "gone").rglob("*.png"):
+        path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="no readable image"):
+        pretokenize(source, PoolTokenizer(), tmp_path / "s3", image_size=8, progress=False)
+
+
+def test_the_trainers_print_the_summary_and_claim_no_report_they_do_not_write(tmp_path):
+    """train-tokenizer and train-classifier read through ``split_images``: the folder's summary
+    first; "(all listed in report.json)" only where the command writes the skipped files there."""
+    root = _tree(tmp_path / "data", {"a": 2, "b": 2})
+    _image(root / "stray.png")
+    for i in range(12):
+        (root / "a" / f"bad{i:02d}.png").write_bytes(b"garbage")
+    logs: list[str] = []
+    split = split_images(root, 8, heldout_fraction=0.5, seed=0, purpose="tokenizer", log=logs.append)
+    assert logs[0].startswith(f"train-tokenizer: {root}: 2 classes, 16 image files (a 14, b 2)")
+    assert "stray.png" in logs[0] and "read 4 image(s), skipped 12" in logs[1]
+    assert logs[1].endswith("... and 2 more")  # train-tokenizer's report.json has no list of them
+    assert [item["path"] for item in split.excluded] == ["stray.png"]
+    logs.clear()
+    split_images(root, 8, heldout_fraction=0.5, seed=0, purpose="classifier", log=logs.append,
+                 listed_in="report.json")  # fmt: skip
+    assert logs[1].endswith("... and 2 more (all listed in report.json)")
 
 
 # ---------------------------------------------------------------------------------------------

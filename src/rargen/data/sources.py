@@ -330,13 +330,17 @@ def read_images(
     return array, np.asarray(labels, dtype=np.int64), np.asarray(kept, dtype=np.int64), skipped
 
 
-def describe_read(what: str, num_read: int, skipped: list[dict[str, Any]], limit: int = 10) -> str:
-    """A console summary: how many images were read, how many skipped and why (the first ``limit``)."""
+def describe_read(
+    what: str, num_read: int, skipped: list[dict[str, Any]], limit: int = 10, listed_in: str | None = None
+) -> str:
+    """A console summary: how many images were read, how many skipped and why (the first ``limit``);
+    ``listed_in`` names the file that lists them all, for a command that writes one."""
     lines = [f"{what}: read {num_read} image(s), skipped {len(skipped)}"]
     for item in skipped[:limit]:
         lines.append(f"  skipped {item['name']}: {' '.join(str(item['error']).split())}")
     if len(skipped) > limit:
-        lines.append(f"  ... and {len(skipped) - limit} more (all listed in report.json)")
+        where = f" (all listed in {listed_in})" if listed_in else ""
+        lines.append(f"  ... and {len(skipped) - limit} more{where}")
     return "\n".join(lines)
 
 
@@ -360,6 +364,7 @@ class SplitImages(NamedTuple):
     heldout_labels: Tensor
     class_names: tuple[str, ...]
     skipped: list[dict[str, Any]]  # read_images' list of the unreadable files
+    excluded: tuple[dict[str, str], ...]  # what the source left out (a folder's stray or hidden files)
 
 
 def split_images(
@@ -372,6 +377,7 @@ def split_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     log: Callable[[str], None] | None = print,
     source: ImageSource | None = None,
+    listed_in: str | None = None,
 ) -> SplitImages:
     """``data`` (any ``open_source`` spec) read at ``image_size`` and split into train and held-out.
 
@@ -381,19 +387,24 @@ def split_images(
     train, for the messages: ``"tokenizer"`` logs as ``train-tokenizer`` and refuses fewer than 2
     images with "a tokenizer needs at least 2". ``source`` is ``data`` already opened, by a caller
     that looked at it first (the classifier: its classes and image size), so it is not opened twice;
-    for ``"digits"`` it goes unused, the digits' own split being taken all the same.
+    for ``"digits"`` it goes unused, the digits' own split being taken all the same. ``listed_in``
+    names the report that lists every skipped file, for a caller that writes one.
     """
     if str(data) == "digits":
         from rargen.data.digits import DIGIT_CLASS_NAMES, load_digit_images
 
         train_images, train_labels = load_digit_images("train", image_size)
         heldout_images, heldout_labels = load_digit_images("heldout", image_size)
-        return SplitImages(train_images, train_labels, heldout_images, heldout_labels, DIGIT_CLASS_NAMES, [])
+        return SplitImages(
+            train_images, train_labels, heldout_images, heldout_labels, DIGIT_CLASS_NAMES, [], ()
+        )
     if source is None:
         source = open_source(data, image_size=image_size, max_pixels=max_pixels)
+    if log is not None:
+        log(source.summary(f"train-{purpose}: {data}"))
     images, labels, _, skipped = read_images(source, image_size)
     if log is not None:
-        log(describe_read(f"train-{purpose}: {data}", len(images), skipped))
+        log(describe_read(f"train-{purpose}: {data}", len(images), skipped, listed_in=listed_in))
     if len(images) < 2:
         raise ValueError(f"{str(data)!r}: {len(images)} readable image(s); a {purpose} needs at least 2")
     train_idx, heldout_idx = stratified_split(labels, heldout_fraction, seed)
@@ -403,5 +414,5 @@ def split_images(
     targets = torch.from_numpy(labels)
     return SplitImages(
         tensor[train_idx], targets[train_idx], tensor[heldout_idx], targets[heldout_idx],
-        tuple(source.class_names), skipped,
+        tuple(source.class_names), skipped, source.excluded,
     )  # fmt: skip
