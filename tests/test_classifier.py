@@ -59,12 +59,13 @@ def trained(tmp_path_factory):
 def test_train_classifier_writes_a_self_describing_folder(trained):
     root, data, printed = trained
     assert "read 36 image(s), skipped 1" in printed and "shape_0/broken.png" in printed
+    assert "3 classes, 37 image files (shape_0 13, shape_1 12, shape_2 12)" in printed  # the folder's scan
     record = read_record(root / "clf")
     assert record["kind"] == "image-classifier"
     assert record["config"]["image_size"] == 12 and record["config"]["image_channels"] == 1
     assert record["config"]["num_classes"] == 3
     extra = record["extra"]
-    assert extra["class_names"] == ["shape_0", "shape_1", "shape_2"]
+    assert extra["class_names"] == ["shape_0", "shape_1", "shape_2"] and extra["excluded"] == []
     assert (extra["num_train"], extra["num_heldout"]) == (27, 9)  # 3 of each class held out
     assert f"held-out accuracy {extra['heldout_accuracy']:.2%}" in printed
     assert extra["heldout_accuracy"] == 1.0  # the squares are far apart: an easy task

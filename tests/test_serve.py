@@ -120,6 +120,31 @@ def test_a_class_can_be_named_and_images_do_not_depend_on_the_batch_size(pair):
     np.testing.assert_array_equal(pixels[0], pixels[1])
 
 
+def test_a_class_name_matches_exactly_then_uniquely_ignoring_case_else_422_naming_the_candidates(
+    pair, tmp_path
+):
+    """Issue 25 item 4: names differing only in case (``Cat``, ``cat``, ``CAT``) were looked up
+    lower-cased, so ``cat`` was served as class 0 ``Cat``."""
+    from rargen.checkpoint import save
+
+    names = ["Cat", "cat", "CAT", "Dog", "007", "five", "six", "seven", "eight", "nine"]
+    save(load(pair[0]), tmp_path / "named", extra={"class_names": names})
+    with running_server((tmp_path / "named", pair[1])) as server:
+
+        def served(value):
+            status, reply, _ = request(server, "POST", "/generate", {"class": value, "seed": 1})
+            settings = reply.get("settings", {})
+            return (settings["class_id"], settings["class_name"]) if status == 200 else reply
+
+        assert served("cat") == (1, "cat") and served("CAT") == (2, "CAT") and served("Cat") == (0, "Cat")
+        assert served("dog") == (3, "Dog") and served(" DOG ") == (3, "Dog")  # one name ignores case
+        assert served("007") == (4, "007") and served("7") == (7, "seven")  # a name first, then an id
+        for ambiguous in ("cAt", " cat "):
+            reply = served(ambiguous)
+            assert reply["field"] == "class", reply
+            assert "'Cat' (0), 'cat' (1), 'CAT' (2)" in reply["error"] and "exact name" in reply["error"]
+
+
 def test_stream_sends_grey_partial_images_then_the_same_final_images(pair):
     with running_server(pair) as server:
         conn, response = open_stream(server, {"class": 2, "seed": 5, "batch_size": 2, "stream_every": 1})

@@ -74,6 +74,7 @@ def _run_pretokenize(args: argparse.Namespace) -> None:
             shard_size=args.shard_size,
             num_workers=args.num_workers,
             device=env.device,
+            log=print,  # the folder's summary (classes, what was left out), from rank 0 only
             **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
         )
     finally:
@@ -84,7 +85,10 @@ def _run_pretokenize(args: argparse.Namespace) -> None:
         from rargen.data.sources import describe_read
 
         report = json.loads((out / "report.json").read_text())
-        print(describe_read(f"pretokenize: {args.data}", report["num_images"], report["skipped"]))
+        skipped = report["skipped"]
+        print(
+            describe_read(f"pretokenize: {args.data}", report["num_images"], skipped, listed_in="report.json")
+        )
         print(f"token store written to {out}")
 
 

@@ -1,5 +1,7 @@
 """Image sources for every command that reads images: the digits, a class-folder tree, an ``.npz``.
 
+What a class of a folder is (and which trees are refused) is ``rargen.data.folders``' one rule.
+
 A source is a random-access list of (PIL image, label) with class names. Unconditional data has no
 class names (``num_classes == 0``) and every label is 0, which is then also the generator's null
 label (``num_classes``), so a store of unconditional data trains an unconditional model as is.
@@ -22,7 +24,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+from rargen.data.folders import check_readable, describe_scan, scan_folder
+
 # Images with more pixels are skipped (and listed in the store's report.json) before they are
 # decoded: a 97 KB PNG can declare 10000 x 10000 pixels and take 1 GB to decode. 40 M pixels is
 # about 6300 x 6300, beyond any ImageNet photo; raise it with `max_pixels` (`--max-pixels`).
@@ -32,17 +35,28 @@ _HIGH_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An 8-bit RGB copy of ``image``, scaling high-bit-depth greyscale (16-bit PNG/TIFF) to 8 bits.
+    """An 8-bit RGB copy of ``image``, scaling high-bit-depth and float greyscale to 8 bits.
 
-    PIL's own ``convert("RGB")`` clips 16-bit values to 255, which stored a 16-bit greyscale PNG
-    as a white square. 16-bit values v map to round(v / 257) (65535 -> 255); PNG's 16-bit grey
-    opens as ``I;16`` (or ``I``), whose values are 16-bit.
+    PIL's own ``convert("RGB")`` clips values to [0, 255]: a 16-bit PNG became a white square and
+    a float TIFF of values in [0, 1] a black one. Integer images (``I;16``, ``I``) whose values fit
+    16 bits map v to round(v / 257) (65535 -> 255). Float images (``F``) are read in the first of
+    the ranges [0, 1], [0, 255], [0, 65535] that holds all their values, so an image keeps its
+    brightness; values outside all three (and 32-bit integers beyond 16 bits) span their own
+    min..max. NaN and infinities take the ends of the finite range.
     """
-    if image.mode in _HIGH_BIT_GREY:
-        values = np.asarray(image).astype(np.float64)
-        grey = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    return image.convert("RGB")
+    if image.mode not in (*_HIGH_BIT_GREY, "F"):
+        return image.convert("RGB")
+    values = np.asarray(image).astype(np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise ValueError(f"a {image.mode} image with no finite pixel value")
+    low, high = float(finite.min()), float(finite.max())
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    ranges = (1.0, 255.0, 65535.0) if image.mode == "F" else (65535.0,)
+    full = next((top for top in ranges if low >= 0.0 and high <= top), None)
+    offset, scale = (0.0, full) if full is not None else (low, (high - low) or 1.0)
+    grey = np.clip(np.round((values - offset) * (255.0 / scale)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
 
 
 def open_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -90,6 +104,17 @@ class ImageSource:
     def describe(self) -> dict[str, Any]:
         """What this source is, for the store's ``meta.json``."""
         raise NotImplementedError
+
+    @property
+    def excluded(self) -> tuple[dict[str, str], ...]:
+        """``{"path", "reason"}`` of each entry the source left out (a folder's hidden or stray files)."""
+        return ()
+
+    def summary(self, what: str) -> str:
+        """What a command prints when it opens the source: classes, images, what was left out."""
+        shown = ", ".join(self.class_names[:8]) + (", ..." if self.num_classes > 8 else "")
+        classes = f"{self.num_classes} classes ({shown})" if self.class_names else "unlabelled"
+        return f"{what}: {len(self)} images, {classes}"
 
     @property
     def num_classes(self) -> int:
@@ -185,38 +210,21 @@ def npz_source(path: str | os.PathLike) -> ArraySource:
 class FolderSource(ImageSource):
     """``root/<class>/<image>`` (class index = sorted folder order), or ``root/<image>`` unconditional.
 
-    Files are found by extension and sorted, so the order (and therefore the store) is reproducible.
+    What a class is, and which trees are refused, is ``rargen.data.folders``' rule (``scan``
+    holds the result); each class must have a readable image, checked here (one decode per
+    class). Files are sorted, so the order (and therefore the store) is reproducible.
     """
 
     def __init__(self, root: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if max_pixels < 1:
             raise ValueError(f"max_pixels must be positive, got {max_pixels}")
         self.root, self.max_pixels = Path(root), max_pixels
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"no image folder at {str(self.root)!r}")
-        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        self.files: list[Path] = []
-        labels: list[int] = []
-        if folders:
-            self.class_names = tuple(folders)
-            for index, folder in enumerate(folders):
-                found = self._images_in(self.root / folder, recursive=True)
-                self.files += found
-                labels += [index] * len(found)
-        else:
-            self.class_names = ()
-            self.files = self._images_in(self.root, recursive=False)
-            labels = [0] * len(self.files)
-        if not self.files:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(self.root)!r}")
-        self.labels = np.asarray(labels, dtype=np.int64)
-
-    @staticmethod
-    def _images_in(folder: Path, recursive: bool) -> list[Path]:
-        candidates = folder.rglob("*") if recursive else folder.iterdir()
-        return sorted(
-            p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-        )
+        self.scan = scan_folder(self.root)
+        check_readable(self.scan, lambda path: open_image_file(path, max_pixels))
+        self.class_names = self.scan.class_names
+        self.files: list[Path] = [path for files in self.scan.class_files for path in files]
+        counts = [len(files) for files in self.scan.class_files]
+        self.labels = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -232,6 +240,13 @@ class FolderSource(ImageSource):
 
     def describe(self) -> dict[str, Any]:
         return {"type": "folder", "path": str(self.root.resolve()), "num_images": len(self)}
+
+    @property
+    def excluded(self) -> tuple[dict[str, str], ...]:
+        return self.scan.excluded
+
+    def summary(self, what: str) -> str:
+        return describe_scan(self.scan, what)
 
 
 def open_source(
@@ -315,13 +330,17 @@ def read_images(
     return array, np.asarray(labels, dtype=np.int64), np.asarray(kept, dtype=np.int64), skipped
 
 
-def describe_read(what: str, num_read: int, skipped: list[dict[str, Any]], limit: int = 10) -> str:
-    """A console summary: how many images were read, how many skipped and why (the first ``limit``)."""
+def describe_read(
+    what: str, num_read: int, skipped: list[dict[str, Any]], limit: int = 10, listed_in: str | None = None
+) -> str:
+    """A console summary: how many images were read, how many skipped and why (the first ``limit``);
+    ``listed_in`` names the file that lists them all, for a command that writes one."""
     lines = [f"{what}: read {num_read} image(s), skipped {len(skipped)}"]
     for item in skipped[:limit]:
         lines.append(f"  skipped {item['name']}: {' '.join(str(item['error']).split())}")
     if len(skipped) > limit:
-        lines.append(f"  ... and {len(skipped) - limit} more (all listed in report.json)")
+        where = f" (all listed in {listed_in})" if listed_in else ""
+        lines.append(f"  ... and {len(skipped) - limit} more{where}")
     return "\n".join(lines)
 
 
@@ -345,6 +364,7 @@ class SplitImages(NamedTuple):
     heldout_labels: Tensor
     class_names: tuple[str, ...]
     skipped: list[dict[str, Any]]  # read_images' list of the unreadable files
+    excluded: tuple[dict[str, str], ...]  # what the source left out (a folder's stray or hidden files)
 
 
 def split_images(
@@ -357,6 +377,7 @@ def split_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     log: Callable[[str], None] | None = print,
     source: ImageSource | None = None,
+    listed_in: str | None = None,
 ) -> SplitImages:
     """``data`` (any ``open_source`` spec) read at ``image_size`` and split into train and held-out.
 
@@ -366,19 +387,24 @@ def split_images(
     train, for the messages: ``"tokenizer"`` logs as ``train-tokenizer`` and refuses fewer than 2
     images with "a tokenizer needs at least 2". ``source`` is ``data`` already opened, by a caller
     that looked at it first (the classifier: its classes and image size), so it is not opened twice;
-    for ``"digits"`` it goes unused, the digits' own split being taken all the same.
+    for ``"digits"`` it goes unused, the digits' own split being taken all the same. ``listed_in``
+    names the report that lists every skipped file, for a caller that writes one.
     """
     if str(data) == "digits":
         from rargen.data.digits import DIGIT_CLASS_NAMES, load_digit_images
 
         train_images, train_labels = load_digit_images("train", image_size)
         heldout_images, heldout_labels = load_digit_images("heldout", image_size)
-        return SplitImages(train_images, train_labels, heldout_images, heldout_labels, DIGIT_CLASS_NAMES, [])
+        return SplitImages(
+            train_images, train_labels, heldout_images, heldout_labels, DIGIT_CLASS_NAMES, [], ()
+        )
     if source is None:
         source = open_source(data, image_size=image_size, max_pixels=max_pixels)
+    if log is not None:
+        log(source.summary(f"train-{purpose}: {data}"))
     images, labels, _, skipped = read_images(source, image_size)
     if log is not None:
-        log(describe_read(f"train-{purpose}: {data}", len(images), skipped))
+        log(describe_read(f"train-{purpose}: {data}", len(images), skipped, listed_in=listed_in))
     if len(images) < 2:
         raise ValueError(f"{str(data)!r}: {len(images)} readable image(s); a {purpose} needs at least 2")
     train_idx, heldout_idx = stratified_split(labels, heldout_fraction, seed)
@@ -388,5 +414,5 @@ def split_images(
     targets = torch.from_numpy(labels)
     return SplitImages(
         tensor[train_idx], targets[train_idx], tensor[heldout_idx], targets[heldout_idx],
-        tuple(source.class_names), skipped,
+        tuple(source.class_names), skipped, source.excluded,
     )  # fmt: skip

@@ -4,7 +4,8 @@
 Layout of a store folder (format version 1)::
 
     meta.json                  # written last: its presence marks a complete store (see ``TokenStore``)
-    report.json                # counts, throughput, every skipped (unreadable) image with its error
+    report.json                # counts (per class too), throughput, every skipped (unreadable) image
+                               # with its error, what the source left out before reading and why
     plan.json                  # the settings of the run; a resumed run must match it
     shard-00000/tokens.npy     # (n, V, *grid) uint16 codes, V = variants per image; grid = the tokenizer's
                                # token_shape: (h, w) row-major for 2D tokenizers, (K,) for 1D (TiTok)
@@ -83,8 +84,11 @@ def _remove_stale_temporaries(out: Path, index: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _finalize(out: Path, plan: dict[str, Any], extra_meta: dict[str, Any]) -> None:
-    """Check every shard exists, then write ``report.json`` and (last) ``meta.json``."""
+def _finalize(
+    out: Path, plan: dict[str, Any], extra_meta: dict[str, Any], excluded: Sequence[dict[str, str]] = ()
+) -> None:
+    """Check every shard exists, then write ``report.json`` and (last) ``meta.json``; a store whose
+    every image was skipped is refused (after the report, which lists why each was)."""
     missing = [shard_name(i) for i in range(plan["num_shards"]) if not _shard_done(out, i)]
     if missing:
         raise RuntimeError(
@@ -95,15 +99,30 @@ def _finalize(out: Path, plan: dict[str, Any], extra_meta: dict[str, Any]) -> No
     skipped = [item for info in infos for item in info["skipped"]]
     seconds = sum(info["seconds"] for info in infos)
     stored = sum(info["num_images"] for info in infos)
+    per_class = np.zeros(len(plan["class_names"]), dtype=np.int64)
+    for i in range(plan["num_shards"] if plan["class_names"] else 0):
+        labels = np.load(out / shard_name(i) / "labels.npy")
+        labels = labels[(labels >= 0) & (labels < len(per_class))]  # write_store takes any labels
+        per_class += np.bincount(labels, minlength=len(per_class))
     report = {
         "num_source_images": plan["num_source_images"],
         "num_images": stored,
+        "classes": [
+            {"name": n, "images": int(c)} for n, c in zip(plan["class_names"], per_class, strict=True)
+        ],
+        "excluded": list(excluded),  # what the source left out before reading (a folder's scan)
         "num_skipped": len(skipped),
         "skipped": skipped,
         "tokenizer_seconds_total": round(seconds, 3),
         "images_per_second": round((stored + len(skipped)) / seconds, 2) if seconds > 0 else None,
     }
     _write_json(out / REPORT_NAME, report)
+    if stored == 0 and plan["num_source_images"] > 0:
+        where = plan["source"].get("path") or plan["source"].get("type")
+        raise ValueError(
+            f"no readable image in {where!r}: all {len(skipped)} were skipped (each listed with its "
+            f"reason in {out / REPORT_NAME}); fix the images and rerun"
+        )
     from rargen.version import __version__
 
     meta = {
@@ -288,6 +307,7 @@ def pretokenize(
     world_size: int | None = None,
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Tokenize every image of ``source`` (all ``augment`` variants) into a token store at ``out``.
 
@@ -299,7 +319,9 @@ def pretokenize(
     call (rounded down to whole images). ``rank``/``world_size`` default to the torchrun env vars.
     Resumable: rerunning with the same arguments keeps finished shards. Returns ``out``.
     Images that cannot be used (corrupt, not a regular file, over ``max_pixels`` pixels) are skipped
-    and listed in ``report.json``. A complete store is only read (it may be read-only).
+    and listed in ``report.json``, with per-class counts and what the source left out (a folder's
+    hidden or stray files). ``log`` (rank 0) gets the source's summary (``ImageSource.summary``)
+    once it is opened. A complete store is only read (it may be read-only).
     """
     tokenizer_path = None
     if not isinstance(tokenizer, nn.Module):
@@ -319,7 +341,11 @@ def pretokenize(
     rank, world_size = distributed.rank_and_world(rank, world_size)
     out = Path(out)
     if not isinstance(source, ImageSource):
-        source = open_source(source, image_size=image_size, max_pixels=max_pixels)
+        spec, source = source, open_source(source, image_size=image_size, max_pixels=max_pixels)
+    else:
+        spec = source.describe().get("path") or source.describe()["type"]
+    if log is not None and rank == 0:
+        log(source.summary(f"pretokenize: {spec}"))
     tokenizer.eval()
     codebook_size = int(tokenizer.codebook_size)
     if not 0 < codebook_size <= MAX_CODEBOOK_SIZE:
@@ -374,7 +400,7 @@ def pretokenize(
     bar.close()
     distributed.barrier()
     if rank == 0:
-        _finalize(out, plan, {"tokenizer_file": tokenizer_meta})
+        _finalize(out, plan, {"tokenizer_file": tokenizer_meta}, source.excluded)
     distributed.barrier()
     return out
 

@@ -210,7 +210,7 @@ def _labelled_images(
     size = config.image_size or source_image_size(source)
     split = split_images(
         data, size, heldout_fraction=config.heldout_fraction, seed=config.seed, purpose="classifier",
-        max_pixels=max_pixels, log=log, source=source,
+        max_pixels=max_pixels, log=log, source=source, listed_in="report.json",
     )  # fmt: skip
     return split, size
 
@@ -228,14 +228,15 @@ def train_classifier(
 
     Returns the report (also in ``out``'s ``config.json`` extra): class names, image size and
     channels, train/held-out counts, held-out accuracy, the Fréchet distance of the training
-    images to the held-out ones (the real-data baseline for samples' scores), skipped files, time.
+    images to the held-out ones (the real-data baseline for samples' scores), skipped files, the
+    entries a folder's scan left out (``excluded``), time.
     """
     from rargen.checkpoint import save
     from rargen.train.tokenizer import image_channels
 
     began = time.perf_counter()
     split, size = _labelled_images(data, config, max_pixels, log)
-    train_x, train_y, held_x, held_y, names, skipped = split
+    train_x, train_y, held_x, held_y, names, skipped, excluded = split
     channels = image_channels(torch.cat([train_x, held_x]))
     if channels == 1:
         train_x, held_x = train_x[:, :1].contiguous(), held_x[:, :1].contiguous()
@@ -265,6 +266,7 @@ def train_classifier(
         "train_accuracy": classifier_accuracy(model, train_x, train_y),
         "train_vs_heldout_frechet": baseline,
         "skipped": skipped,
+        "excluded": list(excluded),  # what the folder scan left out, and why
         "train_config": dataclasses.asdict(config),
         "seconds": round(time.perf_counter() - began, 2),
     }

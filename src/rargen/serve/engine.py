@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rargen.data.folders import class_name_key
 from rargen.model import RAR
 from rargen.sampling.decoding import prepare_for_decoding
 from rargen.sampling.engine import SampleConfig, draw_noise, sample_seed
@@ -252,6 +253,8 @@ class Engine:
                 "class is required: a class id or, when the checkpoint has names, a name", "class"
             )
         value, C = body["class"], self.model.config.num_classes
+        if isinstance(value, str) and self.class_names is not None and value in self.class_names:
+            return self._class_by_name(value)  # a name first: "007" may be a class, not id 7
         # ASCII digits only: str.isdigit() is also true of '²' and '٣', which int() refuses or reads.
         if isinstance(value, str) and not re.fullmatch(r"[0-9]+", value.strip()):
             if self.class_names is None:
@@ -260,13 +263,7 @@ class Engine:
                     f"pass an id in [0, {C - 1}]",
                     "class",
                 )
-            lowered = [n.lower() for n in self.class_names]
-            if value.strip().lower() not in lowered:
-                raise RequestError(
-                    f"class {_shown(value)} is not one of this checkpoint's class names", "class"
-                )
-            index = lowered.index(value.strip().lower())
-            return index, self.class_names[index]
+            return self._class_by_name(value)
         if isinstance(value, str):
             digits = value.strip().lstrip("0") or "0"
             if len(digits) > 18:  # no class id is that long; int() of 5000 digits would raise
@@ -277,6 +274,26 @@ class Engine:
         if not 0 <= value < C:
             raise RequestError(f"class must be in [0, {C - 1}], got {_shown(value)}", "class")
         return value, self.class_names[value] if self.class_names else None
+
+    def _class_by_name(self, value: str) -> tuple[int, str]:
+        """The class named exactly ``value``, else the one name equal to it ignoring case and spaces
+        (``rargen.data.folders.class_name_key``); names that differ only in case are never guessed
+        between (``cat`` was served as class 0 ``Cat`` when the lookup lower-cased)."""
+        names = self.class_names or []
+        matches = [i for i, name in enumerate(names) if name == value]
+        if not matches:
+            key = class_name_key(value)
+            matches = [i for i, name in enumerate(names) if class_name_key(name) == key]
+        if len(matches) == 1:
+            return matches[0], names[matches[0]]
+        if not matches:
+            raise RequestError(f"class {_shown(value)} is not one of this checkpoint's class names", "class")
+        listed = ", ".join(f"{_shown(names[i])} ({i})" for i in matches[:10])
+        raise RequestError(
+            f"class {_shown(value)} matches {len(matches)} class names that differ only in case or spaces: "
+            f"{listed}; pass the exact name or the id",
+            "class",
+        )
 
     # -- admission --------------------------------------------------------------------------
 
