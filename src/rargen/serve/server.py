@@ -33,17 +33,13 @@ client that half-closes its side after the request (``nc -N``) still gets its an
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import math
-import select
 import signal
 import socket
-import struct
 import threading
 import time
-import weakref
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -52,6 +48,15 @@ from typing import Any
 from torch import Tensor
 
 from rargen.serve.batching import Job
+from rargen.serve.connections import (
+    DeadlineReader,
+    RequestDeadline,
+    bind_error,
+    client_gone,
+    foreign_request,
+    mark_answering,
+    refuse,
+)
 from rargen.serve.engine import (
     MAX_BODY_BYTES,
     Engine,
@@ -62,82 +67,6 @@ from rargen.serve.engine import (
 
 # ---------------------------------------------------------------------------------------------
 # HTTP
-
-
-# Connections whose response has begun (its status line is out), and those sent a `100 Continue`
-# probe. Weak: an entry goes with its socket.
-_ANSWERING: weakref.WeakSet[socket.socket] = weakref.WeakSet()
-_PROBED: weakref.WeakSet[socket.socket] = weakref.WeakSet()
-_TCP_CLOSE, _TCP_CLOSE_WAIT = 7, 8  # linux/tcp_states.h
-
-
-def _tcp_state(connection: socket.socket) -> int | None:
-    """The kernel's TCP state of ``connection`` (Linux), or None where it cannot be read."""
-    try:
-        return struct.unpack("B", connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0]
-    except (AttributeError, OSError, struct.error):
-        return None
-
-
-def client_gone(connection: socket.socket) -> bool:
-    """True when the peer is gone, without consuming anything it sent.
-
-    End of stream alone is not enough: a client that half-closes its side after a complete request
-    (``nc -N``, ``shutdown(SHUT_WR)``) still reads the answer, and its FIN looks like a close. So
-    at end of stream, before any answer went out, the connection gets one ``100 Continue`` (an
-    interim response every HTTP/1.1 client must accept): a peer that really closed answers it with
-    a reset, which the next check sees; a half-closed one stays. Once the answer has begun, its own
-    writes fail when the peer is gone. Where the TCP state cannot be read, end of stream is gone.
-    """
-    try:
-        readable, _, _ = select.select([connection], [], [], 0)
-        if not readable or connection.recv(1, socket.MSG_PEEK) != b"":
-            return False
-    except (OSError, ValueError):
-        return True
-    state = _tcp_state(connection)
-    if state is None or state == _TCP_CLOSE:
-        return True
-    if state != _TCP_CLOSE_WAIT or connection in _ANSWERING:
-        return state != _TCP_CLOSE_WAIT
-    if connection not in _PROBED:
-        _PROBED.add(connection)
-        try:
-            connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        except OSError:
-            return True
-    return False
-
-
-class RequestDeadline(Exception):
-    """A client did not send its whole request within ``Handler.request_deadline`` seconds."""
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A socket reader that gives up when the request's overall deadline passes.
-
-    The per-read timeout alone lets a client that sends one byte every 59 s hold a thread for ever.
-    """
-
-    def __init__(self, connection: socket.socket, per_read: float) -> None:
-        self.connection, self.per_read, self.deadline = connection, per_read, math.inf
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise RequestDeadline()
-        self.connection.settimeout(min(self.per_read, remaining))
-        try:
-            return self.connection.recv_into(buffer)
-        except TimeoutError:
-            if self.deadline - time.monotonic() <= 0:
-                raise RequestDeadline() from None
-            raise
-        finally:
-            self.connection.settimeout(self.per_read)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -164,7 +93,7 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.rfile.close()  # replaced by a reader with an overall deadline (the socket stays open)
-        self._reader = _DeadlineReader(self.connection, self.timeout)
+        self._reader = DeadlineReader(self.connection, self.timeout)
         self.rfile = io.BufferedReader(self._reader)
 
     def handle_one_request(self) -> None:
@@ -199,7 +128,7 @@ class Handler(BaseHTTPRequestHandler):
     def send_response(self, code: int, message: str | None = None) -> None:
         if code >= 200:
             self._answered = True
-            _ANSWERING.add(self.connection)
+            mark_answering(self.connection)
         super().send_response(code, message)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -354,53 +283,6 @@ class Handler(BaseHTTPRequestHandler):
             send("done" if outcome == "completed" else "error", payload)
 
 
-def _hostname(authority: str) -> str:
-    """The host of ``host[:port]`` or ``[v6]:port``, lower case, without a trailing dot."""
-    authority = authority.strip().lower()
-    if authority.startswith("["):
-        return authority[1 : authority.find("]")] if "]" in authority else authority[1:]
-    if authority.count(":") == 1:
-        authority = authority.split(":")[0]
-    return authority.rstrip(".")
-
-
-def _is_ip(name: str) -> bool:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, name)
-            return True
-        except OSError:
-            pass
-    return False
-
-
-def foreign_request(host: str | None, origin: str | None, allowed_hosts: str) -> str | None:
-    """Why a request comes from where it should not (None when it may be served).
-
-    A ``Host`` that is a name other than ``localhost`` is how DNS rebinding reaches a loopback
-    server (a page's own name made to resolve to 127.0.0.1), so only IP literals, ``localhost`` and
-    the names in ``allowed_hosts`` are served. An ``Origin`` (browsers send one with every POST)
-    must be this server itself: another site's page may not spend this machine's compute.
-    A request without a ``Host`` (an HTTP/1.0 client, not a browser) is served.
-    """
-    names = {name.strip().lower().rstrip(".") for name in allowed_hosts.split(",") if name.strip()}
-    if "*" in names:
-        return None
-    fix = "; pass --allowed-hosts NAME to serve it"
-    if host is not None and not _accepted_name(_hostname(host), names):
-        return f"the Host header {host.strip()[:100]!r} is not this server's address{fix}"
-    if origin is not None:
-        scheme, _, authority = origin.strip().partition("://")
-        same_site = host is not None and authority.lower() == host.strip().lower()
-        if scheme not in ("http", "https") or not (same_site or _hostname(authority) in names):
-            return f"requests from the page at Origin {origin.strip()[:100]!r} are not served{fix}"
-    return None
-
-
-def _accepted_name(name: str, allowed: set[str]) -> bool:
-    return _is_ip(name) or name in ("localhost", "") or name in allowed
-
-
 class Server(ThreadingHTTPServer):
     """A ThreadingHTTPServer that owns an Engine; one thread per connection, at most
     ``max_connections`` of them (more get an immediate 503), on IPv4 or IPv6."""
@@ -421,7 +303,7 @@ class Server(ThreadingHTTPServer):
         except OverflowError:
             raise ValueError(f"--port {port} is out of range; pass 0-65535 (0 = any free port)") from None
         except OSError as error:
-            raise ValueError(_bind_error(host, port, error)) from None
+            raise ValueError(bind_error(host, port, error)) from None
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
@@ -440,7 +322,7 @@ class Server(ThreadingHTTPServer):
             else:
                 why, self._clients[address] = None, held + 1
         if why is not None:
-            _refuse(request, why)
+            refuse(request, why)
             self.shutdown_request(request)
             return
         try:
@@ -474,34 +356,6 @@ class Server(ThreadingHTTPServer):
         return (
             f"http://[{host}]:{port}" if self.address_family == socket.AF_INET6 else f"http://{host}:{port}"
         )
-
-
-def _bind_error(host: str, port: int, error: OSError) -> str:
-    """One line for a socket that cannot listen: what, why, and the fix."""
-    where = f"cannot listen on {host} port {port}"
-    if error.errno == errno.EADDRINUSE:
-        return f"{where}: the port is in use (another server?); pass another --port (0 = any free port)"
-    if error.errno in (errno.EACCES, errno.EPERM):
-        return f"{where}: permission denied (ports below 1024 need privileges); pass a --port >= 1024"
-    if error.errno == errno.EADDRNOTAVAIL:
-        return f"{where}: no interface has that address; pass --host 127.0.0.1, ::1, 0.0.0.0 or ::"
-    if isinstance(error, socket.gaierror):
-        return f"{where}: the host name does not resolve ({error.strerror}); pass an address"
-    return f"{where}: {error.strerror or error}"
-
-
-def _refuse(connection: socket.socket, why: str) -> None:
-    """Answer a connection beyond a cap without a thread: 503 and close."""
-    body = json.dumps({"error": f"{why}; retry shortly", "field": None})
-    response = (
-        "HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n{body}"
-    )
-    try:
-        connection.settimeout(1.0)
-        connection.sendall(response.encode())
-    except OSError:
-        pass
 
 
 def make_server(
