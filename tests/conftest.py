@@ -19,6 +19,16 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.
     return model
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """``rargen --threads N`` run in-process sets torch's thread count for the process, as a
+    command should; the next test must not inherit it (float32 sums round by thread count)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models: waking a second intra-op thread costs more than the maths (seconds on a busy

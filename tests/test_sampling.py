@@ -50,8 +50,9 @@ def modulation_chunk(request, monkeypatch) -> str:
 
 
 # float32: both implementations carry ~1e-6 of rounding (the official float32 itself is 7e-7 off
-# its float64 run); config b (96 wide, 3 layers) is a little noisier than a.
-@pytest.mark.parametrize(("name", "atol32"), [("a", 1e-6), ("b", 2e-6)])
+# its float64 run), and the summation order follows torch's thread count (config a: under 1e-6 at two
+# threads, 1.1e-6 at one); config b (96 wide, 3 layers) is a little noisier than a.
+@pytest.mark.parametrize(("name", "atol32"), [("a", 1.5e-6), ("b", 2e-6)])
 @pytest.mark.parametrize("case", ["cfg_a", "cfg_b", "cfg_c"])
 def test_token_probs_equal_official_generate(name: str, atol32: float, case: str, modulation_chunk) -> None:
     model, tensors, settings = official_case(name)
