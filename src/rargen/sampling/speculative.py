@@ -53,8 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rargen.kv_cache import KVCache
-from rargen.model import RAR
+from rargen.kv_cache import CacheAt, CacheWindow, KVCache
 from rargen.sampling.decoding import Decoder, ModulationTables
 
 
@@ -87,7 +86,7 @@ def _window_modulations(
     conditions: Sequence[int],
 ) -> Tensor:
     """Modulations (M, 6 * depth + 2, D) of the fed positions (cache ``rows``, sequence indices
-    ``seq`` (M,)), listed group by group as ``_window_pass`` takes them. ``row_condition`` maps a
+    ``seq`` (M,)), listed window by window as the pass feeds them. ``row_condition`` maps a
     cache row to its label's index in ``conditions``; ``full``: every label's whole table stacked
     (conditions x indices 2 .. L), when they fit the budget together."""
     if full is not None:
@@ -99,58 +98,6 @@ def _window_modulations(
     # Windows only move forward: a table no window reads now is never read again.
     tables.keep({tables.key(label, s) for label, first, n in spans for s in range(first, first + n)})
     return torch.cat([tables.span(label, first, length) for label, first, length in spans])
-
-
-def _window_pass(
-    model: RAR,
-    cache: KVCache,
-    groups: list[tuple[Tensor, int, int]],
-    tokens: Tensor,
-    positions: Tensor,
-    cache_rows: Tensor,
-    modulation: Tensor,
-) -> Tensor:
-    """Feed windows of consecutive positions into the cache; logits of every window position.
-
-    ``tokens``, ``positions`` (sequence indices), ``cache_rows`` (M,) list the fed positions
-    group by group: group ``(rows, first, length)`` is ``len(rows)`` cache rows (row-major, each
-    with ``length`` consecutive positions from ``first``) attending causally to their own cache
-    prefix ``0 .. first + length - 1``. Returns logits (M, V) in the same order.
-    """
-    x = model.decode_inputs(tokens, positions)  # (M, D)
-    M, D = x.shape
-    H = model.config.num_heads
-    plans = []  # per group: its rows (a slice when consecutive), window, causal mask
-    for rows, first, length in groups:
-        listed = rows.tolist()
-        consecutive = listed == list(range(listed[0], listed[0] + len(listed)))
-        where = slice(listed[0], listed[0] + len(listed)) if consecutive else rows
-        key = torch.arange(first + length, device=x.device)
-        query = torch.arange(first, first + length, device=x.device)
-        plans.append((where, len(listed), first + length, length, key[None, :] <= query[:, None]))
-    for i, block in enumerate(model.blocks):
-        mod = modulation[:, 6 * i : 6 * i + 6]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)
-        attn = block.attn
-        h = torch.addcmul(shift_msa, block.norm1(x), scale_msa)
-        q, k, v = attn.qkv(h).view(M, 3, H, D // H).unbind(1)  # (M, H, hd)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        k_cache, v_cache = cache.k[i], cache.v[i]
-        k_cache[cache_rows, :, positions] = k
-        v_cache[cache_rows, :, positions] = v
-        out, start = [], 0
-        for where, n, end, length, mask in plans:
-            stop = start + n * length
-            q_group = q[start:stop].view(n, length, H, -1).transpose(1, 2)  # (n, H, length, hd)
-            keys, values = k_cache[where, :, :end], v_cache[where, :, :end]
-            y = torch.nn.functional.scaled_dot_product_attention(q_group, keys, values, attn_mask=mask)
-            out.append(y.transpose(1, 2).reshape(n * length, D))
-            start = stop
-        attended = attn.proj(out[0] if len(out) == 1 else torch.cat(out))
-        x = torch.addcmul(x, gate_msa, attended)
-        x = torch.addcmul(x, gate_mlp, block.mlp(torch.addcmul(shift_mlp, block.norm2(x), scale_mlp)))
-    scale, shift = modulation[:, -2], modulation[:, -1]
-    return model.head(torch.addcmul(shift, model.final_norm(x), scale))
 
 
 def generate_speculative(
@@ -242,7 +189,8 @@ def generate_speculative(
                 groups.append((cache_rows, value + 1, min(speculate + 1, L - value)))
                 first_member += size
             mod = _window_modulations(tables, full, groups, rows, seq, row_condition, conditions)
-            logits = _window_pass(model, cache, groups, feed, seq, rows, mod)
+            windows = tuple(CacheWindow.causal(*group) for group in groups)
+            logits = model.decode_step(feed, mod, cache, CacheAt(seq, windows=windows, slots=rows))
             # (sample, row, w) entries -> per (sample, w): cond/null logits, guided and filtered.
             cond = r == 0
             steps, owner = (start + w)[cond].to(device), sample[cond].to(device)
