@@ -30,7 +30,14 @@ from torch import Tensor
 
 from rargen.model import RAR
 from rargen.sampling.decoding import DecodeBatch, Decoder, prepare_for_decoding
-from rargen.sampling.next_token import cfg_schedule, filter_logits, sample_from_logits
+from rargen.sampling.next_token import (
+    cfg_schedule,
+    filter_settings,
+    filtered_logits,
+    guided_logits,
+    sample_from_logits,
+    upcast_logits,
+)
 from rargen.tokenizers.base import codes_from_sequence
 
 
@@ -126,9 +133,9 @@ class Sampler:
     tokens depend only on its label, settings and noise, never on the other samples in the batch:
     each runs through the same per-row arithmetic whatever its companions.
 
-    Per step, for every sample past its cls position: guidance ``u + (c - u) * w(t)`` with its
-    own schedule (a second cache row with the null label when ``config.guided``), its own
-    temperature / top-k / top-p (``filter_logits``), then its own noise (``sample_from_logits``)
+    Per step, for every sample past its cls position: guidance (``guided_logits``) with its own
+    schedule (a second cache row with the null label when ``config.guided``), its own
+    temperature / top-k / top-p (``filtered_logits``), then its own noise (``sample_from_logits``)
     or its teacher-forced token.
     """
 
@@ -249,25 +256,21 @@ class Sampler:
     def _emit(self, plan: _StepPlan, logits: Tensor) -> Tensor:
         """Guidance, truncation and the token of every sample of ``plan`` from its rows' logits;
         the token goes to the sample and to its rows' next input. Returns the filtered logits."""
-        logits = logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits
+        logits = upcast_logits(logits)
         out = logits.index_select(0, plan.cond_slots)
-        if plan.guided is not None:  # u + (c - u) * w(t), each sample with its own w
+        if plan.guided is not None:  # each guided sample with its own w(t)
             cond = out if plan.guided_all else out.index_select(0, plan.guided)
             null = logits.index_select(0, plan.null_slots)
             weight = self._weights[plan.rows, plan.done]
             weight = weight if plan.guided_all else weight.index_select(0, plan.guided)
-            mixed = null + (cond - null) * weight.to(logits.dtype)[:, None]
+            mixed = guided_logits(cond, null, weight)
             out = mixed if plan.guided_all else out.index_copy(0, plan.guided, mixed)
         if len(plan.groups) == 1:
-            config = plan.groups[0][0]
-            out = filter_logits(out, config.temperature, config.top_k, config.top_p)
+            out = filtered_logits(out, plan.groups[0][0])
         else:
             filtered = torch.empty_like(out)
             for config, index in plan.groups:
-                part = out.index_select(0, index)
-                filtered.index_copy_(
-                    0, index, filter_logits(part, config.temperature, config.top_k, config.top_p)
-                )
+                filtered.index_copy_(0, index, filtered_logits(out.index_select(0, index), config))
             out = filtered
         rows, done = plan.rows, plan.done
         if plan.forced is None:
@@ -312,7 +315,7 @@ class _StepPlan:
         self.done = tensor([s.done for s in samples])  # tokens so far, advanced in place
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(samples):
-            groups.setdefault((s.config.temperature, s.config.top_k, s.config.top_p), []).append(i)
+            groups.setdefault(filter_settings(s.config), []).append(i)
         self.groups = [(samples[index[0]].config, tensor(index)) for index in groups.values()]
         forced = [s.forced for s in samples]
         self.all_forced = all(forced)

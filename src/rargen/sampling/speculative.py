@@ -55,6 +55,13 @@ from torch import Tensor
 
 from rargen.kv_cache import CacheAt, CacheWindow, KVCache
 from rargen.sampling.decoding import Decoder, ModulationTables
+from rargen.sampling.next_token import (
+    cfg_schedule,
+    filtered_logits,
+    guided_logits,
+    sample_from_logits,
+    upcast_logits,
+)
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,6 @@ def generate_speculative(
 ) -> tuple[Tensor, SpeculationStats]:
     """Tokens (B, L) int64 for ``labels`` with ``noise`` (B, L, V) (``draw_noise``), each pass
     verifying up to ``speculate`` draft tokens per sample; see the module docstring."""
-    from rargen.sampling.next_token import cfg_schedule, filter_logits, sample_from_logits
 
     if not isinstance(speculate, int) or isinstance(speculate, bool) or speculate < 0:
         raise ValueError(f"speculate must be an int >= 0 (0 = off), got {speculate!r}")
@@ -131,13 +137,9 @@ def generate_speculative(
 
     def distribution(logits: Tensor, steps: Tensor) -> Tensor:
         """Guided, filtered logits (n, V) from cond/null logits (n, per, V) at token ``steps``."""
-        logits = logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits
-        if per == 2:
-            null, cond = logits[:, 1], logits[:, 0]
-            out = null + (cond - null) * weights[steps].to(logits.dtype)[:, None]
-        else:
-            out = logits[:, 0]
-        return filter_logits(out, config.temperature, config.top_k, config.top_p)
+        logits = upcast_logits(logits)
+        out = guided_logits(logits[:, 0], logits[:, 1], weights[steps]) if per == 2 else logits[:, 0]
+        return filtered_logits(out, config)
 
     with torch.inference_mode():
         cache = KVCache(cfg, B * per, model.dtype, device)
