@@ -38,6 +38,7 @@ from rargen.sampling.next_token import (
     sample_from_logits,
     upcast_logits,
 )
+from rargen.sampling.speculative import check_speculate, generate_speculative
 from rargen.tokenizers.base import codes_from_sequence
 
 
@@ -183,11 +184,8 @@ class Sampler:
         positions are prefilled and token 0 drawn now; ``tags`` (one per label) are the
         caller's, kept on the samples."""
         cfg = self.model_config
+        labels = class_labels(labels, cfg.num_classes)
         n = len(labels)
-        if any(not 0 <= int(label) < cfg.num_classes for label in labels):
-            raise ValueError(
-                f"labels must be a 1-d list of classes in [0, {cfg.num_classes - 1}], got {list(labels)}"
-            )
         if (noise is None) == (tokens is None):
             raise ValueError("pass exactly one of noise (to sample) or tokens (to teacher-force)")
         if not self.fits(n, config.guided):
@@ -326,11 +324,18 @@ def _decoder(model: RAR | Decoder, bf16: bool, compile: bool, quantize: str | No
     return prepare_for_decoding(model, bf16=bf16, compile=compile, quantize=quantize)
 
 
-def _labels(model: Decoder, labels: Tensor | Sequence[int]) -> list[int]:
-    cfg = model.model.config
+def class_labels(labels: Tensor | Sequence[int], num_classes: int) -> list[int]:
+    """``labels`` as a list of ints, refused (ValueError naming the bad ones) unless a 1-d list of
+    classes in [0, ``num_classes`` - 1]: the null label is the sampler's own, never asked for.
+    The one check of every sampling entry (``generate``, ``token_probs``, ``Sampler.add``, and
+    through them ``sample_to_folder`` and the server)."""
     values = torch.as_tensor(labels, dtype=torch.int64)
-    if values.dim() != 1 or (values.numel() and (values.min() < 0 or values.max() >= cfg.num_classes)):
-        raise ValueError(f"labels must be a 1-d list of classes in [0, {cfg.num_classes - 1}], got {labels}")
+    if values.dim() != 1:
+        raise ValueError(f"labels must be a 1-d list of classes, got shape {tuple(values.shape)}")
+    bad = values[(values < 0) | (values >= num_classes)].tolist()
+    if bad:
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise ValueError(f"labels must be classes in [0, {num_classes - 1}], got {bad[:10]}{more}")
     return values.tolist()
 
 
@@ -365,17 +370,14 @@ def generate(
     forward pass (``rargen.sampling.speculative``: the same distribution, fewer passes; 0 = off).
     ``quantize="int8"`` multiplies with int8 weights (``rargen.sampling.int8``; faster, inexact).
     """
-    if not isinstance(speculate, int) or isinstance(speculate, bool) or speculate < 0:
-        raise ValueError(f"speculate must be an int >= 0 (0 = off), got {speculate!r}")
+    check_speculate(speculate)  # before any work: the decoder, the noise
     decoder = _decoder(model, bf16, compile, quantize)
-    labels = _labels(decoder, labels)
+    labels = class_labels(labels, decoder.config.num_classes)
     cfg, device = decoder.model.config, decoder.model.device
     noise = draw_noise((len(labels), cfg.num_image_tokens, cfg.codebook_size), device, generator, seeds)
     if not labels:
         return torch.empty(0, cfg.num_image_tokens, dtype=torch.int64, device=device)
     if speculate:
-        from rargen.sampling.speculative import generate_speculative  # it builds on this module
-
         return generate_speculative(decoder, labels, config, noise, speculate)[0]
     with torch.inference_mode():
         sampler = Sampler(decoder, len(labels), guided=config.guided, conditions=_conditions(labels, config))
@@ -404,7 +406,7 @@ def token_probs(
     Same engine, guidance, temperature and truncation (and ``quantize``) as ``generate``.
     """
     decoder = _decoder(model, bf16, compile, quantize)
-    labels = _labels(decoder, labels)
+    labels = class_labels(labels, decoder.config.num_classes)
     cfg = decoder.model.config
     tokens = torch.as_tensor(tokens, device=decoder.model.device)
     dtype = torch.float64 if decoder.model.dtype == torch.float64 else torch.float32
@@ -442,6 +444,7 @@ __all__ = [
     "SampleConfig",
     "Sample",
     "Sampler",
+    "class_labels",
     "draw_noise",
     "generate",
     "generate_images",

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from rargen.kv_cache import CacheAt, CacheWindow, KVCache
+from rargen.model import MAX_SIZES
 from rargen.sampling.decoding import Decoder, ModulationTables
 from rargen.sampling.next_token import (
     cfg_schedule,
@@ -107,6 +108,21 @@ def _window_modulations(
     return torch.cat([tables.span(label, first, length) for label, first, length in spans])
 
 
+# The largest draft count taken: the longest token sequence any model may have. A pass feeds at
+# most the L - 1 tokens after the first, so every K >= L - 1 verifies alike; one beyond every
+# model's length can only be a typo (a million used to loop a million times on every pass).
+MAX_SPECULATE = MAX_SIZES["num_image_tokens"]
+
+
+def check_speculate(speculate: int) -> None:
+    """Refuse a ``speculate`` that is not an int in [0, ``MAX_SPECULATE``] (0 = off), naming it.
+    The one check of every entry point (``generate``, ``generate_speculative``)."""
+    if not isinstance(speculate, int) or isinstance(speculate, bool) or not 0 <= speculate <= MAX_SPECULATE:
+        raise ValueError(
+            f"speculate must be an int >= 0 (0 = off) and at most {MAX_SPECULATE}, got {speculate!r}"
+        )
+
+
 def generate_speculative(
     decoder: Decoder,
     labels: list[int],
@@ -116,9 +132,7 @@ def generate_speculative(
 ) -> tuple[Tensor, SpeculationStats]:
     """Tokens (B, L) int64 for ``labels`` with ``noise`` (B, L, V) (``draw_noise``), each pass
     verifying up to ``speculate`` draft tokens per sample; see the module docstring."""
-
-    if not isinstance(speculate, int) or isinstance(speculate, bool) or speculate < 0:
-        raise ValueError(f"speculate must be an int >= 0 (0 = off), got {speculate!r}")
+    check_speculate(speculate)
     if decoder.compiled:
         raise ValueError("speculate does not run a compiled decoder; pass compile=False with speculate")
     model = decoder.model
@@ -160,7 +174,8 @@ def generate_speculative(
             passes += 1
             # Drafts for positions never predicted yet (a guess: it decides speed only), for
             # every window of this pass, position by position (a guess may copy the one before).
-            for offset in range(speculate):
+            # Offsets from L - 2 on reach only the last position, which is never fed: no draft.
+            for offset in range(min(speculate, L - 2)):
                 j = (reach + offset).clamp(max=L - 1).to(device)
                 fresh = (j >= reach.to(device)) & (j < (done + speculate).clamp(max=L - 1).to(device))
                 source = torch.where(j >= above, j - above, j - 1)
@@ -217,4 +232,4 @@ def generate_speculative(
     return tokens, stats
 
 
-__all__ = ["SpeculationStats", "generate_speculative"]
+__all__ = ["MAX_SPECULATE", "SpeculationStats", "check_speculate", "generate_speculative"]
