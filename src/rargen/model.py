@@ -21,7 +21,9 @@ Every position's adaLN conditioning is ``class_embed[label] + step_embed[s]``. T
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -120,8 +122,20 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
+# The adaLN formulas, each written once and in two roundings. Training and the prefill round as the
+# official code (``x * (1 + scale) + shift``); decoding reads ``1 + scale`` computed ahead
+# (``RAR.decode_modulations``) and does each multiply-add in one ``addcmul`` kernel (fewer kernels
+# per step). The two agree to rounding, not bit for bit, so neither path may switch to the other's.
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, *, fused: bool = False) -> Tensor:
+    """``x * (1 + scale) + shift``; ``fused``: ``scale`` holds ``1 + scale``, one ``addcmul``."""
+    return torch.addcmul(shift, x, scale) if fused else x * (1 + scale) + shift
+
+
+def gated_residual(x: Tensor, gate: Tensor, update: Tensor, *, fused: bool = False) -> Tensor:
+    """``x + gate * update``; ``fused``: one ``addcmul``."""
+    return torch.addcmul(x, gate, update) if fused else x + gate * update
 
 
 class Attention(nn.Module):
@@ -161,37 +175,34 @@ class Attention(nn.Module):
         return self.proj_dropout(self.proj(y))
 
     def decode(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, at: CacheAt) -> Tensor:
-        """One new position per row, x (n, D) -> (n, D): written into rows 0 .. n-1 of the
-        layer's cache at ``at.positions``, each row attending to its own prefix."""
-        n, D = x.shape
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, D // self.num_heads).unbind(1)  # (n, H, hd)
+        """New positions x (M, D) -> (M, D): position ``i`` is written into the layer's cache at
+        sequence index ``at.positions[i]`` and attends to its own row's prefix (see ``CacheAt``:
+        one position per row, or windows of consecutive positions)."""
+        M, D = x.shape
+        H = self.num_heads
+        q, k, v = self.qkv(x).view(M, 3, H, D // H).unbind(1)  # (M, H, hd)
         q, k = self.q_norm(q), self.k_norm(k)
-        q = q[:, :, None]  # (n, H, 1, hd)
-        if at.runs is None:  # fixed shapes: scatter, then attend over the whole cache with a mask
-            rows = torch.arange(n, device=x.device)
-            k_cache[rows, :, at.positions] = k
-            v_cache[rows, :, at.positions] = v
-            y = F.scaled_dot_product_attention(q, k_cache[:n], v_cache[:n], attn_mask=at.mask)
-        elif len(at.runs) == 1:  # every row at the same position: plain strided copies
+        if at.runs is not None and len(at.runs) == 1:  # every row at the same position: strided copies
             _, _, position = at.runs[0]
-            k_cache[:n, :, position].copy_(k)
-            v_cache[:n, :, position].copy_(v)
-            y = F.scaled_dot_product_attention(
-                q, k_cache[:n, :, : position + 1], v_cache[:n, :, : position + 1]
-            )
+            k_cache[:M, :, position].copy_(k)
+            v_cache[:M, :, position].copy_(v)
         else:
-            rows = torch.arange(n, device=x.device)
-            k_cache[rows, :, at.positions] = k
-            v_cache[rows, :, at.positions] = v
-            y = torch.cat(
-                [
-                    F.scaled_dot_product_attention(
-                        q[a:b], k_cache[a:b, :, : position + 1], v_cache[a:b, :, : position + 1]
-                    )
-                    for a, b, position in at.runs
-                ]
-            )
-        return self.proj(y.reshape(n, D))
+            slots = torch.arange(M, device=x.device) if at.slots is None else at.slots
+            k_cache[slots, :, at.positions] = k
+            v_cache[slots, :, at.positions] = v
+        if at.mask is not None:  # fixed shapes: attend over the whole cache with a mask
+            y = F.scaled_dot_product_attention(q[:, :, None], k_cache[:M], v_cache[:M], attn_mask=at.mask)
+            return self.proj(y.reshape(M, D))
+        out, start = [], 0
+        for window in at.eager_windows():
+            n, length, end = window.count, window.length, window.first + window.length
+            stop = start + n * length
+            q_window = q[start:stop].view(n, length, H, -1).transpose(1, 2)  # (n, H, length, hd)
+            keys, values = k_cache[window.rows, :, :end], v_cache[window.rows, :, :end]
+            y = F.scaled_dot_product_attention(q_window, keys, values, attn_mask=window.mask)
+            out.append(y.transpose(1, 2).reshape(n * length, D))
+            start = stop
+        return self.proj(out[0] if len(out) == 1 else torch.cat(out))
 
 
 class MLP(nn.Module):
@@ -231,22 +242,25 @@ class Block(nn.Module):
         modulation = self.adaln(F.silu(cond))  # (Bc, n, 6D)
         if cond_index is not None:
             modulation = modulation[cond_index]  # (B, n, 6D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), kv, mask)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        return self.residuals(x, modulation.chunk(6, dim=-1), partial(self.attn, kv=kv, mask=mask))
 
     def decode(self, x: Tensor, modulation: Tensor, k_cache: Tensor, v_cache: Tensor, at: CacheAt) -> Tensor:
-        """``forward`` for one new row per sequence: x (n, D), ``modulation`` (n, 6, D) rows
-        (shift, 1 + scale, gate) for attention then for the MLP (``RAR.decode_modulations``).
+        """``forward`` for new positions against the cache: x (M, D), ``modulation`` (M, 6, D) rows
+        (shift, 1 + scale, gate) for attention then for the MLP (``RAR.decode_modulations``);
+        ``at``: where they are (one per row, or windows; see ``CacheAt``)."""
+        attend = partial(self.attn.decode, k_cache=k_cache, v_cache=v_cache, at=at)
+        return self.residuals(x, modulation.unbind(1), attend, fused=True)
 
-        The same arithmetic in fewer kernels: each modulation and each gated residual is one
-        fused multiply-add (``addcmul``), and ``1 + scale`` was added once per chunk of steps.
-        """
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.unbind(1)
-        attended = self.attn.decode(torch.addcmul(shift_msa, self.norm1(x), scale_msa), k_cache, v_cache, at)
-        x = torch.addcmul(x, gate_msa, attended)
-        return torch.addcmul(x, gate_mlp, self.mlp(torch.addcmul(shift_mlp, self.norm2(x), scale_mlp)))
+    def residuals(
+        self, x: Tensor, modulation: Sequence[Tensor], attend: Callable[[Tensor], Tensor], fused: bool = False
+    ) -> Tensor:
+        """The block: modulated attention (``attend``), then the modulated MLP, each added as a
+        gated residual; ``modulation`` the six (shift, scale, gate) for attention, then the MLP."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        attended = attend(modulate(self.norm1(x), shift_msa, scale_msa, fused=fused))
+        x = gated_residual(x, gate_msa, attended, fused=fused)
+        update = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp, fused=fused))
+        return gated_residual(x, gate_mlp, update, fused=fused)
 
 
 class RAR(nn.Module):
@@ -405,17 +419,19 @@ class RAR(nn.Module):
         return self.token_embed(tokens) + self.pos_embed[positions] + self.target_pos_embed[positions - 1]
 
     def decode_step(self, tokens: Tensor, modulation: Tensor, cache: KVCache, at: CacheAt) -> Tensor:
-        """Feed one image token per row (``decode_inputs``); logits (n, V) of the next token.
+        """Feed image tokens at new positions (``decode_inputs``); logits (M, V) of the next tokens.
 
-        Row ``i`` is slot ``i`` of ``cache`` and feeds sequence index ``at.positions[i]`` in
-        [2, L]; its output is the distribution of raster token ``at.positions[i] - 1``.
-        ``modulation`` (n, 6 * depth + 2, D): the rows' ``decode_modulations``.
+        Position ``i`` feeds ``tokens[i]`` at sequence index ``at.positions[i]`` in [2, L], in
+        cache slot ``i`` (or ``at.slots[i]``); its output is the distribution of raster token
+        ``at.positions[i] - 1``. One position per row (a decoding step) or windows of several
+        consecutive ones per row (a speculative pass), as ``at`` says. ``modulation``
+        (M, 6 * depth + 2, D): the positions' ``decode_modulations``.
         """
         x = self.decode_inputs(tokens, at.positions, at.runs)
-        for i, block in enumerate(self.blocks):  # x (n, D)
+        for i, block in enumerate(self.blocks):  # x (M, D)
             x = block.decode(x, modulation[:, 6 * i : 6 * i + 6], cache.k[i], cache.v[i], at)
         scale, shift = modulation[:, -2], modulation[:, -1]  # scale holds 1 + scale
-        return self.head(torch.addcmul(shift, self.final_norm(x), scale))
+        return self.head(modulate(self.final_norm(x), shift, scale, fused=True))
 
     def decode_modulations(self, labels: Tensor, positions: Tensor) -> Tensor:
         """adaLN modulations (m, 6 * depth + 2, D) of (class, sequence index) pairs.

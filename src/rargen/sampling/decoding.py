@@ -199,7 +199,12 @@ class DecodeBatch:
         self.cache = KVCache(model.config, rows, model.dtype, model.device)
         self.feed = torch.zeros(rows, dtype=torch.int64, device=model.device)
         self.labels: list[int] = []
+        # Each row's position twice: on the host for planning a step (runs, modulation tables), and
+        # on the device for the step itself, kept in step by arithmetic there: no step copies a
+        # list of positions to the device.
         self.positions: list[int] = []
+        self._positions = torch.zeros(rows, dtype=torch.int64, device=model.device)
+        self._slots = torch.arange(rows, device=model.device)  # entry i of a step writes slot i
         self.modulations = ModulationTables(
             model, decoder.modulation_chunk(rows if conditions is None else conditions)
         )
@@ -226,6 +231,7 @@ class DecodeBatch:
         logits = self.model.prefill(torch.tensor(labels, device=device), self.cache, first)
         self.labels += labels
         self.positions += [2] * len(labels)
+        self._positions[first : first + len(labels)] = 2
         self._labels_tensor = None
         return list(range(first, first + len(labels))), logits
 
@@ -241,6 +247,7 @@ class DecodeBatch:
                 moved = where[last]
                 self.cache.move_row(last, hole, self.positions[last])
                 self.feed[hole] = self.feed[last]
+                self._positions[hole] = self._positions[last]
                 self.labels[hole], self.positions[hole] = self.labels[last], self.positions[last]
                 where[hole], current[moved] = moved, hole
             self.labels.pop()
@@ -279,17 +286,16 @@ class DecodeBatch:
             raise ValueError("the decoding batch has no live rows")
         if max(self.positions) > self.model.config.num_image_tokens:
             raise ValueError("a row is past the last token; remove finished rows before stepping")
-        device = self.model.device
-        positions = torch.tensor(self.positions, device=device)
-        tokens = self.feed[:n]
+        positions, tokens = self._positions[:n], self.feed[:n]
         if self._step is not None:
             if self._labels_tensor is None:
-                self._labels_tensor = torch.tensor(self.labels, device=device)
+                self._labels_tensor = torch.tensor(self.labels, device=self.model.device)
             logits = self._step(self.model, tokens, self._labels_tensor, positions, self.cache)
         else:
             modulation = self._modulations()
-            at = CacheAt(positions, runs=self.runs())
+            at = CacheAt(positions, runs=self.runs(), slots=self._slots[:n])
             logits = self.model.decode_step(tokens, modulation, self.cache, at)
+        self._positions[:n] += 1
         self.positions = [position + 1 for position in self.positions]
         return logits
 

@@ -30,7 +30,15 @@ from torch import Tensor
 
 from rargen.model import RAR
 from rargen.sampling.decoding import DecodeBatch, Decoder, prepare_for_decoding
-from rargen.sampling.next_token import cfg_schedule, filter_logits, sample_from_logits
+from rargen.sampling.next_token import (
+    cfg_schedule,
+    filter_settings,
+    filtered_logits,
+    guided_logits,
+    sample_from_logits,
+    upcast_logits,
+)
+from rargen.sampling.speculative import check_speculate, generate_speculative
 from rargen.tokenizers.base import codes_from_sequence
 
 
@@ -126,9 +134,9 @@ class Sampler:
     tokens depend only on its label, settings and noise, never on the other samples in the batch:
     each runs through the same per-row arithmetic whatever its companions.
 
-    Per step, for every sample past its cls position: guidance ``u + (c - u) * w(t)`` with its
-    own schedule (a second cache row with the null label when ``config.guided``), its own
-    temperature / top-k / top-p (``filter_logits``), then its own noise (``sample_from_logits``)
+    Per step, for every sample past its cls position: guidance (``guided_logits``) with its own
+    schedule (a second cache row with the null label when ``config.guided``), its own
+    temperature / top-k / top-p (``filtered_logits``), then its own noise (``sample_from_logits``)
     or its teacher-forced token.
     """
 
@@ -176,11 +184,8 @@ class Sampler:
         positions are prefilled and token 0 drawn now; ``tags`` (one per label) are the
         caller's, kept on the samples."""
         cfg = self.model_config
+        labels = class_labels(labels, cfg.num_classes)
         n = len(labels)
-        if any(not 0 <= int(label) < cfg.num_classes for label in labels):
-            raise ValueError(
-                f"labels must be a 1-d list of classes in [0, {cfg.num_classes - 1}], got {list(labels)}"
-            )
         if (noise is None) == (tokens is None):
             raise ValueError("pass exactly one of noise (to sample) or tokens (to teacher-force)")
         if not self.fits(n, config.guided):
@@ -249,25 +254,21 @@ class Sampler:
     def _emit(self, plan: _StepPlan, logits: Tensor) -> Tensor:
         """Guidance, truncation and the token of every sample of ``plan`` from its rows' logits;
         the token goes to the sample and to its rows' next input. Returns the filtered logits."""
-        logits = logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits
+        logits = upcast_logits(logits)
         out = logits.index_select(0, plan.cond_slots)
-        if plan.guided is not None:  # u + (c - u) * w(t), each sample with its own w
+        if plan.guided is not None:  # each guided sample with its own w(t)
             cond = out if plan.guided_all else out.index_select(0, plan.guided)
             null = logits.index_select(0, plan.null_slots)
             weight = self._weights[plan.rows, plan.done]
             weight = weight if plan.guided_all else weight.index_select(0, plan.guided)
-            mixed = null + (cond - null) * weight.to(logits.dtype)[:, None]
+            mixed = guided_logits(cond, null, weight)
             out = mixed if plan.guided_all else out.index_copy(0, plan.guided, mixed)
         if len(plan.groups) == 1:
-            config = plan.groups[0][0]
-            out = filter_logits(out, config.temperature, config.top_k, config.top_p)
+            out = filtered_logits(out, plan.groups[0][0])
         else:
             filtered = torch.empty_like(out)
             for config, index in plan.groups:
-                part = out.index_select(0, index)
-                filtered.index_copy_(
-                    0, index, filter_logits(part, config.temperature, config.top_k, config.top_p)
-                )
+                filtered.index_copy_(0, index, filtered_logits(out.index_select(0, index), config))
             out = filtered
         rows, done = plan.rows, plan.done
         if plan.forced is None:
@@ -312,7 +313,7 @@ class _StepPlan:
         self.done = tensor([s.done for s in samples])  # tokens so far, advanced in place
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(samples):
-            groups.setdefault((s.config.temperature, s.config.top_k, s.config.top_p), []).append(i)
+            groups.setdefault(filter_settings(s.config), []).append(i)
         self.groups = [(samples[index[0]].config, tensor(index)) for index in groups.values()]
         forced = [s.forced for s in samples]
         self.all_forced = all(forced)
@@ -323,11 +324,18 @@ def _decoder(model: RAR | Decoder, bf16: bool, compile: bool, quantize: str | No
     return prepare_for_decoding(model, bf16=bf16, compile=compile, quantize=quantize)
 
 
-def _labels(model: Decoder, labels: Tensor | Sequence[int]) -> list[int]:
-    cfg = model.model.config
+def class_labels(labels: Tensor | Sequence[int], num_classes: int) -> list[int]:
+    """``labels`` as a list of ints, refused (ValueError naming the bad ones) unless a 1-d list of
+    classes in [0, ``num_classes`` - 1]: the null label is the sampler's own, never asked for.
+    The one check of every sampling entry (``generate``, ``token_probs``, ``Sampler.add``, and
+    through them ``sample_to_folder`` and the server)."""
     values = torch.as_tensor(labels, dtype=torch.int64)
-    if values.dim() != 1 or (values.numel() and (values.min() < 0 or values.max() >= cfg.num_classes)):
-        raise ValueError(f"labels must be a 1-d list of classes in [0, {cfg.num_classes - 1}], got {labels}")
+    if values.dim() != 1:
+        raise ValueError(f"labels must be a 1-d list of classes, got shape {tuple(values.shape)}")
+    bad = values[(values < 0) | (values >= num_classes)].tolist()
+    if bad:
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise ValueError(f"labels must be classes in [0, {num_classes - 1}], got {bad[:10]}{more}")
     return values.tolist()
 
 
@@ -362,17 +370,14 @@ def generate(
     forward pass (``rargen.sampling.speculative``: the same distribution, fewer passes; 0 = off).
     ``quantize="int8"`` multiplies with int8 weights (``rargen.sampling.int8``; faster, inexact).
     """
-    if not isinstance(speculate, int) or isinstance(speculate, bool) or speculate < 0:
-        raise ValueError(f"speculate must be an int >= 0 (0 = off), got {speculate!r}")
+    check_speculate(speculate)  # before any work: the decoder, the noise
     decoder = _decoder(model, bf16, compile, quantize)
-    labels = _labels(decoder, labels)
+    labels = class_labels(labels, decoder.config.num_classes)
     cfg, device = decoder.model.config, decoder.model.device
     noise = draw_noise((len(labels), cfg.num_image_tokens, cfg.codebook_size), device, generator, seeds)
     if not labels:
         return torch.empty(0, cfg.num_image_tokens, dtype=torch.int64, device=device)
     if speculate:
-        from rargen.sampling.speculative import generate_speculative  # it builds on this module
-
         return generate_speculative(decoder, labels, config, noise, speculate)[0]
     with torch.inference_mode():
         sampler = Sampler(decoder, len(labels), guided=config.guided, conditions=_conditions(labels, config))
@@ -401,7 +406,7 @@ def token_probs(
     Same engine, guidance, temperature and truncation (and ``quantize``) as ``generate``.
     """
     decoder = _decoder(model, bf16, compile, quantize)
-    labels = _labels(decoder, labels)
+    labels = class_labels(labels, decoder.config.num_classes)
     cfg = decoder.model.config
     tokens = torch.as_tensor(tokens, device=decoder.model.device)
     dtype = torch.float64 if decoder.model.dtype == torch.float64 else torch.float32
@@ -439,6 +444,7 @@ __all__ = [
     "SampleConfig",
     "Sample",
     "Sampler",
+    "class_labels",
     "draw_noise",
     "generate",
     "generate_images",

@@ -25,7 +25,8 @@ from rargen import distributed
 from rargen.model import RAR
 from rargen.progress import progress_bar
 from rargen.sampling.decoding import prepare_for_decoding
-from rargen.sampling.engine import SampleConfig, generate_images, sample_seed
+from rargen.sampling.engine import SampleConfig, class_labels, generate_images, sample_seed
+from rargen.sampling.speculative import check_speculate
 from rargen.tokenizers.base import as_data_images, check_pair, image_channels
 
 
@@ -110,6 +111,7 @@ def sample_to_folder(
     from rargen.checkpoint import checkpoint_hash, load
     from rargen.version import __version__
 
+    check_speculate(speculate)  # before loading anything
     env = distributed.setup()  # one process, or the torchrun ranks (nccl on GPUs, gloo on CPUs)
     rank, world, device = env.rank, env.world_size, env.device
     model = load(checkpoint).to(device).eval().requires_grad_(False)
@@ -119,9 +121,9 @@ def sample_to_folder(
         model = model.to(torch.bfloat16)
     decoder = prepare_for_decoding(model, bf16=bf16, compile=compile, quantize=quantize)  # once
     channels = image_channels(tokenizer)  # 1: grey data, grey PNGs and a (N, H, W, 1) samples.npz
-    num_classes = model.config.num_classes
-    if not labels or min(labels) < 0 or max(labels) >= num_classes:
-        raise ValueError(f"labels must be classes in [0, {num_classes - 1}], got {list(labels)[:10]}")
+    labels = class_labels(labels, model.config.num_classes)  # before any sampling
+    if not labels:
+        raise ValueError("no labels: pass at least one class to sample")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     chunks = [range(a, min(a + batch_size, len(labels))) for a in range(0, len(labels), batch_size)]

@@ -1,18 +1,23 @@
 """The distribution of the next token, as every decoder in rargen computes it (spec Sec. 3.2).
 
-The power-cosine guidance weight ``w(t)``, temperature and top-k / top-p filtering, and the
+The power-cosine guidance weight ``w(t)`` and the guidance mix ``u + (c - u) * w(t)``
+(``guided_logits``), temperature and top-k / top-p filtering (``filtered_logits``), and the
 exponential race that draws a token from ``softmax(logits)`` against noise drawn ahead. Plain
-decoding (``rargen.sampling.engine``) and speculative decoding (``rargen.sampling.speculative``)
-both use these, so both draw from one definition of each position's distribution.
+decoding (``rargen.sampling.engine``, and through it the server) and speculative decoding
+(``rargen.sampling.speculative``) call these, so all draw from one definition of each position's
+distribution.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # annotations only: the engine imports this module
+    from rargen.sampling.engine import SampleConfig
 
 
 def cfg_schedule(num_tokens: int, scale: float, power: float, device: Any = None) -> Tensor:
@@ -23,6 +28,29 @@ def cfg_schedule(num_tokens: int, scale: float, power: float, device: Any = None
     """
     t = torch.arange(num_tokens, dtype=torch.float64, device=device) / num_tokens
     return (scale - 1.0) * (1.0 - torch.cos(math.pi * t.pow(power))) / 2.0 + 1.0
+
+
+def upcast_logits(logits: Tensor) -> Tensor:
+    """Logits in float32 when the model computes in less (bf16): guidance, filtering and the race
+    run in float32 (float64 stays float64)."""
+    return logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits
+
+
+def guided_logits(cond: Tensor, null: Tensor, weight: Tensor) -> Tensor:
+    """Classifier-free guidance ``u + (c - u) * w`` of conditional ``cond`` and unconditional
+    ``null`` logits (n, V), each row with its own weight ``w`` (n,) (``cfg_schedule``: float64,
+    rounded to the logits' dtype here)."""
+    return null + (cond - null) * weight.to(cond.dtype)[:, None]
+
+
+def filter_settings(config: SampleConfig) -> tuple[float, int, float]:
+    """What filtering reads of a ``SampleConfig``: samples with equal settings are filtered together."""
+    return (config.temperature, config.top_k, config.top_p)
+
+
+def filtered_logits(logits: Tensor, config: SampleConfig) -> Tensor:
+    """``filter_logits`` with ``config``'s temperature, top-k and top-p."""
+    return filter_logits(logits, *filter_settings(config))
 
 
 def filter_logits(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:

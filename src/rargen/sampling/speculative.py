@@ -53,9 +53,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rargen.kv_cache import KVCache
-from rargen.model import RAR
+from rargen.kv_cache import CacheAt, CacheWindow, KVCache
+from rargen.model import MAX_SIZES
 from rargen.sampling.decoding import Decoder, ModulationTables
+from rargen.sampling.next_token import (
+    cfg_schedule,
+    filtered_logits,
+    guided_logits,
+    sample_from_logits,
+    upcast_logits,
+)
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ def _window_modulations(
     conditions: Sequence[int],
 ) -> Tensor:
     """Modulations (M, 6 * depth + 2, D) of the fed positions (cache ``rows``, sequence indices
-    ``seq`` (M,)), listed group by group as ``_window_pass`` takes them. ``row_condition`` maps a
+    ``seq`` (M,)), listed window by window as the pass feeds them. ``row_condition`` maps a
     cache row to its label's index in ``conditions``; ``full``: every label's whole table stacked
     (conditions x indices 2 .. L), when they fit the budget together."""
     if full is not None:
@@ -101,56 +108,19 @@ def _window_modulations(
     return torch.cat([tables.span(label, first, length) for label, first, length in spans])
 
 
-def _window_pass(
-    model: RAR,
-    cache: KVCache,
-    groups: list[tuple[Tensor, int, int]],
-    tokens: Tensor,
-    positions: Tensor,
-    cache_rows: Tensor,
-    modulation: Tensor,
-) -> Tensor:
-    """Feed windows of consecutive positions into the cache; logits of every window position.
+# The largest draft count taken: the longest token sequence any model may have. A pass feeds at
+# most the L - 1 tokens after the first, so every K >= L - 1 verifies alike; one beyond every
+# model's length can only be a typo (a million used to loop a million times on every pass).
+MAX_SPECULATE = MAX_SIZES["num_image_tokens"]
 
-    ``tokens``, ``positions`` (sequence indices), ``cache_rows`` (M,) list the fed positions
-    group by group: group ``(rows, first, length)`` is ``len(rows)`` cache rows (row-major, each
-    with ``length`` consecutive positions from ``first``) attending causally to their own cache
-    prefix ``0 .. first + length - 1``. Returns logits (M, V) in the same order.
-    """
-    x = model.decode_inputs(tokens, positions)  # (M, D)
-    M, D = x.shape
-    H = model.config.num_heads
-    plans = []  # per group: its rows (a slice when consecutive), window, causal mask
-    for rows, first, length in groups:
-        listed = rows.tolist()
-        consecutive = listed == list(range(listed[0], listed[0] + len(listed)))
-        where = slice(listed[0], listed[0] + len(listed)) if consecutive else rows
-        key = torch.arange(first + length, device=x.device)
-        query = torch.arange(first, first + length, device=x.device)
-        plans.append((where, len(listed), first + length, length, key[None, :] <= query[:, None]))
-    for i, block in enumerate(model.blocks):
-        mod = modulation[:, 6 * i : 6 * i + 6]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)
-        attn = block.attn
-        h = torch.addcmul(shift_msa, block.norm1(x), scale_msa)
-        q, k, v = attn.qkv(h).view(M, 3, H, D // H).unbind(1)  # (M, H, hd)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        k_cache, v_cache = cache.k[i], cache.v[i]
-        k_cache[cache_rows, :, positions] = k
-        v_cache[cache_rows, :, positions] = v
-        out, start = [], 0
-        for where, n, end, length, mask in plans:
-            stop = start + n * length
-            q_group = q[start:stop].view(n, length, H, -1).transpose(1, 2)  # (n, H, length, hd)
-            keys, values = k_cache[where, :, :end], v_cache[where, :, :end]
-            y = torch.nn.functional.scaled_dot_product_attention(q_group, keys, values, attn_mask=mask)
-            out.append(y.transpose(1, 2).reshape(n * length, D))
-            start = stop
-        attended = attn.proj(out[0] if len(out) == 1 else torch.cat(out))
-        x = torch.addcmul(x, gate_msa, attended)
-        x = torch.addcmul(x, gate_mlp, block.mlp(torch.addcmul(shift_mlp, block.norm2(x), scale_mlp)))
-    scale, shift = modulation[:, -2], modulation[:, -1]
-    return model.head(torch.addcmul(shift, model.final_norm(x), scale))
+
+def check_speculate(speculate: int) -> None:
+    """Refuse a ``speculate`` that is not an int in [0, ``MAX_SPECULATE``] (0 = off), naming it.
+    The one check of every entry point (``generate``, ``generate_speculative``)."""
+    if not isinstance(speculate, int) or isinstance(speculate, bool) or not 0 <= speculate <= MAX_SPECULATE:
+        raise ValueError(
+            f"speculate must be an int >= 0 (0 = off) and at most {MAX_SPECULATE}, got {speculate!r}"
+        )
 
 
 def generate_speculative(
@@ -162,10 +132,7 @@ def generate_speculative(
 ) -> tuple[Tensor, SpeculationStats]:
     """Tokens (B, L) int64 for ``labels`` with ``noise`` (B, L, V) (``draw_noise``), each pass
     verifying up to ``speculate`` draft tokens per sample; see the module docstring."""
-    from rargen.sampling.next_token import cfg_schedule, filter_logits, sample_from_logits
-
-    if not isinstance(speculate, int) or isinstance(speculate, bool) or speculate < 0:
-        raise ValueError(f"speculate must be an int >= 0 (0 = off), got {speculate!r}")
+    check_speculate(speculate)
     if decoder.compiled:
         raise ValueError("speculate does not run a compiled decoder; pass compile=False with speculate")
     model = decoder.model
@@ -184,13 +151,9 @@ def generate_speculative(
 
     def distribution(logits: Tensor, steps: Tensor) -> Tensor:
         """Guided, filtered logits (n, V) from cond/null logits (n, per, V) at token ``steps``."""
-        logits = logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits
-        if per == 2:
-            null, cond = logits[:, 1], logits[:, 0]
-            out = null + (cond - null) * weights[steps].to(logits.dtype)[:, None]
-        else:
-            out = logits[:, 0]
-        return filter_logits(out, config.temperature, config.top_k, config.top_p)
+        logits = upcast_logits(logits)
+        out = guided_logits(logits[:, 0], logits[:, 1], weights[steps]) if per == 2 else logits[:, 0]
+        return filtered_logits(out, config)
 
     with torch.inference_mode():
         cache = KVCache(cfg, B * per, model.dtype, device)
@@ -211,7 +174,8 @@ def generate_speculative(
             passes += 1
             # Drafts for positions never predicted yet (a guess: it decides speed only), for
             # every window of this pass, position by position (a guess may copy the one before).
-            for offset in range(speculate):
+            # Offsets from L - 2 on reach only the last position, which is never fed: no draft.
+            for offset in range(min(speculate, L - 2)):
                 j = (reach + offset).clamp(max=L - 1).to(device)
                 fresh = (j >= reach.to(device)) & (j < (done + speculate).clamp(max=L - 1).to(device))
                 source = torch.where(j >= above, j - above, j - 1)
@@ -242,7 +206,8 @@ def generate_speculative(
                 groups.append((cache_rows, value + 1, min(speculate + 1, L - value)))
                 first_member += size
             mod = _window_modulations(tables, full, groups, rows, seq, row_condition, conditions)
-            logits = _window_pass(model, cache, groups, feed, seq, rows, mod)
+            windows = tuple(CacheWindow.causal(*group) for group in groups)
+            logits = model.decode_step(feed, mod, cache, CacheAt(seq, windows=windows, slots=rows))
             # (sample, row, w) entries -> per (sample, w): cond/null logits, guided and filtered.
             cond = r == 0
             steps, owner = (start + w)[cond].to(device), sample[cond].to(device)
@@ -267,4 +232,4 @@ def generate_speculative(
     return tokens, stats
 
 
-__all__ = ["SpeculationStats", "generate_speculative"]
+__all__ = ["MAX_SPECULATE", "SpeculationStats", "check_speculate", "generate_speculative"]
