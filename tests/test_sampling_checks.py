@@ -79,3 +79,20 @@ def test_the_sample_command_refuses_a_speculation_beyond_any_sequence(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "speculate must be an int >= 0 (0 = off) and at most 65536, got 1000000" in err
+
+
+def test_speculation_with_a_compiled_step_is_refused_in_the_words_of_each_caller(
+    tmp_path, capsys, model
+) -> None:
+    """Issue 25 item 8: ``rargen sample --speculate 4 --compile`` answered in the Python API's
+    words ("pass compile=False"). Refused before anything is loaded, naming the flags or the
+    arguments the caller used."""
+    from rargen.cli.main import main
+
+    code = main(["sample", str(tmp_path / "gen"), "--tokenizer", str(tmp_path / "tok"), "--labels", "1"]
+                + ["--out", str(tmp_path / "out"), "--speculate", "4", "--compile"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--speculate" in err and "--compile" in err and "compile=False" not in err
+    with pytest.raises(ValueError, match="speculate=4 and compile=True"):
+        generate(model, [1], SampleConfig(), seeds=[1], speculate=4, compile=True)

@@ -370,7 +370,8 @@ def generate(
     forward pass (``rargen.sampling.speculative``: the same distribution, fewer passes; 0 = off).
     ``quantize="int8"`` multiplies with int8 weights (``rargen.sampling.int8``; faster, inexact).
     """
-    check_speculate(speculate)  # before any work: the decoder, the noise
+    compiled = compile or (isinstance(model, Decoder) and model.compiled)
+    check_speculate(speculate, compiled)  # before any work: the decoder, the noise
     decoder = _decoder(model, bf16, compile, quantize)
     labels = class_labels(labels, decoder.config.num_classes)
     cfg, device = decoder.model.config, decoder.model.device

@@ -111,7 +111,7 @@ def sample_to_folder(
     from rargen.checkpoint import checkpoint_hash, load
     from rargen.version import __version__
 
-    check_speculate(speculate)  # before loading anything
+    check_speculate(speculate, compile)  # before loading anything
     env = distributed.setup()  # one process, or the torchrun ranks (nccl on GPUs, gloo on CPUs)
     rank, world, device = env.rank, env.world_size, env.device
     model = load(checkpoint).to(device).eval().requires_grad_(False)

@@ -114,12 +114,18 @@ def _window_modulations(
 MAX_SPECULATE = MAX_SIZES["num_image_tokens"]
 
 
-def check_speculate(speculate: int) -> None:
-    """Refuse a ``speculate`` that is not an int in [0, ``MAX_SPECULATE``] (0 = off), naming it.
-    The one check of every entry point (``generate``, ``generate_speculative``)."""
+def check_speculate(speculate: int, compiled: bool = False) -> None:
+    """Refuse a ``speculate`` that is not an int in [0, ``MAX_SPECULATE``] (0 = off), naming it,
+    or one asked of a compiled step. The one check of every entry point (``generate``,
+    ``generate_speculative``, ``rargen sample``); its words name the arguments and the flags."""
     if not isinstance(speculate, int) or isinstance(speculate, bool) or not 0 <= speculate <= MAX_SPECULATE:
         raise ValueError(
             f"speculate must be an int >= 0 (0 = off) and at most {MAX_SPECULATE}, got {speculate!r}"
+        )
+    if speculate and compiled:
+        raise ValueError(
+            f"speculate={speculate} and compile=True (--speculate, --compile): speculative decoding "
+            "runs the eager step; drop one of them"
         )
 
 
@@ -132,9 +138,7 @@ def generate_speculative(
 ) -> tuple[Tensor, SpeculationStats]:
     """Tokens (B, L) int64 for ``labels`` with ``noise`` (B, L, V) (``draw_noise``), each pass
     verifying up to ``speculate`` draft tokens per sample; see the module docstring."""
-    check_speculate(speculate)
-    if decoder.compiled:
-        raise ValueError("speculate does not run a compiled decoder; pass compile=False with speculate")
+    check_speculate(speculate, decoder.compiled)
     model = decoder.model
     cfg = model.config
     L, V, device = cfg.num_image_tokens, cfg.codebook_size, model.device
