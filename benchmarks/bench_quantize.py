@@ -47,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             images, labels = sample_digits(decoder, tokenizer, args.per_class, config)
             times[name].append(time.perf_counter() - start)
             scores[name] = score(classifier, images, labels)
-    print(
-        f"# {demo}: {args.per_class} per class, {config.sample_config()}, {torch.get_num_threads()} threads"
-    )
+    print(f"# {demo}: {args.per_class} per class, {config.sample}, {torch.get_num_threads()} threads")
     print("| decoding | class accuracy | Fréchet distance | images/s | x fp32 |")
     print("|---|---|---|---|---|")
     base = statistics.median(times["fp32"])

@@ -135,11 +135,17 @@ def test_os_errors_of_the_environment(folders, capsys, monkeypatch, number: int,
 def test_bugs_keep_their_traceback_and_debug_shows_expected_ones(folders, monkeypatch) -> None:
     root, gen, tok = folders
 
+    import functools
+
+    import rargen.cli.sample
+
+    # The stand-in keeps sample_to_folder's signature: `rargen sample`'s flags are read from it.
+    @functools.wraps(rargen.cli.sample.sample_to_folder)
     def bug(*args, **kwargs):
         raise TypeError("a bug in rargen")
 
     argv = ["sample", str(gen), "--tokenizer", str(tok), "--labels", "1", "--out", str(root / "o")]
-    monkeypatch.setattr("rargen.sampling.images.sample_to_folder", bug)
+    monkeypatch.setattr("rargen.cli.sample.sample_to_folder", bug)
     with pytest.raises(TypeError, match="a bug in rargen"):
         main(argv)
     monkeypatch.undo()

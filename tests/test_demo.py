@@ -72,4 +72,4 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys) -> None:
 
     # A rerun with the same settings picks up the finished pieces; other settings are refused.
     assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--seed", "1"]) == 2
-    assert "other settings (seed)" in capsys.readouterr().err
+    assert "other settings (train.seed)" in capsys.readouterr().err  # the demo's seed is its recipe's

@@ -88,6 +88,12 @@ def test_no_file_over_500_lines() -> None:
     assert {name: n for name, n in lengths.items() if n > LINE_LIMITS.get(name, 500)} == {}
 
 
+def test_the_command_line_is_short() -> None:
+    """Its flags come from the configs and the functions the commands call (``rargen.cli.flags``),
+    so the command line holds the commands' own arguments and runners only."""
+    assert sum(lines(p) for p in (PACKAGE / "cli").glob("*.py")) < 700
+
+
 def test_the_core_is_flat_and_every_other_module_is_in_a_wing() -> None:
     """A newcomer finds where a new tokenizer, sampling rule, metric or command goes from the folder
     names alone: the core (model, cache, orders, checkpoints, conversion) at the top, wings below."""

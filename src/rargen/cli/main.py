@@ -1,15 +1,11 @@
-"""The ``rargen`` command: a thin layer of argparse subcommands over the library API.
+"""The ``rargen`` command: argparse subcommands over the library API, each one's flags derived from
+the function it calls (``rargen.cli.flags``): ``convert`` here, the model-making commands in
+``rargen.cli.train``, the generator-using ones in ``rargen.cli.sample``. Process-wide settings
+(threads) are made here, never at import time.
 
-Each subcommand parses its flags and calls one library function. Process-wide settings
-(threads, TF32) are made here, never at import time. The commands are registered with
-``rargen.cli.flags.command``: ``convert`` here, the model-making ones (pretokenize, train,
-train-tokenizer, demo) in ``rargen.cli.train``, the generator-using ones (sample, sweep, evaluate,
-serve) in ``rargen.cli.sample``. A new command is one parser builder and one runner in one of them.
-
-One error policy for every subcommand (``main``): an error the user can cause (a bad flag value, a
-missing or unreadable file, a full disk, a bad checkpoint) prints one line naming the value and
-the fix and exits with status 2; a traceback means a bug in rargen. ``--debug`` (or
-``RARGEN_DEBUG=1``) shows the traceback of expected errors too.
+One error policy (``main``): an error the user can cause (a bad flag value, a missing or unreadable
+file, a full disk, a bad checkpoint) prints one line naming the value and the fix, status 2; a
+traceback is a bug in rargen (``--debug`` or ``RARGEN_DEBUG=1`` shows those of expected errors too).
 """
 
 from __future__ import annotations
@@ -20,13 +16,18 @@ import os
 import sys
 from collections.abc import Sequence
 
+from rargen.checkpoint import load, load_official, save
 from rargen.cli import sample, train  # noqa: F401 - importing them registers their commands
 from rargen.cli.flags import COMMANDS, command
+from rargen.convert import check_against_preset, save_official
+from rargen.hub.releases import resolve
+from rargen.model import RAR
+from rargen.tokenizers.titok import TiTok
+from rargen.tokenizers.titok_convert import convert_official_titok, save_official_snapshot
+from rargen.version import __version__
 
 # The order of `rargen --help`.
-_ORDER = (
-    "convert train pretokenize evaluate sample train-tokenizer train-classifier serve demo sweep ablate"
-).split()
+_ORDER = "convert train pretokenize evaluate sample train-tokenizer train-classifier serve demo sweep ablate"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,19 +38,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rargen.version import __version__
-
-    parser = _Parser(
-        prog="rargen",
-        description="RAR (Randomized AutoRegressive visual generation): convert, pretokenize, train, "
-        "sample, evaluate, serve. Start with `rargen demo`.",
-    )
+    parser = _Parser(prog="rargen", description="RAR (Randomized AutoRegressive visual generation): convert, "
+                     "pretokenize, train, sample, evaluate, serve. Start with `rargen demo`.")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"rargen {__version__}")
-    parser.add_argument(
-        "--debug", action="store_true", help="tracebacks for expected errors too (or RARGEN_DEBUG=1)"
-    )
+    parser.add_argument("--debug", action="store_true",
+                        help="tracebacks for expected errors too (or RARGEN_DEBUG=1)")  # fmt: skip
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in sorted(COMMANDS, key=lambda n: _ORDER.index(n) if n in _ORDER else len(_ORDER)):
+    for name in sorted(COMMANDS, key=lambda name: _ORDER.split().index(name)):
         COMMANDS[name](subparsers)
     return parser
 
@@ -60,27 +55,24 @@ def describe_os_error(error: OSError) -> str:
     if error.filename2 is not None:
         where += f" -> {error.filename2!r}"
     fixes = {
-        errno.EACCES: "check its permissions or choose another path",
-        errno.EPERM: "check its permissions or choose another path",
+        **dict.fromkeys((errno.EACCES, errno.EPERM), "check its permissions or choose another path"),
         errno.EROFS: "the file system is read-only; choose a writable path",
         errno.ENOSPC: "the disk is full; free some space or choose another path",
         errno.EDQUOT: "the disk quota is exceeded; free some space or choose another path",
-        errno.ENOENT: "check the path",
-        errno.EISDIR: "it is a folder; pass a file",
+        errno.ENOENT: "check the path", errno.EISDIR: "it is a folder; pass a file",
         errno.ENOTDIR: "a part of the path is a file, not a folder",
         errno.EEXIST: "it exists already; remove it or choose another path",
-    }
+    }  # fmt: skip
     reason = error.strerror or str(error)
     fix = fixes.get(error.errno, "check the path and try again")
     return f"{reason}:{where} ({fix})" if where else f"{reason} ({fix})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("RARGEN_DEBUG", "") not in ("", "0")
     try:
-        if getattr(args, "threads", None):
+        if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
@@ -96,98 +88,66 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"rargen {args.command}: interrupted", file=sys.stderr)
         return 130
-    return int(result or 0)
+    return result if isinstance(result, int) else 0  # what else a runner returns is its result
 
 
-# Subcommands: convert (the others are in cli_train and cli_sample).
+# Subcommands: convert (the others are in rargen.cli.train and rargen.cli.sample).
 
 
 @command("convert")
-def _convert_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("convert", help="convert official weights to rargen checkpoints and back")
+def _convert(parser: argparse.ArgumentParser) -> None:
+    """convert official weights to rargen checkpoints and back"""
     kinds = parser.add_subparsers(dest="conversion", required=True, metavar="CONVERSION")
-    rar = kinds.add_parser("official-rar", help="an official rar_*.bin generator file -> checkpoint folder")
-    rar.add_argument(
-        "file",
-        help="rar_b.bin ... rar_xxl.bin (torch.save state dict) or .safetensors, a released name "
-        "(rar-b) or hf://OWNER/REPO/FILE[@REV]",
-    )
-    rar.add_argument("--out", required=True, help="output checkpoint folder")
-    rar.add_argument("--preset", default=None, help="check the inferred architecture against this preset")
-    rar.set_defaults(run=_run_convert_official_rar)
-    vqgan = kinds.add_parser("official-vqgan", help="maskgit-vqgan-imagenet-f16-256.bin -> tokenizer folder")
-    vqgan.add_argument("file", help="the official .bin, the released name maskgit-vqgan, or hf://...")
-    vqgan.add_argument("--out", required=True, help="output tokenizer folder")
-    vqgan.set_defaults(run=_run_convert_official_vqgan)
-    titok = kinds.add_parser("official-titok", help="a TiTok Hub snapshot folder -> tokenizer folder")
-    titok.add_argument("snapshot", help="folder with config.json + model.safetensors (or pytorch_model.bin)")
-    titok.add_argument("--out", required=True, help="output tokenizer folder")
-    titok.set_defaults(run=_run_convert_official_titok)
-    back = kinds.add_parser(
-        "to-official", help="a rargen generator (-> .safetensors) or TiTok folder (-> snapshot folder)"
-    )
-    back.add_argument("checkpoint", help="rargen generator or TiTok checkpoint folder")
-    back.add_argument("--out", required=True, help="output .safetensors file (generator) or folder (TiTok)")
-    back.set_defaults(run=_run_convert_to_official)
+    for name, source, help, source_help in [
+        ("official-rar", "file", "an official rar_*.bin generator file -> checkpoint folder",
+         "rar_b.bin ... rar_xxl.bin (torch.save state dict) or .safetensors, a released name (rar-b) or "
+         "hf://OWNER/REPO/FILE[@REV]"),
+        ("official-vqgan", "file", "maskgit-vqgan-imagenet-f16-256.bin -> tokenizer folder",
+         "the official .bin, the released name maskgit-vqgan, or hf://..."),
+        ("official-titok", "snapshot", "a TiTok Hub snapshot folder -> tokenizer folder",
+         "folder with config.json + model.safetensors (or pytorch_model.bin)"),
+        ("to-official", "checkpoint", "a rargen generator (-> .safetensors) or TiTok folder (-> snapshot "
+         "folder)", "rargen generator or TiTok checkpoint folder"),
+    ]:  # fmt: skip
+        kind = kinds.add_parser(name, help=help)
+        kind.add_argument("source", metavar=source, help=source_help)
+        kind.add_argument(
+            "--out", required=True, help="output folder (to-official: a generator's .safetensors)"
+        )
+        if name == "official-rar":
+            kind.add_argument("--preset", help="check the inferred architecture against this preset")
+        kind.set_defaults(run=_to_official if name == "to-official" else _from_official)
 
 
-def _run_convert_official_rar(args: argparse.Namespace) -> None:
-    from rargen.checkpoint import load_official, save
-    from rargen.convert import check_against_preset
-    from rargen.hub.releases import resolve
-
-    model = load_official(resolve(args.file, convert=False), kind="rar")
-    if args.preset is not None:
+def _from_official(args: argparse.Namespace) -> None:
+    extra = {"converted_from": str(args.source)}
+    if args.conversion == "official-titok":
+        model, extra["notes"] = convert_official_titok(args.source)
+        for note in extra["notes"]:
+            print(f"note: {note}")
+    else:
+        kind = {"official-rar": "rar", "official-vqgan": "maskgit-vqgan"}[args.conversion]
+        model = load_official(resolve(args.source, convert=False), kind=kind)
+    if getattr(args, "preset", None) is not None:
         check_against_preset(model.config, args.preset)
-    save(model, args.out, extra={"converted_from": str(args.file)})
-    cfg = model.config
-    print(
-        f"converted {args.file} -> {args.out}: {model.num_params():,} parameters, dim {cfg.dim}, "
-        f"depth {cfg.depth}, heads {cfg.num_heads}, {cfg.num_image_tokens} tokens, {cfg.num_classes} classes"
-    )
+    save(model, args.out, extra=extra)
+    cfg, summary = model.config, ""
+    if args.conversion == "official-rar":
+        summary = (f": {model.num_params():,} parameters, dim {cfg.dim}, depth {cfg.depth}, heads "
+                   f"{cfg.num_heads}, {cfg.num_image_tokens} tokens, {cfg.num_classes} classes")  # fmt: skip
+    elif args.conversion == "official-titok":
+        summary = (f": {model.num_params():,} parameters, {cfg.num_latent_tokens} tokens of "
+                   f"{cfg.codebook_size} codes per {cfg.image_size}px image")  # fmt: skip
+    print(f"converted {args.source} -> {args.out}{summary}")
 
 
-def _run_convert_official_vqgan(args: argparse.Namespace) -> None:
-    from rargen.checkpoint import load_official, save
-    from rargen.hub.releases import resolve
-
-    tokenizer = load_official(resolve(args.file, convert=False), kind="maskgit-vqgan")
-    save(tokenizer, args.out, extra={"converted_from": str(args.file)})
-    print(f"converted {args.file} -> {args.out}")
-
-
-def _run_convert_official_titok(args: argparse.Namespace) -> None:
-    from rargen.checkpoint import save
-    from rargen.tokenizers.titok_convert import convert_official_titok
-
-    tokenizer, notes = convert_official_titok(args.snapshot)
-    save(tokenizer, args.out, extra={"converted_from": str(args.snapshot), "notes": notes})
-    for note in notes:
-        print(f"note: {note}")
-    cfg = tokenizer.config
-    print(
-        f"converted {args.snapshot} -> {args.out}: {tokenizer.num_params():,} parameters, "
-        f"{cfg.num_latent_tokens} tokens of {cfg.codebook_size} codes per {cfg.image_size}px image"
-    )
-
-
-def _run_convert_to_official(args: argparse.Namespace) -> None:
-    from rargen.checkpoint import load
-    from rargen.convert import save_official
-    from rargen.model import RAR
-    from rargen.tokenizers.titok import TiTok
-
-    model = load(args.checkpoint)
-    if isinstance(model, TiTok):
-        from rargen.tokenizers.titok_convert import save_official_snapshot
-
-        save_official_snapshot(model, args.out)
-        print(f"wrote the official snapshot layout of {args.checkpoint} to {args.out}")
-        return
-    if not isinstance(model, RAR):
-        raise ValueError(f"{args.checkpoint!r} is a {type(model).__name__} checkpoint, not a RAR generator")
-    save_official(model, args.out)
-    print(f"wrote the official layout of {args.checkpoint} to {args.out}")
+def _to_official(args: argparse.Namespace) -> None:
+    model = load(args.source)
+    if not isinstance(model, (RAR, TiTok)):
+        raise ValueError(f"{args.source!r} is a {type(model).__name__} checkpoint, not a RAR generator")
+    (save_official_snapshot if isinstance(model, TiTok) else save_official)(model, args.out)
+    layout = "snapshot layout" if isinstance(model, TiTok) else "layout"
+    print(f"wrote the official {layout} of {args.source} to {args.out}")
 
 
 __all__ = ["build_parser", "describe_os_error", "main"]

@@ -293,21 +293,21 @@ def store_plan(
 
 
 def pretokenize(
-    source: ImageSource | str | os.PathLike,
-    tokenizer: nn.Module | str | os.PathLike,
-    out: str | os.PathLike,
+    source: ImageSource | str | os.PathLike,  # 'digits[:train|heldout|all]', an image folder or an .npz
+    tokenizer: nn.Module | str | os.PathLike,  # tokenizer checkpoint folder (rargen.load)
+    out: str | os.PathLike,  # token store folder to write (or resume)
     *,
     augment: str = "none",
-    image_size: int | None = None,
-    batch_size: int = 64,
-    shard_size: int = 10_000,
-    num_workers: int = 4,
+    image_size: int | None = None,  # square crop size fed to the tokenizer (default: its training size)
+    batch_size: int = 64,  # crops per tokenizer call
+    shard_size: int = 10_000,  # images per shard (resume unit)
+    num_workers: int = 4,  # image decoding threads
     device: str | torch.device | None = None,
     rank: int | None = None,
     world_size: int | None = None,
-    progress: bool = True,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    log: Callable[[str], None] | None = None,
+    progress: bool = True,  # progress bars
+    max_pixels: int = DEFAULT_MAX_PIXELS,  # skip (and report) images with more pixels (decompression bombs)
+    log: Callable[[str], None] | None = None,  # where the folder's summary goes (None: nowhere)
 ) -> Path:
     """Tokenize every image of ``source`` (all ``augment`` variants) into a token store at ``out``.
 

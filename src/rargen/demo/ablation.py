@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rargen.sampling.engine import SampleConfig
 from rargen.train.recipe import TrainConfig
 from rargen.train.run_state import checkpoints
 
@@ -61,6 +63,9 @@ class Window:
     def __post_init__(self) -> None:
         if not 0.0 <= self.start <= self.end <= 1.0:
             raise ValueError(f"annealing window {self.start}/{self.end}: need 0 <= start <= end <= 1")
+
+    def __str__(self) -> str:
+        return f"{self.start:g}/{self.end:g}"  # as parse_windows reads it
 
     @property
     def name(self) -> str:
@@ -98,23 +103,33 @@ def parse_windows(spec: str) -> tuple[Window, ...]:
     return tuple(windows)
 
 
+# The TrainConfig fields each run sets itself (``Run.train_config``), from its window, budget and seed.
+PER_RUN = ("steps", "anneal_start", "anneal_end", "seed", "checkpoint_every", "keep_checkpoints",
+           "sample_every")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class StudyConfig:
-    """The grid and the evaluation. ``train`` holds everything that stays equal across runs; its
-    ``steps``, ``anneal_start``, ``anneal_end``, ``seed`` and checkpoint fields are set per run."""
+    """The grid and the evaluation. ``train`` holds everything that stays equal across runs (the
+    ``PER_RUN`` fields are set per run); ``sample`` is how every checkpoint is sampled."""
 
-    train: TrainConfig
-    windows: tuple[Window, ...] = WINDOW_PRESETS["raster-vs-rar"]
-    budgets: tuple[int, ...] = (1500,)
+    train: TrainConfig = TrainConfig(preset="rar-digits", batch_size=64, lr=1e-3, warmup=0.05, log_every=50)
+    windows: tuple[Window, ...] = WINDOW_PRESETS["raster-vs-rar"]  # WINDOW_PRESETS name or list: 0/0,0.5/0.75
+    budgets: tuple[int, ...] = (1500,)  # optimizer steps per run, e.g. 500,1500
     seeds: tuple[int, ...] = (0, 1, 2)
     evaluations: int = 6  # evenly spaced checkpoints per run (the last is the budget)
-    samples_per_class: int = 20
-    cfg_scale: float = 3.0
-    copy_quantile: float = 0.05
+    samples_per_class: int = 20  # samples per class and checkpoint (copies, classifier scores)
+    sample: SampleConfig = SampleConfig(cfg_scale=3.0)
+    copy_quantile: float = 0.05  # a sample copies when nearer a training image than this share of held-out
 
     def __post_init__(self) -> None:
         if not self.windows or not self.budgets or not self.seeds:
             raise ValueError("a study needs at least one window, one budget and one seed")
+        if self.evaluations < 1 or self.samples_per_class < 1:
+            raise ValueError(
+                f"evaluations ({self.evaluations}) and samples_per_class ({self.samples_per_class}) "
+                "must be >= 1"
+            )
         if len({w.name for w in self.windows}) != len(self.windows):
             raise ValueError(f"repeated annealing windows: {[w.name for w in self.windows]}")
         for budget in self.budgets:
@@ -124,8 +139,7 @@ class StudyConfig:
             raise ValueError(f"copy_quantile {self.copy_quantile} must be in (0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["train"] = self.train.to_dict()
+        values = dataclasses.asdict(self)  # nested: {"train": {...}, "sample": {...}, ...}
         values["windows"] = [[w.start, w.end] for w in self.windows]
         return json.loads(json.dumps(values))  # tuples -> lists, as read back from study.json
 
@@ -159,10 +173,10 @@ def study_runs(config: StudyConfig) -> list[Run]:
 class StudyData:
     """The stores a study trains and evaluates on, and the optional sample scorers."""
 
-    store: Path
-    heldout_store: Path
-    tokenizer: Path | None = None
-    classifier: Path | None = None
+    store: Path  # training token store
+    heldout_store: Path  # held-out token store (the same tokenizer)
+    tokenizer: Path | None = None  # tokenizer folder: sample and count copies
+    classifier: Path | None = None  # classifier folder (the demo's or train-classifier's) to score samples
 
 
 def study_scorer(data: StudyData) -> Any:
@@ -173,7 +187,8 @@ def study_scorer(data: StudyData) -> Any:
     from rargen.evaluation.classifier import check_matches, load_scorer
     from rargen.evaluation.sweep import check_classifier_for_tokenizer
 
-    assert data.classifier is not None
+    if data.classifier is None:
+        raise ValueError("study_scorer needs a classifier folder (StudyData.classifier, --classifier DIR)")
     scorer, store = load_scorer(data.classifier), TokenStore(data.store)
     what = f"the store {str(data.store)!r}"
     check_matches(scorer, what=what, class_names=store.class_names or None, num_classes=store.num_classes)
@@ -230,12 +245,12 @@ class Evaluator:
         self,
         data: StudyData,
         samples_per_class: int = 20,
-        cfg_scale: float = 3.0,
+        sample: SampleConfig = StudyConfig.sample,  # the study's default (its field's default)
         copy_quantile: float = 0.05,
     ) -> None:
         from rargen.checkpoint import load
 
-        self.samples_per_class, self.cfg_scale = samples_per_class, cfg_scale
+        self.samples_per_class, self.sample = samples_per_class, sample
         self.train_tokens, self.train_labels = store_tokens(data.store)
         self.heldout_tokens, self.heldout_labels = store_tokens(data.heldout_store)
         self.tokenizer = load(data.tokenizer).eval() if data.tokenizer else None
@@ -269,11 +284,14 @@ class Evaluator:
         result = self.likelihood(model)
         if self.tokenizer is None:
             return result
-        from rargen.sampling.engine import SampleConfig, generate_images
+        from rargen.sampling.engine import generate_images
 
         classes = max(1, model.config.num_classes)
         labels = torch.arange(classes).repeat_interleave(self.samples_per_class)
-        sample_config = SampleConfig(cfg_scale=self.cfg_scale if model.config.num_classes else 1.0)
+        # No guidance for an unconditional model: there is no class to guide towards.
+        sample_config = (
+            self.sample if model.config.num_classes else dataclasses.replace(self.sample, cfg_scale=1.0)
+        )
         # The same seeds for every checkpoint and run: differences come from the models, not the noise.
         images = torch.cat([
             generate_images(model, self.tokenizer, labels[i : i + 100], sample_config,
@@ -320,13 +338,13 @@ def check_study_folder(out: Path, config: StudyConfig) -> None:
 
 
 def run_study(
-    out: str | os.PathLike,
+    out: str | os.PathLike,  # study folder (study.json, runs/, table.md)
     config: StudyConfig,
     data: StudyData,
     *,
-    shard: tuple[int, int] = (0, 1),
-    progress: bool = True,
-    log: Any = print,
+    shard: tuple[int, int] = (0, 1),  # i/n: train and score runs i, i+n, ...
+    progress: bool = True,  # progress bars
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any] | None:
     """Train and evaluate this shard's runs (run ``i`` belongs to shard ``i % n``), then, once every
     run of the study is evaluated, write the report; returns it (None while other shards work)."""
@@ -338,7 +356,7 @@ def run_study(
         raise ValueError(f"shard {index}/{count}: need 0 <= i < n")
     check_study_folder(out, config)
     # Built before any run trains: it refuses a classifier that cannot score the samples.
-    evaluator = Evaluator(data, config.samples_per_class, config.cfg_scale, config.copy_quantile)
+    evaluator = Evaluator(data, config.samples_per_class, config.sample, config.copy_quantile)
     runs = study_runs(config)
     for i, run in enumerate(runs):
         if i % count != index:
@@ -464,6 +482,6 @@ def write_report(out: str | os.PathLike, config: StudyConfig) -> dict[str, Any]:
 
 
 __all__ = [
-    "WINDOW_PRESETS", "Evaluator", "Run", "StudyConfig", "StudyData", "Window", "format_table",
+    "PER_RUN", "WINDOW_PRESETS", "Evaluator", "Run", "StudyConfig", "StudyData", "Window", "format_table",
     "parse_windows", "raster_nll_bits", "run_study", "study_runs", "write_report",
 ]  # fmt: skip

@@ -26,42 +26,37 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rargen.sampling.engine import SampleConfig
+from rargen.train.recipe import TrainConfig
+
 IMAGE_SIZE = 32  # 8x8 digits upscaled; the f4 tokenizer gives an 8x8 grid = 64 tokens
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Budgets and settings of the demo (the defaults fit in about 10 minutes on 2 CPU cores)."""
+    """Budgets and settings of the demo (the defaults fit in about 10 minutes on 2 CPU cores).
+
+    ``train`` is the generator's recipe: the paper's (randomness annealing over the middle quarter,
+    label dropout, warm-up + cosine) at CPU scale, checkpointed at the end only (every 5000 steps
+    is beyond the demo's budgets). Its ``seed`` seeds the whole demo (tokenizer, classifier,
+    generator, samples), and its ``precision`` "auto" means bf16 autocast where the CPU has native
+    bf16 matmuls (1.5x here), else fp32: the demo trains on the CPU (``training_precision``).
+    """
 
     tokenizer_steps: int = 300
     classifier_epochs: int = 12
-    generator_preset: str = "rar-digits"
-    generator_steps: int = 500  # generator training steps (--quick: 150)
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup: float = 0.1
-    anneal_start: float = 0.5  # fractions of generator_steps (the paper's 200 and 300 of 400 epochs)
-    anneal_end: float = 0.75
-    ema_decay: float = 0.0
-    precision: str = "auto"  # bf16 autocast where the CPU has native bf16 matmuls (1.5x here), else fp32
-    cfg_scale: float = 3.0
-    cfg_power: float = 0.0
-    temperature: float = 1.0
+    train: TrainConfig = TrainConfig(
+        preset="rar-digits", steps=500, batch_size=64, lr=1e-3, warmup=0.1, log_every=10, keep_checkpoints=1
+    )
+    sample: SampleConfig = SampleConfig(cfg_scale=3.0)
     grid_per_class: int = 8  # columns of samples.png
     eval_per_class: int = 50  # generated digits per class for the scores
-    seed: int = 0
 
     @classmethod
     def quick(cls) -> DemoConfig:
         """A reduced budget for smoke tests (about a minute)."""
-        return cls(
-            tokenizer_steps=150, classifier_epochs=4, generator_steps=150, grid_per_class=4, eval_per_class=10
-        )
-
-    def sample_config(self) -> Any:
-        from rargen.sampling.engine import SampleConfig
-
-        return SampleConfig(cfg_scale=self.cfg_scale, cfg_power=self.cfg_power, temperature=self.temperature)
+        train = dataclasses.replace(cls().train, steps=150)
+        return cls(tokenizer_steps=150, classifier_epochs=4, train=train, grid_per_class=4, eval_per_class=10)
 
 
 class Timer:
@@ -100,7 +95,7 @@ def train_demo_tokenizer(out: Path, config: DemoConfig, progress: bool) -> tuple
             run,
             data,
             model_config=None if resume else VQTokenizerConfig.from_name("vq-digits", image_size=IMAGE_SIZE),
-            train_config=TokenizerTrainConfig(steps=config.tokenizer_steps, seed=config.seed),
+            train_config=TokenizerTrainConfig(steps=config.tokenizer_steps, seed=config.train.seed),
             resume=resume,
             progress=progress,
         )["heldout"]
@@ -116,42 +111,24 @@ def train_demo_classifier(out: Path, config: DemoConfig, progress: bool) -> Any:
     if (out / "classifier").exists():
         return load(out / "classifier")
     classifier = train_digit_classifier(
-        DigitClassifierConfig(image_size=IMAGE_SIZE), epochs=config.classifier_epochs, seed=config.seed,
+        DigitClassifierConfig(image_size=IMAGE_SIZE), epochs=config.classifier_epochs, seed=config.train.seed,
         progress=progress,
     )  # fmt: skip
     save(classifier, out / "classifier")
     return classifier
 
 
-def train_demo_generator(
-    out: Path, store: Path, config: DemoConfig, anneal: tuple[float, float], progress: bool
-) -> Path:
+def train_demo_generator(out: Path, store: Path, config: TrainConfig, progress: bool) -> Path:
     from rargen.train.generator import train
-    from rargen.train.recipe import TrainConfig
 
-    train_config = TrainConfig(
-        preset=config.generator_preset,
-        steps=config.generator_steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        warmup=config.warmup,
-        anneal_start=anneal[0],
-        anneal_end=anneal[1],
-        ema_decay=config.ema_decay,
-        precision=training_precision(config.precision),
-        seed=config.seed,
-        log_every=10,
-        checkpoint_every=config.generator_steps,
-        keep_checkpoints=1,
-        sample_every=config.generator_steps,
-    )
     if (out / "final").exists():  # finished by an earlier (interrupted) demo run
         return out / "final"
-    return train(train_config, store, out, resume=True, device="cpu", progress=progress)
+    config = dataclasses.replace(config, precision=training_precision(config.precision))  # on the CPU
+    return train(config, store, out, resume=True, device="cpu", progress=progress)
 
 
 def training_precision(precision: str) -> str:
-    """``auto``: bf16 autocast where oneDNN has native bf16 kernels (as the paper trains), else fp32."""
+    """auto: bf16 autocast where oneDNN has native bf16 kernels (as the paper trains), else fp32."""
     if precision != "auto":
         return precision
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
@@ -168,8 +145,8 @@ def sample_digits(
     images = []
     for start in range(0, len(labels), 100):
         batch = labels[start : start + 100]
-        seeds = [config.seed * 1_000_003 + seed_offset + i for i in range(start, start + len(batch))]
-        images.append(generate_images(generator, tokenizer, batch, config.sample_config(), seeds=seeds))
+        seeds = [config.train.seed * 1_000_003 + seed_offset + i for i in range(start, start + len(batch))]
+        images.append(generate_images(generator, tokenizer, batch, config.sample, seeds=seeds))
     return torch.cat(images), labels
 
 
@@ -221,7 +198,11 @@ def plot_training(runs: dict[str, Path], path: Path) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
-def prepare_digits(out: str | Path, train_images: int | None = None, progress: bool = True) -> Any:
+def prepare_digits(
+    out: str | Path,
+    train_images: int | None = None,  # train on a subset of this many images (a tenth from each class)
+    progress: bool = True,
+) -> Any:
     """The embedded digits as ``rargen ablate`` study data (an ``ablation.StudyData``): the demo's
     VQ tokenizer and classifier, and token stores of the fixed held-out split and of the training
     split (its first ``train_images // 10`` images of each class when given: less data, earlier
@@ -256,7 +237,6 @@ def prepare_digits(out: str | Path, train_images: int | None = None, progress: b
 def ablation_study() -> Any:
     """The setting where annealing's gain shows at CPU scale (BENCHMARKS.md, "Annealing ablation")."""
     from rargen.demo.ablation import StudyConfig, Window
-    from rargen.train.recipe import TrainConfig
 
     model = (("dim", 96), ("depth", 3), ("num_heads", 4), ("mlp_dim", 384))
     train = TrainConfig(preset="rar-digits", model_overrides=model, batch_size=32, lr=1e-3, warmup=0.05,
@@ -269,10 +249,10 @@ ABLATION_TRAIN_IMAGES = 360  # 36 per class: memorisation within the budget, whe
 
 
 def run_demo(
-    out: str | Path = "runs/demo",
+    out: str | Path = "runs/demo",  # output folder
     config: DemoConfig = DemoConfig(),
-    ablation: bool = False,
-    progress: bool = True,
+    ablation: bool = False,  # also the annealing ablation (raster vs RAR, 3 seeds each)
+    progress: bool = True,  # progress bars
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the demo into ``out`` and return its results (also written to ``results.json``)."""
@@ -286,7 +266,7 @@ def run_demo(
 
     out = Path(out)
     check_demo_folder(out, config)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.train.seed)
     timer = Timer(log)
     started = time.perf_counter()
     heldout, heldout_labels = load_digit_images("heldout", IMAGE_SIZE)
@@ -319,11 +299,9 @@ def run_demo(
     results: dict[str, dict[str, Any]] = {}
     runs: dict[str, Path] = {}
     for name, short in [("RAR annealing", "rar")]:
-        steps = config.generator_steps
-        anneal = (config.anneal_start, config.anneal_end)
         runs[name] = out / "runs" / short
-        with timer.section(f"4/6 train RAR, {name} ({steps} steps)"):
-            final = train_demo_generator(runs[name], store, config, anneal, progress)
+        with timer.section(f"4/6 train RAR, {name} ({config.train.steps} steps)"):
+            final = train_demo_generator(runs[name], store, config.train, progress)
         generator = load(final).eval()
         with timer.section(f"5/6 sample {config.eval_per_class} digits per class ({name})"):
             images, labels = sample_digits(generator, tokenizer, config.eval_per_class, config)
@@ -380,7 +358,7 @@ def check_demo_folder(out: Path, config: DemoConfig) -> None:
     interrupted run stopped, one with other settings is refused before any work."""
     from rargen.train.run_state import check_settings_record
 
-    settings = dataclasses.asdict(config)
+    settings = dataclasses.asdict(config)  # nested: {"train": {...}, "sample": {...}, ...}
     check_settings_record(out / "demo_config.json", settings, "a demo run", "delete it or pass another --out")
 
 
@@ -400,7 +378,8 @@ def render_report(summary: dict[str, Any]) -> str:
         "![samples](samples.png)",
         "",
         f"Rows are the requested classes 0-9, columns independent seeds; guidance scale "
-        f"{config['cfg_scale']}, power {config['cfg_power']}, temperature {config['temperature']}.",
+        f"{config['sample']['cfg_scale']}, power {config['sample']['cfg_power']}, temperature "
+        f"{config['sample']['temperature']}.",
         "",
         "## Scores",
         "",

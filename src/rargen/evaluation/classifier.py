@@ -216,12 +216,12 @@ def _labelled_images(
 
 
 def train_classifier(
-    data: str | os.PathLike,
-    out: str | os.PathLike,
+    data: str | os.PathLike,  # 'digits', a class-folder tree or an .npz with labels
+    out: str | os.PathLike,  # classifier folder to write
     config: ClassifierTrainConfig = ClassifierTrainConfig(),
     *,
-    max_pixels: int | None = None,
-    progress: bool = True,
+    max_pixels: int | None = None,  # skip larger images
+    progress: bool = True,  # a progress report
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Train a classifier on ``data`` (any ``open_source`` spec with labels) and save it to ``out``.

@@ -91,8 +91,8 @@ def evaluate(
     reference: str | os.PathLike,
     inception: str | os.PathLike,
     config: EvalConfig = EvalConfig(),
-    out: str | os.PathLike | None = None,
-    progress: bool = True,
+    out: str | os.PathLike | None = None,  # metrics.json path (default: beside the samples)
+    progress: bool = True,  # a progress bar
 ) -> dict[str, Any]:
     """Metrics of ``samples`` (.npz, ``arr_0`` uint8 NHWC) against an ADM reference batch.
 

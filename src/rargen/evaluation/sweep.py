@@ -1,7 +1,8 @@
 """Tuning the sampler: sample a grid of guidance scales and temperatures, score each setting.
 
 Papers pick the guidance scale on a smaller sample count (e.g. 10k images) before the 50k
-evaluation. ``sweep`` does that: every (scale, temperature) pair is sampled class-balanced with
+evaluation. ``sweep`` does that: every (scale, temperature) pair of a ``SweepConfig`` (on the
+other settings of its ``SampleConfig``) is sampled class-balanced with
 ``rargen.sampling.images.sample_to_folder`` and scored either with the ADM metrics
 (``rargen.evaluation.evaluate``: a reference batch and Inception weights) or with a classifier of the data
 (``rargen.evaluation.classifier``, ``rargen train-classifier``): class accuracy and Fréchet distance in its
@@ -10,16 +11,58 @@ features to its held-out split. A classifier that does not fit the generator is 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rargen.sampling.engine import SampleConfig
+
+# The SampleConfig fields a sweep varies (``SweepConfig.cfg_scales``, ``temperatures``).
+SWEPT = ("cfg_scale", "temperature")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The grid: every guidance scale with every temperature, on ``sample``'s other settings."""
+
+    cfg_scales: tuple[float, ...]  # comma-separated guidance scales, e.g. 1,2,4
+    temperatures: tuple[float, ...] = (1.0,)  # comma-separated temperatures
+    sample: SampleConfig = SampleConfig()  # shared by every setting; its cfg_scale and temperature are swept
+    per_class: int = 10  # samples per class and setting
+    seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        unset = SampleConfig()
+        if any(getattr(self.sample, name) != getattr(unset, name) for name in SWEPT):
+            raise ValueError(
+                f"SweepConfig.sample sets {' or '.join(SWEPT)}, which the sweep varies: give them as "
+                "cfg_scales and temperatures"
+            )
+        if not self.cfg_scales or not self.temperatures or self.per_class < 1 or self.batch_size < 1:
+            raise ValueError(
+                "a sweep needs a guidance scale, a temperature, per_class >= 1 and batch_size >= 1"
+            )
+        self.settings()  # SampleConfig's checks of every setting before any sampling
+
+    def settings(self) -> list[SampleConfig]:
+        return [
+            dataclasses.replace(self.sample, cfg_scale=scale, temperature=temperature)
+            for scale, temperature in itertools.product(self.cfg_scales, self.temperatures)
+        ]
+
+
+def setting_name(config: SampleConfig) -> str:
+    """The folder of one setting: ``cfg3-pow0-t1``, with ``-k`` / ``-p`` when top-k / top-p is on."""
+    name = f"cfg{config.cfg_scale:g}-pow{config.cfg_power:g}-t{config.temperature:g}"
+    name += f"-k{config.top_k}" if config.top_k else ""
+    return name + (f"-p{config.top_p:g}" if config.top_p < 1 else "")
 
 
 def check_classifier_for(scorer: Any, checkpoint: str | os.PathLike, tokenizer: str | os.PathLike) -> None:
@@ -56,20 +99,15 @@ def check_classifier_for_tokenizer(scorer: Any, tokenizer: str | os.PathLike, nu
 def sweep(
     checkpoint: str | os.PathLike,
     tokenizer: str | os.PathLike,
-    out: str | os.PathLike,
-    cfg_scales: Sequence[float],
-    temperatures: Sequence[float] = (1.0,),
+    out: str | os.PathLike,  # output folder (one sample folder per setting, sweep.json)
+    config: SweepConfig,
     *,
-    cfg_power: float = 0.0,
-    per_class: int = 10,
-    reference: str | os.PathLike | None = None,
-    inception: str | os.PathLike | None = None,
-    classifier: str | os.PathLike | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
-    progress: bool = True,
+    reference: str | os.PathLike | None = None,  # ADM reference batch .npz (with the Inception weights)
+    inception: str | os.PathLike | None = None,  # Inception weights file (with the reference batch)
+    classifier: str | os.PathLike | None = None,  # classifier folder (rargen train-classifier), not Inception
+    progress: bool = True,  # progress bars
 ) -> list[dict[str, Any]]:
-    """Sample and score every (scale, temperature); returns the rows (also ``out/sweep.json``)."""
+    """Sample and score every setting of ``config``; returns the rows (also ``out/sweep.json``)."""
     from rargen.checkpoint import read_record
     from rargen.sampling.images import class_balanced_labels, sample_to_folder
 
@@ -79,7 +117,7 @@ def sweep(
             "(rargen train-classifier)"
         )
     out = Path(out)
-    labels = class_balanced_labels(read_record(checkpoint)["config"]["num_classes"], per_class)
+    labels = class_balanced_labels(read_record(checkpoint)["config"]["num_classes"], config.per_class)
     scorer = None
     if classifier is not None:
         from rargen.evaluation.classifier import load_scorer, score_samples
@@ -87,12 +125,12 @@ def sweep(
         scorer = load_scorer(classifier)
         check_classifier_for(scorer, checkpoint, tokenizer)
     rows = []
-    for scale, temperature in itertools.product(cfg_scales, temperatures):
-        config = SampleConfig(cfg_scale=scale, cfg_power=cfg_power, temperature=temperature)
-        folder = out / f"cfg{scale:g}-pow{cfg_power:g}-t{temperature:g}"
+    unset = SampleConfig()
+    for setting in config.settings():
         npz = sample_to_folder(
-            checkpoint, tokenizer, labels, config, folder, seed=seed, batch_size=batch_size, progress=progress
-        )
+            checkpoint, tokenizer, labels, setting, out / setting_name(setting), seed=config.seed,
+            batch_size=config.batch_size, progress=progress,
+        )  # fmt: skip
         if scorer is not None:
             scores = score_samples(npz, scorer)
         else:
@@ -100,7 +138,10 @@ def sweep(
 
             result = evaluate(npz, reference, inception, progress=progress)
             scores = {k: result[k] for k in ("fid", "sfid", "inception_score", "precision", "recall")}
-        rows.append({"cfg_scale": scale, "cfg_power": cfg_power, "temperature": temperature, **scores})
+        # A row names its setting: scale, power and temperature, and top-k / top-p where they are on.
+        named = dataclasses.asdict(setting)
+        named = {k: v for k, v in named.items() if k in (*SWEPT, "cfg_power") or v != getattr(unset, k)}
+        rows.append({**named, **scores})
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows

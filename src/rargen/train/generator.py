@@ -161,14 +161,14 @@ def check_run_folder(out: Path, config: TrainConfig, resume: bool) -> Path | Non
 
 def train(
     config: TrainConfig,
-    data: Any,
-    out: str | os.PathLike,
+    data: Any,  # token store folder (rargen pretokenize)
+    out: str | os.PathLike,  # run folder: checkpoints/, final/, metrics.jsonl
     *,
-    resume: bool = False,
+    resume: bool = False,  # continue from the newest checkpoint in out
     device: str | torch.device | None = None,
-    tokenizer: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,  # tokenizer folder: draw labelled sample grids
     sample_hook: Callable[[RAR, int, Path], None] | None = None,
-    progress: bool = True,
+    progress: bool = True,  # a progress bar
 ) -> Path:
     """Train a RAR generator on ``data`` (see ``open_data``) into the run folder ``out``.
 

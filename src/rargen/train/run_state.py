@@ -41,11 +41,19 @@ TRAIN_STATE = "train_state.pt"
 def check_settings_record(record: Path, settings: dict[str, Any], what: str, fix: str) -> None:
     """Resumable work (a demo, a study) records its settings in ``record``: a rerun with the same
     settings picks up where it stopped; other settings are refused before any work, naming the
-    fields that differ and ``fix``."""
+    fields that differ (``train.seed``: nested configs are nested JSON objects) and ``fix``, and so
+    are settings of another shape (a folder of an older rargen, whose configs nested otherwise)."""
+    settings = json.loads(json.dumps(settings))  # tuples as lists: as read back
     if record.exists():
-        saved = json.loads(record.read_text())
-        if saved != settings:
-            changed = sorted(k for k in settings if saved.get(k) != settings[k])
+        saved, now = _dotted(json.loads(record.read_text())), _dotted(settings)
+        if saved.keys() != now.keys():
+            odd = sorted(saved.keys() ^ now.keys())
+            raise ValueError(
+                f"{record.parent} holds {what} whose {record.name} has other fields ({', '.join(odd[:4])}"
+                f"{', ...' if len(odd) > 4 else ''}): made by another version of rargen; {fix}"
+            )
+        changed = [name for name in now if saved[name] != now[name]]
+        if changed:
             raise ValueError(
                 f"{record.parent} holds {what} with other settings ({', '.join(changed)}); {fix}"
             )
@@ -88,6 +96,13 @@ def run_folder_lock(out: Path) -> Iterator[None]:
             yield
         finally:
             handle.truncate(0)
+
+
+def _dotted(settings: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"seed": 0}}`` -> ``{"train.seed": 0}``."""
+    if not isinstance(settings, dict) or not settings:
+        return {prefix.rstrip("."): settings}
+    return {k: v for name, value in settings.items() for k, v in _dotted(value, f"{prefix}{name}.").items()}
 
 
 def step_folder(run: Path, step: int) -> Path:

@@ -179,13 +179,13 @@ def _load_checkpoint(path: Path) -> tuple[VQTokenizer, dict[str, Any]]:
 
 
 def train_tokenizer(
-    out_dir: str | os.PathLike,
-    data: str | os.PathLike | tuple[Tensor, Tensor] = "digits",
+    out_dir: str | os.PathLike,  # output folder
+    data: str | os.PathLike | tuple[Tensor, Tensor] = "digits",  # digits, an image folder or an .npz
     *,
     model_config: VQTokenizerConfig | None = None,
     train_config: TokenizerTrainConfig | None = None,
-    resume: bool = False,
-    progress: bool = True,
+    resume: bool = False,  # continue the run in out_dir (exact)
+    progress: bool = True,  # a progress bar
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train a ``VQTokenizer`` into ``out_dir`` and return the held-out report (also ``report.json``).
