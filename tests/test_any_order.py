@@ -12,9 +12,10 @@ import torch
 from scipy.stats import chisquare
 
 from conftest import randomize
+from rargen.kv_cache import KVCache
 from rargen.model import RAR, ModelConfig
 from rargen.sampling.any_order import known_first
-from rargen.sampling.decoding import DecodeBatch, Decoder, prepare_for_decoding
+from rargen.sampling.decoding import DecodeBatch, Decoder, decode_fixed_shapes, prepare_for_decoding
 from rargen.sampling.engine import SampleConfig, Sampler, draw_noise, generate, run_to_end, token_probs
 from rargen.sampling.inpaint import cell_mask, inpaint, inpaint_codes
 from rargen.tokenizers.vq import VQTokenizer, VQTokenizerConfig
@@ -295,3 +296,25 @@ def test_inpaint_keeps_the_unmasked_codes(tiny_model: RAR) -> None:
     assert out.shape == (3, 3, 16, 16) and torch.equal(out, expected)
     with pytest.raises(ValueError, match="got 2 masks for 3 images"):
         inpaint(model, tokenizer, images, masks[:2], [1, 2, 3], config, seeds=[4, 5, 6])
+
+
+def test_compiled_decode_step_in_an_order_has_no_graph_breaks(tiny_model: RAR) -> None:
+    model = tiny_model.float()
+    cache = KVCache(model.config, 3, model.dtype, model.device)
+    positions = torch.tensor([2, 5, 9])
+    orders = random_orders(3, 16, seed=8)
+    image_positions = orders.gather(1, torch.stack([positions - 2, positions - 1], 1))
+    explanation = torch._dynamo.explain(decode_fixed_shapes)(
+        model, torch.tensor([3, 4, 5]), torch.tensor([1, 2, 10]), positions, cache, image_positions
+    )
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.mark.slow
+def test_compiled_generate_with_known_tokens_equals_eager(tiny_model: RAR) -> None:
+    model = tiny_model.float()
+    known, mask = edit_inputs(3, seed=9)
+    kwargs = {"seeds": [1, 2, 3], "known": known, "known_mask": mask, "order": "random"}
+    config = SampleConfig(cfg_scale=3.0, cfg_power=1.0)
+    eager = generate(model, [1, 5, 5], config, **kwargs)
+    assert torch.equal(generate(model, [1, 5, 5], config, compile=True, **kwargs), eager)
