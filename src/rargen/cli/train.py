@@ -304,8 +304,8 @@ def _run_train_classifier(args: argparse.Namespace) -> None:
 def _ablate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "ablate",
-        help="an ablation study: annealing windows x budgets x seeds, trained and scored alike",
-        description="Trains one ordinary run folder per (window, budget, seed) under --out/runs/ "
+        help="an ablation study: annealing windows x r_ends x budgets x seeds, trained and scored alike",
+        description="Trains one ordinary run folder per (window, r_end, budget, seed) under --out/runs/ "
         "(resumable; --shard i/n splits the runs over processes), evaluates every checkpoint (held-out "
         "and training NLL in raster order, copies among samples, classifier scores) and writes "
         "table.md, table.json and curves.png.",
@@ -328,6 +328,12 @@ def _ablate_parser(subparsers: argparse._SubParsersAction) -> None:
         "--budgets", type=list_of(int, "500,1500"), default=[1500], help="steps, e.g. 500,1500"
     )
     parser.add_argument("--seeds", type=list_of(int, "0,1,2"), default=[0, 1, 2])
+    parser.add_argument(
+        "--r-ends",
+        type=list_of(float, "0,0.1"),
+        default=[0.0],
+        help="random-order probability after the window",
+    )
     parser.add_argument("--evaluations", type=positive_int, default=6, help="checkpoints scored per run")
     parser.add_argument("--samples-per-class", type=positive_int, default=20)
     parser.add_argument("--cfg-scale", type=float, default=3.0)
@@ -372,7 +378,7 @@ def _run_ablate(args: argparse.Namespace) -> None:
                         log_every=50)  # fmt: skip
     config = StudyConfig(
         train, parse_windows(args.windows), tuple(args.budgets), tuple(args.seeds), args.evaluations,
-        args.samples_per_class, args.cfg_scale,
+        args.samples_per_class, args.cfg_scale, r_ends=tuple(args.r_ends),
     )  # fmt: skip
     summary = run_study(args.out, config, data, shard=shard, progress=not args.no_progress)
     if summary is not None:
