@@ -184,3 +184,16 @@ def test_window_presets_and_names():
         parse_windows("half")
     with pytest.raises(ValueError, match="0 <= start <= end <= 1"):
         Window(0.75, 0.5)
+
+
+def test_r_end_is_an_axis_of_the_study():
+    train = TrainConfig(preset="rar-tiny")
+    config = StudyConfig(train, parse_windows("0/0,0.5/0.75"), (60,), (0,), r_ends=(0.0, 0.25))
+    runs = study_runs(config)
+    assert [run.name for run in runs] == [
+        "raster-b60-s0", "anneal-0.50-0.75-b60-s0", "raster-r0.25-b60-s0", "anneal-0.50-0.75-r0.25-b60-s0",
+    ]  # fmt: skip
+    assert [run.train_config(config).r_end for run in runs] == [0.0, 0.0, 0.25, 0.25]
+    assert "r_ends" not in StudyConfig(train).to_dict() and config.to_dict()["r_ends"] == [0.0, 0.25]
+    with pytest.raises(ValueError, match="must be distinct probabilities"):
+        StudyConfig(train, r_ends=(0.1, 0.1))

@@ -28,6 +28,20 @@ def test_random_order_prob_degenerate_windows() -> None:
 def test_random_order_prob_validates() -> None:
     with pytest.raises(ValueError, match="start"):
         random_order_prob(0, 10, 5)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\], got 1.5"):
+        random_order_prob(0, 5, 10, final=1.5)
+
+
+def test_random_order_prob_anneals_to_a_floor() -> None:
+    """r_end > 0: 1 before the window, linear down to the floor, the floor after it; a floor of 0
+    gives the official schedule's values bit for bit (every existing run unchanged)."""
+    assert [random_order_prob(s, 10, 20, final=0.25) for s in (0, 10, 15, 20, 21, 99)] == [
+        1.0, 1.0, 1.0 - 0.75 * 5 / 10, 0.25, 0.25, 0.25,
+    ]  # fmt: skip
+    assert [random_order_prob(s, 5, 5, final=0.1) for s in (4, 5, 6)] == [1.0, 0.1, 0.1]
+    for step in range(0, 130_000, 997):
+        official = 1.0 if step < 1000 else 0.0 if step > 125_000 else 1.0 - (step - 1000) / 124_000
+        assert random_order_prob(step, 1000, 125_000, final=0.0) == official
 
 
 @pytest.mark.parametrize("prob", [0.0, 0.25, 1.0])

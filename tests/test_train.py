@@ -129,6 +129,24 @@ def test_run_anneals_r_per_step_and_drops_labels(tmp_path, monkeypatch):
     assert [row["lr"] for row in rows] == [lr_at(k, cfg) for k in range(10)]
 
 
+def test_r_end_keeps_random_orders_after_the_window(tmp_path, monkeypatch):
+    seen = []
+    original = train_module.draw_step_randomness
+
+    def spy(generator, batch_size, num_tokens, r, label_dropout):
+        seen.append(r)
+        return original(generator, batch_size, num_tokens, r, label_dropout)
+
+    monkeypatch.setattr(train_module, "draw_step_randomness", spy)
+    cfg = tiny(steps=8, anneal_start=0.25, anneal_end=0.5, r_end=0.25, checkpoint_every=100)
+    train(cfg, data_factory(make_store()), tmp_path / "run", progress=False)
+    assert seen == [random_order_prob(k, 2, 4, 0.25) for k in range(8)] and seen[-1] == 0.25
+    assert "r_end" not in tiny().to_dict()  # recorded only when set: old records read as before
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"TrainConfig.r_end = 1.5"):
+        tiny(r_end=1.5)
+
+
 # --------------------------------------------------------------------------------------------
 # Whole runs
 

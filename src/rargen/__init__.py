@@ -8,6 +8,7 @@ from rargen.hub.releases import from_pretrained
 from rargen.model import RAR, ModelConfig
 from rargen.orders import random_order_prob, sample_orders
 from rargen.sampling.engine import SampleConfig, generate, generate_images, token_probs
+from rargen.sampling.inpaint import inpaint
 from rargen.version import __version__
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "from_pretrained",
     "generate",
     "generate_images",
+    "inpaint",
     "load",
     "random_order_prob",
     "sample_orders",

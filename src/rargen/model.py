@@ -383,7 +383,7 @@ class RAR(nn.Module):
         return self.head(modulate(self.final_norm(x), shift, scale))
 
     # ----------------------------------------------------------------------------------------
-    # Sampling: raster order with a static KV cache, each row at its own position (rargen.sampling.decoding)
+    # Sampling: a static KV cache, each row at its own position and in its own order (rargen.sampling)
 
     @property
     def device(self) -> torch.device:
@@ -394,13 +394,15 @@ class RAR(nn.Module):
         """The dtype of the weights and activations (float32, bfloat16 or float64)."""
         return self.token_embed.weight.dtype
 
-    def prefill(self, labels: Tensor, cache: KVCache, first: int) -> Tensor:
+    def prefill(self, labels: Tensor, cache: KVCache, first: int, targets: Tensor | None = None) -> Tensor:
         """Run the cls and class positions (s = 0, 1) of new rows into cache slots ``first ..
-        first + B - 1``; logits (B, V) of token 0. Rows with the same label share one adaLN."""
+        first + B - 1``; logits (B, V) of the first token in order: image position ``targets``
+        (B,) (None: raster, position 0). Rows with the same label share one adaLN."""
         B = labels.shape[0]
         cond_labels, cond_index = labels.unique(return_inverse=True)
         x_cls = (self.cls_token + self.pos_embed[0]).expand(B, 1, -1)
-        x_class = (self.class_embed(labels) + self.pos_embed[1] + self.target_pos_embed[0])[:, None]
+        target = self.target_pos_embed[0] if targets is None else self.target_pos_embed[targets]
+        x_class = (self.class_embed(labels) + self.pos_embed[1] + target)[:, None]
         x = torch.cat([x_cls, x_class], dim=1)  # (B, 2, D)
         cond = self.class_embed(cond_labels)[:, None] + self.step_embed[:2]  # (Bc, 2, D)
         mask = cache_mask(torch.arange(2, device=labels.device), cache.k[0].shape[2])[:, 0, 0]
@@ -409,25 +411,33 @@ class RAR(nn.Module):
             x = block(x, cond, kv, mask, cond_index)
         return self.head_logits(x[:, 1:], cond[:, 1:], cond_index)[:, 0]  # (B, V)
 
-    def decode_inputs(self, tokens: Tensor, positions: Tensor, runs=None) -> Tensor:
+    def decode_inputs(self, tokens: Tensor, positions: Tensor, runs=None, image_positions=None) -> Tensor:
         """Embeddings (n, D) of raster token ``positions[i] - 2`` (``tokens[i]``) fed at sequence
         index ``positions[i] >= 2``, with its target ``positions[i] - 1``. ``runs`` (see
-        ``CacheAt``) lets the eager path index by a Python int when every row is at one position."""
+        ``CacheAt``) lets the eager path index by a Python int when every row is at one position.
+        In another order, ``image_positions`` (n, 2) holds the image positions of the fed token and
+        of its target (``forward``'s ``orders[s - 2]`` and ``orders[s - 1]``)."""
+        if image_positions is not None:
+            fed, target = image_positions.unbind(1)
+            return self.token_embed(tokens) + self.pos_embed[2 + fed] + self.target_pos_embed[target]
         if runs is not None and len(runs) == 1:
             s = runs[0][2]
             return self.token_embed(tokens) + self.pos_embed[s] + self.target_pos_embed[s - 1]
         return self.token_embed(tokens) + self.pos_embed[positions] + self.target_pos_embed[positions - 1]
 
-    def decode_step(self, tokens: Tensor, modulation: Tensor, cache: KVCache, at: CacheAt) -> Tensor:
+    def decode_step(
+        self, tokens: Tensor, modulation: Tensor, cache: KVCache, at: CacheAt, image_positions=None
+    ) -> Tensor:
         """Feed image tokens at new positions (``decode_inputs``); logits (M, V) of the next tokens.
 
         Position ``i`` feeds ``tokens[i]`` at sequence index ``at.positions[i]`` in [2, L], in
         cache slot ``i`` (or ``at.slots[i]``); its output is the distribution of raster token
         ``at.positions[i] - 1``. One position per row (a decoding step) or windows of several
         consecutive ones per row (a speculative pass), as ``at`` says. ``modulation``
-        (M, 6 * depth + 2, D): the positions' ``decode_modulations``.
+        (M, 6 * depth + 2, D): the positions' ``decode_modulations``. Rows decoding in another
+        order pass ``image_positions`` (see ``decode_inputs``); the rest is order-blind.
         """
-        x = self.decode_inputs(tokens, at.positions, at.runs)
+        x = self.decode_inputs(tokens, at.positions, at.runs, image_positions)
         for i, block in enumerate(self.blocks):  # x (M, D)
             x = block.decode(x, modulation[:, 6 * i : 6 * i + 6], cache.k[i], cache.v[i], at)
         scale, shift = modulation[:, -2], modulation[:, -1]  # scale holds 1 + scale

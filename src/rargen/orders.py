@@ -1,7 +1,8 @@
 """Generation orders and the randomness-annealing schedule (RAR paper Sec. 3.2, Eq. 5).
 
 During training each sequence is factorised in a uniformly random order with probability ``r``
-and in raster order otherwise; ``r`` anneals linearly from 1 to 0 between two optimizer steps.
+and in raster order otherwise; ``r`` anneals linearly from 1 to 0 between two optimizer steps (or
+to a floor ``final`` > 0, so that a model keeps its any-order skill for inpainting).
 The randomness is drawn here, by the caller, from an explicit ``torch.Generator``: the model's
 ``forward`` only consumes the resulting ``orders``.
 """
@@ -12,22 +13,27 @@ import torch
 from torch import Tensor
 
 
-def random_order_prob(step: int, start: int, end: int) -> float:
+def random_order_prob(step: int, start: int, end: int, final: float = 0.0) -> float:
     """Probability ``r`` that a sequence uses a random order at optimizer step ``step``.
 
-    ``r = 1`` before ``start``, ``0`` after ``end`` and linear in between, exactly as the
-    official schedule (steps are 0-based counts of optimizer steps already taken). With
-    ``start == end`` the schedule is a step from 1 to 0 at ``start`` (where the official formula
-    divides by zero), so ``start = end = 0`` is raster-only training and ``start = end = steps``
-    is random-order training throughout (paper Table 2, "0/0" and "400/400").
+    ``r = 1`` before ``start``, ``final`` after ``end`` and linear in between; with ``final = 0``
+    exactly the official schedule (steps are 0-based counts of optimizer steps already taken).
+    With ``start == end`` the schedule is a step from 1 to ``final`` at ``start`` (where the
+    official formula divides by zero), so ``start = end = 0`` is raster-only training and
+    ``start = end = steps`` is random-order training throughout (paper Table 2, "0/0" and
+    "400/400"). ``final > 0`` keeps some random orders to the end: the model keeps some of its
+    any-order skill (inpainting other than completing the bottom from the top).
     """
     if start < 0 or end < start:
         raise ValueError(f"need 0 <= start <= end, got start={start}, end={end}")
+    if not 0.0 <= final <= 1.0:
+        raise ValueError(f"the final random-order probability must be in [0, 1], got {final}")
     if step < start:
         return 1.0
     if step > end or end == start:
-        return 0.0
-    return 1.0 - (step - start) / (end - start)
+        return final
+    # (1 - final) * x is x itself when final = 0: the official schedule's values, bit for bit.
+    return 1.0 - (1.0 - final) * (step - start) / (end - start)
 
 
 def raster_orders(batch_size: int, num_tokens: int, device: torch.device | str | None = None) -> Tensor:

@@ -142,9 +142,9 @@ def _train_classifier(parser: argparse.ArgumentParser) -> Callable:
 
 @command("ablate")
 def _ablate(parser: argparse.ArgumentParser) -> Callable:
-    """an ablation study: annealing windows x budgets x seeds, trained and scored alike
+    """an ablation study: annealing windows x r_ends x budgets x seeds, trained and scored alike
 
-    Trains one ordinary run folder per (window, budget, seed) under --out/runs/ (resumable; --shard i/n
+    Trains one ordinary run folder per (window, r_end, budget, seed) under --out/runs/ (resumable; --shard i/n
     splits the runs over processes), evaluates every checkpoint (held-out and training NLL in raster
     order, copies among samples, classifier scores) and writes table.md, table.json and curves.png.
     Every StudyConfig field is a flag, its TrainConfig's (but those set per run) and SampleConfig's too."""

@@ -1,9 +1,10 @@
 """An ablation study: a grid of ordinary training runs on one store, all else equal, scored alike.
 
 The grid is annealing windows (fractions of each run's steps: ``0/0`` raster only, ``1/1`` random
-order throughout, ``0.5/0.75`` the paper's default) x budgets (optimizer steps) x seeds. Every run is
-a plain ``rargen train`` run folder under ``out/runs/`` with evenly spaced checkpoints, so a study
-that is stopped resumes where it stopped (finished runs are kept, a partial one continues from its
+order throughout, ``0.5/0.75`` the paper's default) x final random-order probabilities ``r_end``
+(0 as the paper; > 0 keeps some any-order skill, for inpainting) x budgets (steps) x seeds. Every
+run is a plain ``rargen train`` run folder under ``out/runs/`` with evenly spaced checkpoints, so a
+stopped study resumes where it stopped (finished runs are kept, a partial one continues from its
 newest checkpoint) and ``shard=(i, n)`` splits the runs over processes or machines.
 
 Every kept checkpoint of every run is evaluated the same way (``evaluation.json`` in its folder):
@@ -104,7 +105,7 @@ def parse_windows(spec: str) -> tuple[Window, ...]:
 
 
 # The TrainConfig fields each run sets itself (``Run.train_config``), from its window, budget and seed.
-PER_RUN = ("steps", "anneal_start", "anneal_end", "seed", "checkpoint_every", "keep_checkpoints",
+PER_RUN = ("steps", "anneal_start", "anneal_end", "r_end", "seed", "checkpoint_every", "keep_checkpoints",
            "sample_every")  # fmt: skip
 
 
@@ -121,10 +122,13 @@ class StudyConfig:
     samples_per_class: int = 20  # samples per class and checkpoint (copies, classifier scores)
     sample: SampleConfig = SampleConfig(cfg_scale=3.0)
     copy_quantile: float = 0.05  # a sample copies when nearer a training image than this share of held-out
+    r_ends: tuple[float, ...] = (0.0,)  # TrainConfig.r_end of the runs: r anneals to it, not to 0
 
     def __post_init__(self) -> None:
-        if not self.windows or not self.budgets or not self.seeds:
-            raise ValueError("a study needs at least one window, one budget and one seed")
+        if not self.windows or not self.budgets or not self.seeds or not self.r_ends:
+            raise ValueError("a study needs at least one window, one r_end, one budget and one seed")
+        if len(set(self.r_ends)) != len(self.r_ends) or not all(0.0 <= r <= 1.0 for r in self.r_ends):
+            raise ValueError(f"r_ends {list(self.r_ends)} must be distinct probabilities in [0, 1]")
         if self.evaluations < 1 or self.samples_per_class < 1:
             raise ValueError(
                 f"evaluations ({self.evaluations}) and samples_per_class ({self.samples_per_class}) "
@@ -141,6 +145,8 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)  # nested: {"train": {...}, "sample": {...}, ...}
         values["windows"] = [[w.start, w.end] for w in self.windows]
+        if self.r_ends == (0.0,):  # recorded only when set: studies of the paper's schedule resume
+            del values["r_ends"]
         return json.loads(json.dumps(values))  # tuples -> lists, as read back from study.json
 
 
@@ -149,16 +155,22 @@ class Run:
     window: Window
     budget: int
     seed: int
+    r_end: float = 0.0
+
+    @property
+    def setting(self) -> str:
+        """The window's name, and the final random-order probability when it is not 0."""
+        return self.window.name + (f"-r{self.r_end:g}" if self.r_end else "")
 
     @property
     def name(self) -> str:
-        return f"{self.window.name}-b{self.budget}-s{self.seed}"
+        return f"{self.setting}-b{self.budget}-s{self.seed}"
 
     def train_config(self, study: StudyConfig) -> TrainConfig:
         every = max(1, self.budget // study.evaluations)
         return dataclasses.replace(
-            study.train, steps=self.budget, anneal_start=float(self.window.start),
-            anneal_end=float(self.window.end), seed=self.seed, checkpoint_every=every,
+            study.train, steps=self.budget, anneal_start=float(self.window.start), seed=self.seed,
+            anneal_end=float(self.window.end), r_end=float(self.r_end), checkpoint_every=every,
             keep_checkpoints=-(-self.budget // every) + 1, sample_every=self.budget,
             log_every=min(study.train.log_every, every),
         )  # fmt: skip
@@ -166,7 +178,8 @@ class Run:
 
 def study_runs(config: StudyConfig) -> list[Run]:
     # Seed by seed: a study cut short still compares every window on its first seeds.
-    return [Run(w, b, s) for b in config.budgets for s in config.seeds for w in config.windows]
+    c = config
+    return [Run(w, b, s, r) for b in c.budgets for s in c.seeds for r in c.r_ends for w in c.windows]
 
 
 @dataclass(frozen=True)
@@ -391,7 +404,7 @@ def summarise(out: Path, config: StudyConfig) -> dict[str, Any]:
         if not _evaluated(out / "runs" / run.name, run.budget):
             continue
         rows = json.loads((out / "runs" / run.name / "evaluation.json").read_text())
-        groups.setdefault((run.window.name, run.budget), []).append(rows)
+        groups.setdefault((run.setting, run.budget), []).append(rows)
     rows_out = []
     for (window, budget), per_seed in groups.items():
         final = [next(r for r in rows if r["step"] == budget) for rows in per_seed]

@@ -17,6 +17,14 @@ adaLN ahead: a row's conditioning (class + sequence index) is known for all futu
 the modulations of ``chunk`` consecutive positions of a label are computed in one batched
 product and kept while a row needs them (tables keyed by (label, position // chunk); rows at
 different positions simply use different tables). No step reads the adaLN weights otherwise.
+
+Any order: a row may be added with its own generation order (a permutation of the image
+positions) and with a prefix of its tokens given in that order (inpainting: the known tokens
+first), fed in one windowed pass right after the prefill. Only the inputs depend on the order
+(the fed token's position embedding and its target's target-aware embedding); the cache, the
+attention and the adaLN conditioning are indexed by the sequence index, as in ``RAR.forward``.
+A batch holds an order table only while one of its rows is not raster, so raster batches step
+exactly as before.
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rargen.kv_cache import CacheAt, KVCache, cache_mask
+from rargen.kv_cache import CacheAt, CacheWindow, KVCache, cache_mask
 from rargen.model import RAR
+from rargen.orders import raster_orders
 from rargen.sampling.cpu import is_packed, packed_for_cpu_decoding
 
 # Budget for the adaLN modulations computed ahead (all tables of one batch together).
@@ -36,13 +45,19 @@ MODULATION_CHUNK_BYTES = 128 * 2**20
 
 
 def decode_fixed_shapes(
-    model: RAR, tokens: Tensor, labels: Tensor, positions: Tensor, cache: KVCache
+    model: RAR,
+    tokens: Tensor,
+    labels: Tensor,
+    positions: Tensor,
+    cache: KVCache,
+    image_positions: Tensor | None = None,
 ) -> Tensor:
     """One step with the modulations computed inside and a masked full-length cache: the same
-    shapes at every step (for ``torch.compile`` and CUDA graphs)."""
+    shapes at every step (for ``torch.compile`` and CUDA graphs). ``image_positions``: see
+    ``RAR.decode_inputs`` (None, the raster step, compiles to the graph it always had)."""
     modulation = model.decode_modulations(labels, positions)
     at = CacheAt(positions, mask=cache_mask(positions, model.config.num_image_tokens + 1))
-    return model.decode_step(tokens, modulation, cache, at)
+    return model.decode_step(tokens, modulation, cache, at, image_positions)
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -210,6 +225,10 @@ class DecodeBatch:
         )
         self._labels_tensor: Tensor | None = None
         self._step = _compiled_step(model.device) if self.compiled else None
+        # Each row's generation order (rows, L), made when a row in another order joins and
+        # dropped when the last one leaves; ``ordered`` marks those rows (raster rows hold arange).
+        self._orders: Tensor | None = None
+        self.ordered: list[bool] = []
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -218,22 +237,85 @@ class DecodeBatch:
     def free(self) -> int:
         return self.capacity - len(self.labels)
 
-    def add(self, labels: Sequence[int]) -> tuple[list[int], Tensor]:
+    def add(
+        self,
+        labels: Sequence[int],
+        orders: Tensor | None = None,
+        known: Tensor | None = None,
+        counts: Sequence[int] | None = None,
+    ) -> tuple[list[int], Tensor]:
         """Start rows for ``labels`` (the null label for an unconditional row): their cls and
         class positions run into free slots now (the prefill, one pass for these rows only).
-        Returns their slots and the logits (k, V) of their token 0; they feed token 0 (``feed``)
-        at the next step, beside the rows already decoding."""
+        Returns their slots and the logits (k, V) of their first token to draw; they feed it
+        (``feed``) at the next step, beside the rows already decoding.
+
+        ``orders`` (k, L) int64: each row's generation order (None: raster). ``known`` (k, L)
+        int64 tokens in that order, of which row ``i``'s first ``counts[i]`` (< L) are given: they
+        are fed now too, in one windowed pass, and the logits returned are those of the row's token
+        ``counts[i]`` in its order (``RAR.forward``'s output ``counts[i]`` for that order)."""
         labels = [int(label) for label in labels]
-        if len(labels) > self.free:
-            raise ValueError(f"{len(labels)} rows do not fit: {self.free} of {self.capacity} slots are free")
+        k, L = len(labels), self.model.config.num_image_tokens
+        if k > self.free:
+            raise ValueError(f"{k} rows do not fit: {self.free} of {self.capacity} slots are free")
         first = len(self.labels)
         device = self.model.device
-        logits = self.model.prefill(torch.tensor(labels, device=device), self.cache, first)
+        if orders is not None and self._orders is None:  # the first row in another order
+            self._orders = raster_orders(self.capacity, L, device)
+        if self._orders is not None:  # raster rows too: a slot may hold a departed row's order
+            self._orders[first : first + k] = raster_orders(k, L, device) if orders is None else orders
+        targets = None if orders is None else orders[:, 0]
+        logits = self.model.prefill(torch.tensor(labels, device=device), self.cache, first, targets)
         self.labels += labels
-        self.positions += [2] * len(labels)
-        self._positions[first : first + len(labels)] = 2
+        self.positions += [2] * k
+        self.ordered += [orders is not None] * k
+        self._positions[first : first + k] = 2
         self._labels_tensor = None
-        return list(range(first, first + len(labels))), logits
+        if counts is not None and any(counts):
+            logits = self._feed_known(first, known, [int(c) for c in counts], logits)
+        return list(range(first, first + k)), logits
+
+    def _feed_known(self, first: int, known: Tensor, counts: list[int], logits: Tensor) -> Tensor:
+        """Feed new row ``first + i`` its first ``counts[i]`` tokens of ``known`` at sequence
+        indices 2 .. counts[i] + 1, all rows in one pass (a causal window per group of rows with
+        equal counts, as a speculative pass). Returns ``logits`` with each such row's replaced by
+        its window's last output: the distribution of its token ``counts[i]``."""
+        L, device = self.model.config.num_image_tokens, self.model.device
+        if max(counts) >= L:
+            raise ValueError(f"a row may be given at most {L - 1} tokens of {L}, got {max(counts)}")
+        groups: dict[int, list[int]] = {}
+        for i, count in enumerate(counts):
+            if count:
+                groups.setdefault(count, []).append(i)
+        windows, tokens, sequence, rows, image, modulations = [], [], [], [], [], []
+        for count, members in sorted(groups.items()):
+            index = torch.tensor(members, device=device)
+            cache_rows = first + index
+            windows.append(CacheWindow.causal(cache_rows, 2, count))
+            tokens.append(known[index, :count].flatten())
+            sequence.append(torch.arange(2, 2 + count, device=device).repeat(len(members)))
+            rows.append(cache_rows.repeat_interleave(count))
+            if self._orders is not None:  # fed token i at order[i], its target order[i + 1]
+                order = self._orders[cache_rows]
+                image.append(torch.stack([order[:, :count], order[:, 1 : count + 1]], -1).flatten(0, 1))
+            # One table per label of the group (rows with a label share it), gathered per row.
+            labels, inverse = torch.tensor([self.labels[r] for r in cache_rows.tolist()]).unique(
+                return_inverse=True
+            )
+            spans = torch.stack([self.modulations.span(label, 2, count) for label in labels.tolist()])
+            modulations.append(spans[inverse.to(device)].flatten(0, 1))
+        at = CacheAt(torch.cat(sequence), windows=tuple(windows), slots=torch.cat(rows))
+        out = self.model.decode_step(
+            torch.cat(tokens), torch.cat(modulations), self.cache, at, torch.cat(image) if image else None
+        )
+        logits, start = logits.clone(), 0
+        for count, members in sorted(groups.items()):
+            stop = start + count * len(members)
+            logits[members] = out[start:stop].view(len(members), count, -1)[:, -1]
+            start = stop
+        for i, count in enumerate(counts):
+            self.positions[first + i] += count
+        self._positions[first : first + len(counts)] += torch.tensor(counts, device=device)
+        return logits
 
     def remove(self, slots: Sequence[int]) -> list[tuple[int, int]]:
         """Free ``slots`` at once; the last live rows move into the holes (their cache rows are
@@ -249,10 +331,16 @@ class DecodeBatch:
                 self.feed[hole] = self.feed[last]
                 self._positions[hole] = self._positions[last]
                 self.labels[hole], self.positions[hole] = self.labels[last], self.positions[last]
+                self.ordered[hole] = self.ordered[last]
+                if self._orders is not None:
+                    self._orders[hole] = self._orders[last]
                 where[hole], current[moved] = moved, hole
             self.labels.pop()
             self.positions.pop()
+            self.ordered.pop()
             where.pop()
+        if not any(self.ordered):  # every row left is raster: steps as a raster batch again
+            self._orders = None
         for original, now in current.items():
             if original != now:
                 moves.append((original, now))
@@ -279,7 +367,7 @@ class DecodeBatch:
 
     def step(self) -> Tensor:
         """Feed one position per live row (``feed`` for image tokens); logits (n, V) of each
-        row's next token (row ``i`` at sequence index ``s`` predicts raster token ``s - 1``).
+        row's next token (row ``i`` at sequence index ``s`` predicts its token ``s - 1`` in its order).
         Every position advances by one."""
         n = len(self.labels)
         if n == 0:
@@ -287,14 +375,18 @@ class DecodeBatch:
         if max(self.positions) > self.model.config.num_image_tokens:
             raise ValueError("a row is past the last token; remove finished rows before stepping")
         positions, tokens = self._positions[:n], self.feed[:n]
+        image_positions = None
+        if self._orders is not None:  # a row in another order: each row's fed and target positions
+            image_positions = self._orders[:n].gather(1, torch.stack([positions - 2, positions - 1], 1))
         if self._step is not None:
             if self._labels_tensor is None:
                 self._labels_tensor = torch.tensor(self.labels, device=self.model.device)
-            logits = self._step(self.model, tokens, self._labels_tensor, positions, self.cache)
+            extra = () if image_positions is None else (image_positions,)  # raster: the same call as ever
+            logits = self._step(self.model, tokens, self._labels_tensor, positions, self.cache, *extra)
         else:
             modulation = self._modulations()
             at = CacheAt(positions, runs=self.runs(), slots=self._slots[:n])
-            logits = self.model.decode_step(tokens, modulation, self.cache, at)
+            logits = self.model.decode_step(tokens, modulation, self.cache, at, image_positions)
         self._positions[:n] += 1
         self.positions = [position + 1 for position in self.positions]
         return logits

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from rargen.model import RAR
+from rargen.sampling.any_order import check_permutations, is_raster, known_first
 from rargen.sampling.decoding import DecodeBatch, Decoder, prepare_for_decoding
 from rargen.sampling.next_token import (
     cfg_schedule,
@@ -110,8 +111,9 @@ def draw_noise(shape: tuple[int, int, int], device: Any, generator=None, seeds: 
 class Sample:
     """One image being decoded by a ``Sampler``: its label, settings and tokens so far.
 
-    ``tokens`` (L,) int64: raster tokens 0 .. ``done - 1`` are set (a view while decoding, a copy
-    once finished). ``forced``: teacher-forced (``token_probs``), else sampled from the noise.
+    ``tokens`` (L,) int64: tokens 0 .. ``done - 1`` of its generation order (raster unless added
+    with ``orders``) are set (a view while decoding, a copy once finished). ``forced``:
+    teacher-forced (``token_probs``), else sampled from the noise.
     """
 
     __slots__ = ("label", "config", "forced", "slots", "row", "done", "tokens", "finished", "tag")
@@ -178,41 +180,53 @@ class Sampler:
         noise: Tensor | None = None,
         tokens: Tensor | None = None,
         tags: Sequence[Any] | None = None,
+        orders: Tensor | None = None,
+        given: Sequence[int] | None = None,
     ) -> list[Sample]:
         """Start one sample per label: sampled with ``noise`` (n, L, V) Exp(1) draws
         (``draw_noise``), or teacher-forced with ``tokens`` (n, L). Their cls and class
         positions are prefilled and token 0 drawn now; ``tags`` (one per label) are the
-        caller's, kept on the samples."""
+        caller's, kept on the samples. ``orders`` (n, L): each sample's generation order (None:
+        raster); ``tokens`` and ``noise`` are then in that order. ``given`` (n,), with both
+        ``noise`` and ``tokens``: sample ``i``'s first ``given[i]`` tokens are those of ``tokens``,
+        fed in one pass after the prefill (``DecodeBatch.add``); the rest are sampled."""
         cfg = self.model_config
         labels = class_labels(labels, cfg.num_classes)
         n = len(labels)
-        if (noise is None) == (tokens is None):
-            raise ValueError("pass exactly one of noise (to sample) or tokens (to teacher-force)")
+        if (noise is not None, tokens is not None, given is not None) not in (
+            (True, False, False), (False, True, False), (True, True, True)
+        ):  # fmt: skip
+            raise ValueError("pass noise (to sample), tokens (to teacher-force), or both and given")
         if not self.fits(n, config.guided):
             raise ValueError(f"{n} samples do not fit in this sampler ({len(self._free_rows)} free)")
         device = self._tokens.device
         schedule = cfg_schedule(cfg.num_image_tokens, config.cfg_scale, config.cfg_power, device)
         added = []
         for i, label in enumerate(labels):
-            sample = Sample(
-                int(label), config, forced=tokens is not None, tag=None if tags is None else tags[i]
-            )
+            sample = Sample(int(label), config, forced=noise is None, tag=None if tags is None else tags[i])
             sample.row = row = self._free_rows.pop()
+            sample.done = 0 if given is None else int(given[i])
             if tokens is not None:
                 self._tokens[row] = tokens[i]
-            else:
+            if noise is not None:
                 self._noise[row] = noise[i]
             self._weights[row] = schedule
             sample.tokens = self._tokens[row]
             added.append(sample)
         # One prefill for the new rows; with guidance the null rows follow: one [cond; null] block.
         nulls = [cfg.null_label] * n if config.guided else []
-        slots, logits = self.batch.add([s.label for s in added] + nulls)
+        per = 2 if config.guided else 1  # a null row is given its sample's order and tokens
+        orders = None if orders is None else orders.repeat(per, 1)
+        known, counts = (None, None) if given is None else (tokens.repeat(per, 1), list(given) * per)
+        slots, logits = self.batch.add([s.label for s in added] + nulls, orders, known, counts)
         for i, sample in enumerate(added):
             sample.slots = [slots[i], slots[n + i]] if config.guided else [slots[i]]
-        self._emit(_StepPlan(added, slots[0]), logits)  # token 0, from the prefill
+        self._emit(_StepPlan(added, slots[0]), logits)  # the first token drawn, from the prefill
         self.samples += added
         self._plan = None
+        finished = [s for s in added if s.done == cfg.num_image_tokens]  # all but one token given
+        if finished:
+            self._drop(finished)
         return added
 
     def remove(self, samples: Sequence[Sample]) -> None:
@@ -360,8 +374,11 @@ def generate(
     compile: bool = False,
     speculate: int = 0,
     quantize: str | None = None,
+    known: Tensor | None = None,
+    known_mask: Tensor | None = None,
+    order: str | Tensor = "raster",
 ) -> Tensor:
-    """Sample tokens (B, L) int64 in raster order for class ``labels`` (B,).
+    """Sample tokens (B, L) int64 (raster positions) for class ``labels`` (B,).
 
     Randomness: ``seeds`` (one int per sample: batch-split invariant) or ``generator``.
     ``model``: a RAR (prepared here, on every call) or ``prepare_for_decoding(model)`` made once.
@@ -369,22 +386,38 @@ def generate(
     compiles the decode step (CUDA graphs on GPU). ``speculate=K`` verifies K draft tokens per
     forward pass (``rargen.sampling.speculative``: the same distribution, fewer passes; 0 = off).
     ``quantize="int8"`` multiplies with int8 weights (``rargen.sampling.int8``; faster, inexact).
+    ``known`` (B, L) codes with ``known_mask`` (B, L) bool: each row's known tokens are fed first
+    (one pass) and returned unchanged, the others drawn in ``order``: "raster" among the unknown,
+    "random" (from the row's seed), or a permutation (``rargen.sampling.any_order``). The
+    guidance weight w(t) follows the step t of the row's order, known steps included.
     """
     compiled = compile or (isinstance(model, Decoder) and model.compiled)
     check_speculate(speculate, compiled)  # before any work: the decoder, the noise
+    if speculate and (known is not None or not is_raster(order)):
+        raise ValueError(f"speculate={speculate} decodes in raster order; drop it to pass known or order")
     decoder = _decoder(model, bf16, compile, quantize)
     labels = class_labels(labels, decoder.config.num_classes)
-    cfg, device = decoder.model.config, decoder.model.device
-    noise = draw_noise((len(labels), cfg.num_image_tokens, cfg.codebook_size), device, generator, seeds)
+    cfg, device, L = decoder.model.config, decoder.model.device, decoder.config.num_image_tokens
+    plan = known_first(known, known_mask, order, len(labels), cfg, device, seeds, generator)  # None: raster
+    noise = draw_noise((len(labels), L, cfg.codebook_size), device, generator, seeds)
     if not labels:
-        return torch.empty(0, cfg.num_image_tokens, dtype=torch.int64, device=device)
+        return torch.empty(0, L, dtype=torch.int64, device=device)
     if speculate:
         return generate_speculative(decoder, labels, config, noise, speculate)[0]
     with torch.inference_mode():
         sampler = Sampler(decoder, len(labels), guided=config.guided, conditions=_conditions(labels, config))
-        samples = sampler.add(labels, config, noise=noise)
-        run_to_end(sampler)
-        return torch.stack([s.tokens for s in samples])
+        if plan is None:
+            samples = sampler.add(labels, config, noise=noise)
+            run_to_end(sampler)
+            return torch.stack([s.tokens for s in samples])
+        rows = [b for b, count in enumerate(plan.counts) if count < L]  # a wholly known row is done
+        tokens, index = plan.tokens.clone(), torch.tensor(rows, dtype=torch.int64, device=device)
+        given = dict(tokens=tokens[index], orders=plan.orders[index], given=[plan.counts[b] for b in rows])
+        if rows:
+            samples = sampler.add([labels[b] for b in rows], config, noise=noise[index], **given)
+            run_to_end(sampler)
+            tokens[index] = torch.stack([s.tokens for s in samples])
+        return torch.empty_like(tokens).scatter_(1, plan.orders, tokens)  # back to raster positions
 
 
 def _conditions(labels: Sequence[int], config: SampleConfig) -> int:
@@ -401,15 +434,21 @@ def token_probs(
     bf16: bool = False,
     compile: bool = False,
     quantize: str | None = None,
+    orders: Tensor | None = None,
 ) -> Tensor:
     """The exact per-step sampling distributions (B, L, V) of ``generate``, ``tokens`` teacher-forced.
 
     Same engine, guidance, temperature and truncation (and ``quantize``) as ``generate``.
+    ``orders`` (B, L) or (L,): decode each row in that order; step ``i`` is then the distribution
+    of ``tokens[b, orders[b, i]]`` (as ``RAR.forward(tokens, labels, orders)``'s logits).
     """
     decoder = _decoder(model, bf16, compile, quantize)
     labels = class_labels(labels, decoder.config.num_classes)
     cfg = decoder.model.config
-    tokens = torch.as_tensor(tokens, device=decoder.model.device)
+    tokens, L = torch.as_tensor(tokens, device=decoder.model.device), cfg.num_image_tokens
+    if orders is not None:  # teacher-forced in that order
+        orders = check_permutations(torch.as_tensor(orders, device=tokens.device), len(labels), L)
+        tokens = tokens.gather(1, orders)
     dtype = torch.float64 if decoder.model.dtype == torch.float64 else torch.float32
     out = torch.empty(len(labels), cfg.num_image_tokens, cfg.codebook_size, dtype=dtype, device=tokens.device)
     with torch.inference_mode():
@@ -419,7 +458,7 @@ def token_probs(
             out[[s.tag for s in samples], [s.done - 1 for s in samples]] = logits.softmax(-1).to(dtype)
 
         sampler.on_emit = record
-        sampler.add(labels, config, tokens=tokens, tags=range(len(labels)))  # tag: the row of out
+        sampler.add(labels, config, tokens=tokens, tags=range(len(labels)), orders=orders)  # tag: row of out
         run_to_end(sampler)
     return out
 

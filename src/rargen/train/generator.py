@@ -247,7 +247,7 @@ def train(
 
         use_bf16 = config.precision == "bf16" or (config.precision == "auto" and env.device.type == "cuda")
         autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16)
-        anneal = (config.resolve(config.anneal_start), config.resolve(config.anneal_end))
+        anneal = (config.resolve(config.anneal_start), config.resolve(config.anneal_end), config.r_end)
         L, null_label = mcfg.num_image_tokens, mcfg.null_label
         check_every_step = env.device.type == "cpu"  # a host sync is free on the CPU
         train_flops = 3 * raw.flops_per_token()  # forward + backward ~ 3x forward

@@ -40,6 +40,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global L2 norm; 0 = off
     anneal_start: int | float = 0.5
     anneal_end: int | float = 0.75
+    r_end: float = 0.0  # random-order probability after anneal_end (paper: 0); > 0 keeps any-order skill
     label_dropout: float = 0.1  # class label -> null label (classifier-free guidance)
     seed: int = 0
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
@@ -78,6 +79,8 @@ class TrainConfig:
             raise bad("precision", 'choose "auto", "bf16" or "fp32"')
         if self.sharding not in ("ddp", "fsdp"):
             raise bad("sharding", 'choose "ddp" or "fsdp"')
+        if not 0.0 <= self.r_end <= 1.0:
+            raise bad("r_end", "the random-order probability after anneal_end must be in [0, 1]")
         if not 0.0 <= self.label_dropout < 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("label_dropout and ema_decay must be in [0, 1)")
         if self.lr <= 0 or self.end_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -89,7 +92,10 @@ class TrainConfig:
         return round(value * self.steps) if isinstance(value, float) else int(value)
 
     def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
+        values = config_to_dict(self)
+        if not self.r_end:  # recorded only when set: records of the paper's schedule stay as they were
+            del values["r_end"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
