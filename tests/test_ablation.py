@@ -144,6 +144,32 @@ def test_interrupted_study_resumes(finished, study_data, tmp_path):
         run_study(out, StudyConfig(config.train, config.windows, (BUDGET,), (0,)), study_data, progress=False)
 
 
+def test_a_rerun_on_other_inputs_is_refused(finished, study_data, tmp_path):
+    """Issue 25 item 7: study.json recorded the grid but not the data, the held-out store, the
+    tokenizer or the classifier, so a rerun on other inputs rewrote the table from old evaluations
+    (or, half finished, mixed data). The inputs' digests are recorded; a rerun on others is refused
+    naming them, before any work; the same inputs moved elsewhere still resume."""
+    out, _ = finished
+    recorded = json.loads((out / "study.json").read_text())["data"]
+    assert set(recorded) == {"store", "heldout_store", "tokenizer", "classifier"}
+    assert recorded["classifier"] is None and len(recorded["tokenizer"]) == 64
+    names = [str(i) for i in range(10)]
+    other = write_store(tmp_path / "other", *_tokens(32, 3), codebook_size=32, class_names=names,
+                        image_size=16)  # fmt: skip
+    swapped = {
+        "data.heldout_store": dataclasses.replace(study_data, heldout_store=other),
+        "data.tokenizer": dataclasses.replace(study_data, tokenizer=None),
+    }
+    for field, data in swapped.items():
+        with pytest.raises(ValueError, match=rf"other settings \({field}\); pass another --out"):
+            run_study(out, _config(), data, progress=False, log=lambda _: None)
+    moved = tmp_path / "moved"
+    shutil.copytree(study_data.heldout_store, moved)
+    summary = run_study(out, _config(), dataclasses.replace(study_data, heldout_store=moved), progress=False,
+                        log=lambda _: None)  # fmt: skip
+    assert summary["rows"] == json.loads((out / "table.json").read_text())["rows"]
+
+
 def test_samples_are_scored_as_the_digit_classifier_scores_them(finished, study_data, tmp_path, monkeypatch):
     """A classifier folder scores each checkpoint's samples: class accuracy and the Fréchet distance
     to the held-out digits, the numbers of classifier_accuracy and digit_frechet_distance."""

@@ -16,8 +16,9 @@ from rargen.data.preprocess import AUGMENTS
 from rargen.data.sources import describe_read
 from rargen.data.store import pretokenize
 from rargen.data.token_store import TokenStore
-from rargen.demo.ablation import PER_RUN, StudyConfig, StudyData, format_table, parse_windows, run_study
+from rargen.demo.ablation import PER_RUN, StudyConfig, StudyData, parse_windows, run_study
 from rargen.demo.pipeline import DemoConfig, prepare_digits, run_demo, training_precision
+from rargen.demo.study_report import format_table
 from rargen.evaluation.classifier import describe_classifier, train_classifier
 from rargen.tokenizers.vq import VQTokenizerConfig
 from rargen.train.generator import train

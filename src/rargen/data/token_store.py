@@ -5,6 +5,7 @@ are in ``rargen.data.store``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,6 +25,28 @@ MAX_CODEBOOK_SIZE = int(np.iinfo(TOKEN_DTYPE).max) + 1
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
+
+
+def store_digest(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> str:
+    """What identifies a finished store, cheaply: its ``meta.json`` (source, tokenizer, counts), each
+    shard's files with their sizes, and the first and last ``sample_bytes`` of each (the whole file
+    when smaller: a small store is hashed in full). Not every token of a large store: an ImageNet
+    store is gigabytes, and two stores that agree in all of this are the same data in practice."""
+    folder, digest = Path(path), hashlib.sha256()
+    if not (folder / META_NAME).is_file():
+        raise ValueError(
+            f"{str(folder)!r} is not a finished token store (no {META_NAME}); pass a store folder"
+        )
+    digest.update((folder / META_NAME).read_bytes())
+    for shard in json.loads((folder / META_NAME).read_text()).get("shards", ()):
+        for file in sorted((folder / shard["name"]).iterdir()):
+            size = file.stat().st_size
+            digest.update(f"{shard['name']}/{file.name}:{size}".encode())
+            with file.open("rb") as handle:
+                digest.update(handle.read(sample_bytes))
+                handle.seek(max(sample_bytes, size - sample_bytes))
+                digest.update(handle.read())
+    return digest.hexdigest()
 
 
 class TokenStore:

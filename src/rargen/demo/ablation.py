@@ -38,20 +38,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rargen.demo.study_report import METRICS, format_table, plot_curves
 from rargen.sampling.engine import SampleConfig
 from rargen.train.recipe import TrainConfig
 from rargen.train.run_state import checkpoints
-
-METRICS = ("heldout_nll", "train_nll", "copy_fraction", "class_accuracy", "frechet_distance")
-LOWER_IS_BETTER = {"heldout_nll": True, "train_nll": True, "copy_fraction": True,
-                   "class_accuracy": False, "frechet_distance": True}  # fmt: skip
-LABELS = {
-    "heldout_nll": "held-out NLL (bits/token, raster)",
-    "train_nll": "training NLL (bits/token, raster)",
-    "copy_fraction": "copies among samples",
-    "class_accuracy": "class accuracy",
-    "frechet_distance": "Fréchet distance (classifier features)",
-}
 
 
 @dataclass(frozen=True)
@@ -190,6 +180,16 @@ class StudyData:
     heldout_store: Path  # held-out token store (the same tokenizer)
     tokenizer: Path | None = None  # tokenizer folder: sample and count copies
     classifier: Path | None = None  # classifier folder (the demo's or train-classifier's) to score samples
+
+    def digests(self) -> dict[str, str | None]:
+        """What identifies each input; recorded in study.json, so that a rerun on other data is refused."""
+        from rargen.checkpoint import checkpoint_hash
+        from rargen.data.token_store import store_digest
+
+        stores = {name: store_digest(getattr(self, name)) for name in ("store", "heldout_store")}
+        return stores | {
+            n: checkpoint_hash(p) if (p := getattr(self, n)) else None for n in ("tokenizer", "classifier")
+        }
 
 
 def study_scorer(data: StudyData) -> Any:
@@ -343,11 +343,12 @@ def evaluate_run(folder: Path, evaluator: Evaluator) -> list[dict[str, Any]]:
 # The study
 
 
-def check_study_folder(out: Path, config: StudyConfig) -> None:
-    """A study folder records its grid; rerunning it resumes, another grid there is refused."""
+def check_study_folder(out: Path, config: StudyConfig, data: StudyData | None = None) -> None:
+    """A study folder records its grid and inputs; rerunning it resumes, others there are refused."""
     from rargen.train.run_state import check_settings_record
 
-    check_settings_record(out / "study.json", config.to_dict(), "a study", "pass another --out")
+    settings = config.to_dict() | ({"data": data.digests()} if data is not None else {})
+    check_settings_record(out / "study.json", settings, "a study", "pass another --out")
 
 
 def run_study(
@@ -367,7 +368,7 @@ def run_study(
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard {index}/{count}: need 0 <= i < n")
-    check_study_folder(out, config)
+    check_study_folder(out, config, data)
     # Built before any run trains: it refuses a classifier that cannot score the samples.
     evaluator = Evaluator(data, config.samples_per_class, config.sample, config.copy_quantile)
     runs = study_runs(config)
@@ -434,55 +435,6 @@ def summarise(out: Path, config: StudyConfig) -> dict[str, Any]:
     return {"config": config.to_dict(), "rows": rows_out}
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    """Markdown: one line per (window, budget) and protocol, mean ± std over seeds."""
-    metrics = [m for m in METRICS if m in summary["rows"][0]["fixed_budget"]]
-    head = ["window", "budget", "protocol", "step", *(LABELS[m] for m in metrics), "NLL gain vs raster (std)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for row in summary["rows"]:
-        for protocol, name in (("fixed_budget", "fixed budget"), ("best_checkpoint", "best by held-out NLL")):
-            result = row[protocol]
-            step = f"{row['budget']}" if protocol == "fixed_budget" else _cell(result["step"], 0)
-            gain = result.get("nll_gain_over_raster_in_std")
-            cells = [row["window"], str(row["budget"]), name, step]
-            cells += [_cell(result[m], 3) for m in metrics] + ["" if gain is None else f"{gain:+.1f}"]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: dict[str, float], digits: int) -> str:
-    return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
-
-
-def plot_curves(summary: dict[str, Any], path: Path) -> None:
-    """Every metric against the optimizer step, one line per (window, budget), error bars = std."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [m for m in METRICS if m in summary["rows"][0]["curves"]]
-    columns = min(3, len(metrics))
-    rows = -(-len(metrics) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
-    several_budgets = len({row["budget"] for row in summary["rows"]}) > 1
-    for ax, metric in zip(axes.flat, metrics, strict=False):
-        for row in summary["rows"]:
-            label = row["window"] + (f", {row['budget']} steps" if several_budgets else "")
-            points = row["curves"][metric]
-            ax.errorbar(row["curve_steps"], [p["mean"] for p in points], yerr=[p["std"] for p in points],
-                        marker="o", markersize=3, capsize=3, label=label)  # fmt: skip
-        ax.set(xlabel="optimizer step", ylabel=LABELS[metric], title=LABELS[metric])
-    for ax in list(axes.flat)[len(metrics) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    seeds = summary["rows"][0]["seeds"]
-    fig.suptitle(f"annealing windows, mean ± std over {seeds} seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def write_report(out: str | os.PathLike, config: StudyConfig) -> dict[str, Any]:
     """``table.md``, ``table.json`` and ``curves.png`` of a study (of its evaluated runs: a partial
     table while shards work); returns the summary."""
@@ -495,6 +447,6 @@ def write_report(out: str | os.PathLike, config: StudyConfig) -> dict[str, Any]:
 
 
 __all__ = [
-    "PER_RUN", "WINDOW_PRESETS", "Evaluator", "Run", "StudyConfig", "StudyData", "Window", "format_table",
-    "parse_windows", "raster_nll_bits", "run_study", "study_runs", "write_report",
+    "PER_RUN", "WINDOW_PRESETS", "Evaluator", "Run", "StudyConfig", "StudyData", "Window", "parse_windows",
+    "raster_nll_bits", "run_study", "study_runs", "write_report",
 ]  # fmt: skip

@@ -429,7 +429,7 @@ def render_report(summary: dict[str, Any]) -> str:
     ]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in summary["seconds"].items()]
     if summary.get("ablation"):
-        from rargen.demo.ablation import format_table
+        from rargen.demo.study_report import format_table
 
         lines += [
             "",
