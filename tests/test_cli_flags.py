@@ -105,6 +105,7 @@ CONFIGS = {
     "ablate": [("StudyConfig", "PER_RUN"), ("StudyData", ())],
     "sweep": [("SweepConfig", "SWEPT")],
     "sample": [("SampleConfig", ())],
+    "edit": [("SampleConfig", ())],
     "train-tokenizer": [("VQTokenizerConfig", ()), ("TokenizerTrainConfig", ())],
     "train-classifier": [("ClassifierTrainConfig", ())],
     "evaluate": [("EvalConfig", ())],
@@ -118,10 +119,11 @@ HAND_WRITTEN = {
     "ablate": {"--digits"},
     "sample": {"--model", "--tokenizer", "--labels", "--per-class", "--preset", "--int8"},
     "sweep": {"--model", "--tokenizer"},
+    "edit": {"--model", "--tokenizer"},
     "evaluate": {"--reference", "--inception", "--classifier"},
     "serve": {"--model", "--tokenizer"},
 }
-RENAMED = {"model_overrides": "--model", "store": "--data", "heldout_store": "--heldout"}
+RENAMED = {"model_overrides": "--model", "store": "--data", "heldout_store": "--heldout", "label": "--class"}
 
 
 def _config_classes() -> dict[str, type]:

@@ -300,6 +300,19 @@ def to_official(model: RAR) -> dict[str, Tensor]:
     return official
 
 
+def describe_converted(model: Any) -> str:
+    """The size of a converted model, for the line ``rargen convert`` prints: a RAR generator's or
+    TiTok's (``": 1,234 parameters, ..."``); empty for others."""
+    cfg = model.config
+    if isinstance(model, RAR):
+        return (f": {model.num_params():,} parameters, dim {cfg.dim}, depth {cfg.depth}, heads "
+                f"{cfg.num_heads}, {cfg.num_image_tokens} tokens, {cfg.num_classes} classes")  # fmt: skip
+    if hasattr(cfg, "num_latent_tokens"):  # TiTok: 1D tokens
+        return (f": {model.num_params():,} parameters, {cfg.num_latent_tokens} tokens of "
+                f"{cfg.codebook_size} codes per {cfg.image_size}px image")  # fmt: skip
+    return ""
+
+
 def save_official(model: RAR, path: str | os.PathLike) -> Path:
     """Write ``to_official(model)`` as a ``.safetensors`` file (atomically)."""
     from safetensors.torch import save_file

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from rargen.checkpoint import load, load_official, save
 from rargen.cli import sample, train  # noqa: F401 - importing them registers their commands
 from rargen.cli.flags import COMMANDS, command
-from rargen.convert import check_against_preset, save_official
+from rargen.convert import check_against_preset, describe_converted, save_official
 from rargen.hub.releases import resolve
 from rargen.model import RAR
 from rargen.tokenizers.titok import TiTok
@@ -27,7 +27,8 @@ from rargen.tokenizers.titok_convert import convert_official_titok, save_officia
 from rargen.version import __version__
 
 # The order of `rargen --help`.
-_ORDER = "convert train pretokenize evaluate sample train-tokenizer train-classifier serve demo sweep ablate"
+_ORDER = ("convert train pretokenize evaluate sample edit train-tokenizer train-classifier serve demo "
+          "sweep ablate")  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,14 +132,7 @@ def _from_official(args: argparse.Namespace) -> None:
     if getattr(args, "preset", None) is not None:
         check_against_preset(model.config, args.preset)
     save(model, args.out, extra=extra)
-    cfg, summary = model.config, ""
-    if args.conversion == "official-rar":
-        summary = (f": {model.num_params():,} parameters, dim {cfg.dim}, depth {cfg.depth}, heads "
-                   f"{cfg.num_heads}, {cfg.num_image_tokens} tokens, {cfg.num_classes} classes")  # fmt: skip
-    elif args.conversion == "official-titok":
-        summary = (f": {model.num_params():,} parameters, {cfg.num_latent_tokens} tokens of "
-                   f"{cfg.codebook_size} codes per {cfg.image_size}px image")  # fmt: skip
-    print(f"converted {args.source} -> {args.out}{summary}")
+    print(f"converted {args.source} -> {args.out}{describe_converted(model)}")
 
 
 def _to_official(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""The ``rargen`` commands that use a generator: sample, sweep, evaluate and serve. Their flags are the
+"""The ``rargen`` commands that use a generator: sample, edit, sweep, evaluate and serve. Their flags are the
 parameters and config fields of the function each one calls, beside the generator's arguments."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from rargen.evaluation.classifier import evaluate_with_classifier, format_scores
 from rargen.evaluation.evaluate import evaluate, format_metrics
 from rargen.evaluation.sweep import SWEPT, format_sweep, sweep
 from rargen.hub.releases import resolve, resolve_generator
+from rargen.sampling.edit import edit_to_folder
 from rargen.sampling.engine import SampleConfig
 from rargen.sampling.images import class_balanced_labels, sample_to_folder
 from rargen.serve.server import serve
@@ -62,6 +63,24 @@ def _sample(parser: argparse.ArgumentParser) -> Callable:
         npz = sample_to_folder(checkpoint, tokenizer, labels, **kwargs)
         if distributed.is_main_process():  # one line per run under torchrun, not per rank
             print(f"wrote {len(labels)} samples to {args.out} ({npz.name}, grid.png, meta.json)")
+
+    return run
+
+
+@command("edit")
+def _edit(parser: argparse.ArgumentParser) -> Callable:
+    """regenerate the masked part of an image (inpaint, outpaint, complete) into a folder
+
+    White in --mask (or a named mask) is drawn anew as --class, the rest kept. See docs/inpainting.md."""
+    _add_model_arguments(parser)
+    add_flags(parser, edit_to_folder, skip=_MODEL, label={"flag": "--class"},
+              count=positive_int, top_k=non_negative_int)  # fmt: skip
+
+    def run(args: argparse.Namespace) -> None:
+        checkpoint, tokenizer, preset = _resolve_model_arguments(args)
+        config = SampleConfig.from_name(preset) if preset else SampleConfig()
+        paths = edit_to_folder(checkpoint, tokenizer, **call_args(args, edit_to_folder, config=config))
+        print(f"wrote {len(paths)} edited images to {args.out} (images/, grid.png, meta.json)")
 
     return run
 

@@ -15,14 +15,13 @@ from rargen.cli.flags import add_flags, call_args, command, given, positive_int,
 from rargen.data.preprocess import AUGMENTS
 from rargen.data.sources import describe_read
 from rargen.data.store import pretokenize
-from rargen.data.token_store import TokenStore
 from rargen.demo.ablation import PER_RUN, StudyConfig, StudyData, parse_windows, run_study
 from rargen.demo.pipeline import DemoConfig, prepare_digits, run_demo, training_precision
 from rargen.demo.study_report import format_table
 from rargen.evaluation.classifier import describe_classifier, train_classifier
 from rargen.tokenizers.vq import VQTokenizerConfig
 from rargen.train.generator import train
-from rargen.train.recipe import SMALL_DATA_IMAGES, TrainConfig, small_data_recipe
+from rargen.train.recipe import config_for_store
 from rargen.train.tokenizer import train_tokenizer
 
 
@@ -64,23 +63,9 @@ def _train(parser: argparse.ArgumentParser) -> Callable:
 
     def run(args: argparse.Namespace) -> int | None:
         kwargs = given(args, train)
-        flags = kwargs.pop("config", {})
-        values = json.loads(Path(args.config).read_text()) if args.config else {}
-        if not isinstance(values, dict):
-            raise ValueError(f"--config {args.config}: expected a JSON object of TrainConfig fields, "
-                             f"got a {type(values).__name__}")  # fmt: skip
-        # --model KEY=VALUE adds to (or replaces keys of) the file's model_overrides.
-        overrides = {**dict(values.get("model_overrides", ())), **dict(flags.pop("model_overrides", ()))}
-        values = {**values, **flags, "model_overrides": tuple(overrides.items())}
-        TrainConfig.from_dict(values)  # bad values are refused before the store is read
-        # No preset: a small store gets the small-data recipe (the same every time: --resume matches).
-        if "preset" not in values and (num_images := len(TokenStore(args.data))) < SMALL_DATA_IMAGES:
-            values = {**(recipe := small_data_recipe(num_images)), **values}
-            chosen = ", ".join(f"{key} {values[key]}" for key in recipe)
-            print(f"note: no --preset for a store of {num_images:,} images (< {SMALL_DATA_IMAGES:,}); "
-                  f"using the small-data recipe ({chosen}) instead of the ImageNet one (rar-b, 250,000 "
-                  "steps of 2048)")  # fmt: skip
-        config = TrainConfig.from_dict(values)
+        config, note = config_for_store(kwargs.pop("config", {}), args.data, args.config)
+        if note:
+            print(f"note: {note}")
         try:
             final = train(config, **kwargs)
         except FloatingPointError as error:

@@ -5,11 +5,15 @@ start-up summary of a run. ``rargen.train.generator`` runs it.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rargen.checkpoint import config_from_dict, config_to_dict
+from rargen.data.token_store import TokenStore
 from rargen.model import ModelConfig
 
 # Fields that only change logistics (not the trajectory); a resumed run may change them.
@@ -118,6 +122,31 @@ def small_data_recipe(num_images: int) -> dict[str, Any]:
         "preset": "rar-digits", "steps": 2000, "batch_size": max(1, min(64, num_images)), "lr": 1e-3,
         "warmup": 0.05, "log_every": 50, "checkpoint_every": 500, "sample_every": 500,
     }  # fmt: skip
+
+
+def config_for_store(
+    flags: dict[str, Any], store: str | os.PathLike, file: str | os.PathLike | None = None
+) -> tuple[TrainConfig, str | None]:
+    """``rargen train``'s TrainConfig, and a note when it chose for the user: the fields of a JSON
+    ``file`` with ``flags`` over them (``model_overrides`` merged key by key); without a preset, a
+    store of fewer than ``SMALL_DATA_IMAGES`` images gets the small-data recipe under them (the
+    same every time, so --resume matches). Bad values are refused before the store is read."""
+    values = json.loads(Path(file).read_text()) if file else {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {file}: expected a JSON object of TrainConfig fields, got a "
+                         f"{type(values).__name__}")  # fmt: skip
+    overrides = {**dict(values.get("model_overrides", ())), **dict(flags.get("model_overrides", ()))}
+    values = {**values, **flags, "model_overrides": tuple(overrides.items())}
+    config = TrainConfig.from_dict(values)
+    if "preset" in values or (num_images := len(TokenStore(store))) >= SMALL_DATA_IMAGES:
+        return config, None
+    values = {**(recipe := small_data_recipe(num_images)), **values}
+    chosen = ", ".join(f"{key} {values[key]}" for key in recipe)
+    note = (
+        f"no --preset for a store of {num_images:,} images (< {SMALL_DATA_IMAGES:,}); using the small-data "
+        f"recipe ({chosen}) instead of the ImageNet one (rar-b, 250,000 steps of 2048)"
+    )
+    return TrainConfig.from_dict(values), note
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
