@@ -36,6 +36,10 @@ class Job:
 
     Events: ``("rows", rows_done, tokens (B, L))`` every ``stream_every`` token rows (``width``
     tokens per row, the last row excluded), then ``("done", tokens)``, or ``("error", message)``.
+    A job with ``orders`` (an edit, or a random order) counts its progress in steps of its order
+    (``width`` steps a "row"), reports once as soon as it joins (its known cells show from the
+    start), and adds the cells drawn so far: ``("rows", rows_done, tokens, filled (B, L) bool)``.
+    Tokens are always at raster positions.
     """
 
     labels: Sequence[int]
@@ -43,6 +47,9 @@ class Job:
     noise: Tensor  # (B, L, V) Exp(1) draws, one row per image (from its per-image seed)
     width: int  # tokens per token row of the image grid
     stream_every: int = 0  # token rows between progress events; 0 = none
+    orders: Tensor | None = None  # (B, L) the image position of each step; None: raster
+    known: Tensor | None = None  # (B, L) tokens in that order: row b's first counts[b] are given
+    counts: Sequence[int] | None = None
     cancelled: bool = False
     samples: list[Sample] | None = None
     reported: int = -1  # tokens done at the last progress event
@@ -163,7 +170,8 @@ class BatchScheduler:
         with torch.inference_mode():
             for index, job in enumerate(joining):  # prefill + token 0, then it decodes with the others
                 try:
-                    job.samples = self._sampler.add(job.labels, job.config, noise=job.noise)
+                    given = {"tokens": job.known, "orders": job.orders, "given": job.counts}
+                    job.samples = self._sampler.add(job.labels, job.config, noise=job.noise, **given)
                 except ValueError as error:  # refused before the sampler changed: this job only
                     self._fail([job], error)
                     continue
@@ -219,25 +227,38 @@ class BatchScheduler:
             samples = job.samples or []
             done = samples[0].done
             if all(sample.finished for sample in samples):
-                job.events.put(("done", torch.stack([s.tokens for s in samples])))
+                job.events.put(("done", _raster(job, torch.stack([s.tokens for s in samples]))))
                 done_jobs.append(job)
                 continue
             rows, L = done // job.width, len(samples[0].tokens)
-            if (
-                job.stream_every
-                and done % job.width == 0
+            first = job.orders is not None and job.reported < 0
+            if job.stream_every and (
+                first
+                or done % job.width == 0
                 and rows % job.stream_every == 0
                 and 0 < done < L
                 and job.reported != done
             ):
                 job.reported = done
-                job.events.put(("rows", rows, torch.stack([s.tokens for s in samples]).clone()))
+                tokens = _raster(job, torch.stack([s.tokens for s in samples]).clone())
+                if job.orders is None:
+                    job.events.put(("rows", rows, tokens))
+                else:  # the cells of steps 0 .. done - 1
+                    filled = torch.zeros_like(tokens, dtype=torch.bool).scatter_(
+                        1, job.orders[:, :done], True
+                    )
+                    job.events.put(("rows", rows, tokens.where(filled, 0), filled))
         if done_jobs:
             with self._lock:
                 now = time.monotonic()
                 for job in done_jobs:
                     self._active.remove(job)
                     self._finished.append((now, len(job.labels)))
+
+
+def _raster(job: Job, tokens: Tensor) -> Tensor:
+    """A job's tokens (B, L) in its generation order, put back at their raster positions."""
+    return tokens if job.orders is None else torch.empty_like(tokens).scatter_(1, job.orders, tokens)
 
 
 def retry_after(load: dict[str, float]) -> int:

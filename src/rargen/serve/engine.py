@@ -28,13 +28,15 @@ from torch import Tensor
 
 from rargen.data.folders import class_name_key
 from rargen.model import RAR
+from rargen.sampling.any_order import known_first
 from rargen.sampling.decoding import prepare_for_decoding
 from rargen.sampling.engine import SampleConfig, draw_noise, sample_seed
 from rargen.sampling.images import to_uint8
 from rargen.serve.batching import BatchScheduler, Job, QueueFull, retry_after
+from rargen.serve.fields import RequestError, edit_body_allowance, integer, number, read_mask, read_png, shown
 from rargen.tokenizers.base import as_data_images, check_pair, codes_from_sequence, image_channels
 
-MAX_BODY_BYTES = 64 * 1024
+MAX_BODY_BYTES = 64 * 1024  # an edit request's may be larger by its image: Engine.max_body_bytes
 MAX_SEED = 2**63 - 1
 GREY = 0.5  # the colour of token rows not sampled yet
 
@@ -70,19 +72,11 @@ class ServeConfig:
             raise ValueError(f"ServeConfig.port must be in [0, 65535] (0 = any free port), got {self.port}")
 
 
-class RequestError(ValueError):
-    """A rejected request: HTTP ``status`` with a message naming the bad ``field``."""
-
-    def __init__(self, message: str, field: str | None = None, status: int = 422, retry_after: int = 0):
-        super().__init__(message)
-        self.field, self.status, self.retry_after = field, status, retry_after
-
-
 # ---------------------------------------------------------------------------------------------
 # Requests
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: holds tensors (compare by identity)
 class GenerationRequest:
     """Validated settings of one generation request (what the PNGs record)."""
 
@@ -92,11 +86,16 @@ class GenerationRequest:
     seed: int
     batch_size: int
     stream_every: int  # how it was shown, not what was sampled: not in the settings
+    order: str = "raster"  # of the drawn cells: "raster" (among them) or "random"
+    codes: Tensor | None = None  # (1, L) the edited image's codes (an edit), else None
+    mask: Tensor | None = None  # (L,) bool: the cells an edit regenerates
 
     def settings(self) -> dict[str, Any]:
+        edit = {} if self.mask is None else {"mask": self.mask.nonzero()[:, 0].tolist()}
         return {
             "class_id": self.class_id, "class_name": self.class_name, **asdict(self.sample_config),
             "seed": self.seed, "batch_size": self.batch_size,
+            **({"order": self.order} if self.order != "raster" or edit else {}), **edit,
         }  # fmt: skip
 
 
@@ -109,37 +108,6 @@ SAMPLE_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "temperature": (0.0, 10.0, True),
     "top_p": (0.0, 1.0, True),
 }
-
-
-def _shown(value: Any, limit: int = 40) -> str:
-    """``repr(value)``, shortened: an error message never echoes a 5000-digit number whole."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int beyond Python's 4300-digit str() limit
-        return "an integer too large to show"
-    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text)} characters)"
-
-
-def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
-    value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"{name} must be a number, got {_shown(value)}", name)
-    # Compare before converting: float() of a 400-digit JSON integer overflows.
-    if isinstance(value, float) and not math.isfinite(value):
-        raise RequestError(f"{name} must be a finite number, got {_shown(value)}", name)
-    if not (low < value if low_open else low <= value) or value > high:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise RequestError(f"{name} must be in {interval}, got {_shown(value)}", name)
-    return float(value)
-
-
-def _integer(body: dict, name: str, default: int, low: int, high: int, hint: str = "") -> int:
-    value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"{name} must be an integer, got {_shown(value)}", name)
-    if not low <= value <= high:
-        raise RequestError(f"{name} must be in [{low}, {high}]{hint}, got {_shown(value)}", name)
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +140,9 @@ class Engine:
         with torch.inference_mode():
             probe = self.tokenizer.decode(probe_codes.to(config.device))
         self.image_size = (int(probe.shape[-2]), int(probe.shape[-1]))
+        self.max_body_bytes = MAX_BODY_BYTES + (
+            edit_body_allowance(*self.image_size) if self.progressive else 0
+        )
         # Prepared for decoding once (packed for oneDNN on CPUs), not per request.
         self.scheduler = BatchScheduler(prepare_for_decoding(self.model), config.max_rows, config.max_queue)
         self.scheduler.start()  # a daemon thread that sleeps while no request is decoding
@@ -199,6 +170,8 @@ class Engine:
                 "max_rows": self.config.max_rows,
                 "max_queue": self.config.max_queue,
                 "rate_limit_per_minute": self.config.rate_limit,
+                "max_body_bytes": MAX_BODY_BYTES,
+                "max_edit_body_bytes": self.max_body_bytes,
             },
             "load": self.scheduler.load(),
             "defaults": {**defaults, "batch_size": 1, "stream_every": self.default_stream_every},
@@ -212,18 +185,43 @@ class Engine:
         if unknown:
             raise RequestError(f"unknown fields {unknown}; valid fields: {sorted(_FIELDS)}", unknown[0])
         class_id, class_name = self._class(body)
+        order = body.get("order", "raster")
+        if order not in ("raster", "random"):
+            raise RequestError(f"order must be 'raster' or 'random', got {shown(order)}", "order")
         return GenerationRequest(
             class_id=class_id,
             class_name=class_name,
             sample_config=self._sample_config(body),
-            seed=_integer(body, "seed", secrets.randbelow(2**31), 0, MAX_SEED),
-            batch_size=_integer(
+            seed=integer(body, "seed", secrets.randbelow(2**31), 0, MAX_SEED),
+            batch_size=integer(
                 body, "batch_size", 1, 1, self.config.max_batch_size, " (the server's --max-batch-size)"
             ),
-            stream_every=_integer(
+            stream_every=integer(
                 body, "stream_every", self.default_stream_every, 1, self.grid[0], " token rows"
             ),
+            order=order,
+            **self._edit(body),
         )
+
+    def _edit(self, body: dict) -> dict[str, Tensor]:
+        """An edit's ``codes`` (the image encoded) and ``mask`` (``rargen.serve.edits``); none without."""
+        if "image" not in body and "mask" not in body:
+            return {}
+        for name in ("image", "mask"):
+            if name not in body:
+                raise RequestError(f"an edit needs image and mask; {name} is missing", name)
+        if not self.progressive:
+            refusal = "this server's tokenizer makes 1D tokens with no image positions: it cannot edit"
+            raise RequestError(refusal, "image")
+        for name, read, shape in (("image", read_png, self.image_size), ("mask", read_mask, self.grid)):
+            try:
+                value = read(body[name], shape)
+            except ValueError as error:
+                raise RequestError(str(error), name) from None
+            if name == "image":
+                with torch.inference_mode():
+                    codes = self.tokenizer.encode(value[None].to(self.config.device)).flatten(1)
+        return {"codes": codes, "mask": value.to(codes.device)}
 
     def _sample_config(self, body: dict) -> SampleConfig:
         """The request's ``SampleConfig``: each field within the server's bounds, then SampleConfig's
@@ -232,10 +230,10 @@ class Engine:
         for field in dataclasses.fields(SampleConfig):
             name, default = field.name, field.default
             if name == "top_k":
-                values[name] = _integer(body, name, default, 0, self.model.config.codebook_size, " (0 = off)")
+                values[name] = integer(body, name, default, 0, self.model.config.codebook_size, " (0 = off)")
             elif field.type in ("int", "float"):
                 low, high, low_open = SAMPLE_BOUNDS.get(name, (-math.inf, math.inf, False))
-                check = _integer if field.type == "int" else _number
+                check = integer if field.type == "int" else number
                 values[name] = check(
                     body, name, default, low, high, **({"low_open": low_open} if low_open else {})
                 )
@@ -259,7 +257,7 @@ class Engine:
         if isinstance(value, str) and not re.fullmatch(r"[0-9]+", value.strip()):
             if self.class_names is None:
                 raise RequestError(
-                    f"class {_shown(value)} is a name but this checkpoint has no class names; "
+                    f"class {shown(value)} is a name but this checkpoint has no class names; "
                     f"pass an id in [0, {C - 1}]",
                     "class",
                 )
@@ -267,12 +265,12 @@ class Engine:
         if isinstance(value, str):
             digits = value.strip().lstrip("0") or "0"
             if len(digits) > 18:  # no class id is that long; int() of 5000 digits would raise
-                raise RequestError(f"class must be in [0, {C - 1}], got {_shown(value)}", "class")
+                raise RequestError(f"class must be in [0, {C - 1}], got {shown(value)}", "class")
             value = int(digits)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise RequestError(f"class must be an integer id or a name, got {_shown(value)}", "class")
+            raise RequestError(f"class must be an integer id or a name, got {shown(value)}", "class")
         if not 0 <= value < C:
-            raise RequestError(f"class must be in [0, {C - 1}], got {_shown(value)}", "class")
+            raise RequestError(f"class must be in [0, {C - 1}], got {shown(value)}", "class")
         return value, self.class_names[value] if self.class_names else None
 
     def _class_by_name(self, value: str) -> tuple[int, str]:
@@ -287,10 +285,10 @@ class Engine:
         if len(matches) == 1:
             return matches[0], names[matches[0]]
         if not matches:
-            raise RequestError(f"class {_shown(value)} is not one of this checkpoint's class names", "class")
-        listed = ", ".join(f"{_shown(names[i])} ({i})" for i in matches[:10])
+            raise RequestError(f"class {shown(value)} is not one of this checkpoint's class names", "class")
+        listed = ", ".join(f"{shown(names[i])} ({i})" for i in matches[:10])
         raise RequestError(
-            f"class {_shown(value)} matches {len(matches)} class names that differ only in case or spaces: "
+            f"class {shown(value)} matches {len(matches)} class names that differ only in case or spaces: "
             f"{listed}; pass the exact name or the id",
             "class",
         )
@@ -332,16 +330,20 @@ class Engine:
         """The scheduler's job for a request: image ``i`` sampled with ``sample_seed(seed, i)``."""
         cfg = self.model.config
         seeds = [sample_seed(request.seed, i) for i in range(request.batch_size)]
+        B, device = request.batch_size, self.model.device
         with torch.inference_mode():
-            noise = draw_noise(
-                (request.batch_size, cfg.num_image_tokens, cfg.codebook_size), self.model.device, seeds=seeds
-            )
+            noise = draw_noise((B, cfg.num_image_tokens, cfg.codebook_size), device, seeds=seeds)
+        known = None if request.codes is None else request.codes.expand(B, -1)
+        known_mask = None if request.mask is None else ~request.mask.expand(B, -1)
+        # As generate(known=..., order=...) orders each row: its known cells first (None: raster).
+        plan = known_first(known, known_mask, request.order, B, cfg, device, seeds)
         return Job(
-            labels=[request.class_id] * request.batch_size,
+            labels=[request.class_id] * B,
             config=request.sample_config,
             noise=noise,
             width=self.grid[1],
             stream_every=request.stream_every,
+            **({} if plan is None else {"orders": plan.orders, "known": plan.tokens, "counts": plan.counts}),
         )
 
     def release(self, outcome: str) -> None:
@@ -371,8 +373,9 @@ class Engine:
             if on_rows is not None:
                 on_rows(*payload)
 
-    def images(self, tokens: Tensor, rows_done: int | None = None) -> Tensor:
-        """Decode tokens (B, L) to uint8 images (B, H, W, 3); rows from ``rows_done`` on are grey.
+    def images(self, tokens: Tensor, rows_done: int | None = None, filled: Tensor | None = None) -> Tensor:
+        """Decode tokens (B, L) to uint8 images (B, H, W, 3); rows from ``rows_done`` on are grey,
+        or (a job in another order) the cells not ``filled`` (B, L) bool.
 
         A 1D tokenizer has no rows to paint: a partial sequence gives no images (B, 0, 0, 3)."""
         h, w = self.grid
@@ -380,22 +383,34 @@ class Engine:
         if partial and not self.progressive:
             return torch.zeros(tokens.shape[0], 0, 0, 3, dtype=torch.uint8)
         codes = codes_from_sequence(self.tokenizer, tokens).clone()
-        if partial:
+        if filled is not None:
+            codes = codes.where(filled.view(-1, h, w), 0)
+        elif partial:
             # Repeat the last finished row below it: a guess the decoder blends less harshly than 0s.
             codes[:, rows_done:] = codes[:, max(rows_done - 1, 0)][:, None] if rows_done else 0
         with torch.inference_mode():
             images = as_data_images(self.tokenizer.decode(codes).float().clamp(0, 1), self.channels)
-            if partial:
-                images[:, :, rows_done * images.shape[2] // h :] = GREY
+            H, W = images.shape[2:]
+            if filled is not None:  # each cell's pixels: grey until it is drawn
+                cells = filled.view(-1, 1, h, 1, w, 1).expand(-1, 1, h, H // h, w, W // w)
+                images = images.where(cells.reshape(-1, 1, H, W), GREY)
+            elif partial:
+                images[:, :, rows_done * H // h :] = GREY
         return torch.from_numpy(to_uint8(images))
 
-    def pngs(self, tokens: Tensor, request: GenerationRequest | None = None, rows_done: int | None = None):
+    def pngs(
+        self,
+        tokens: Tensor,
+        request: GenerationRequest | None = None,
+        rows_done: int | None = None,
+        filled: Tensor | None = None,
+    ):
         """Base64 PNGs of a batch; final ones (with ``request``) carry their settings."""
         from PIL import Image
         from PIL.PngImagePlugin import PngInfo
 
         out = []
-        images = self.images(tokens, rows_done)
+        images = self.images(tokens, rows_done, filled)
         if images.shape[1] == 0:  # a partial 1D sequence: nothing to show yet
             return []
         for index, pixels in enumerate(images):
@@ -425,7 +440,11 @@ class Engine:
 
     def filename(self, request: GenerationRequest, index: int) -> str:
         name = re.sub(r"[^A-Za-z0-9]+", "-", request.class_name or "").strip("-")[:32]
-        name = f"c{request.class_id}" + (f"-{name}" if name else "")
+        name = (
+            f"c{request.class_id}"
+            + (f"-{name}" if name else "")
+            + ("_edit" if request.mask is not None else "")
+        )
         sample = request.sample_config
         return (
             f"rargen_{name}_seed{request.seed}_{index}_cfg{sample.cfg_scale:g}_pow{sample.cfg_power:g}"
@@ -433,4 +452,7 @@ class Engine:
         )
 
 
-_FIELDS = {"class", *(f.name for f in dataclasses.fields(SampleConfig)), "seed", "batch_size", "stream_every"}
+_FIELDS = {
+    "class", *(f.name for f in dataclasses.fields(SampleConfig)), "seed", "batch_size", "stream_every",
+    "order", "image", "mask",
+}  # fmt: skip

@@ -57,13 +57,8 @@ from rargen.serve.connections import (
     mark_answering,
     refuse,
 )
-from rargen.serve.engine import (
-    MAX_BODY_BYTES,
-    Engine,
-    GenerationRequest,
-    RequestError,
-    ServeConfig,
-)
+from rargen.serve.engine import MAX_BODY_BYTES, Engine, GenerationRequest, ServeConfig
+from rargen.serve.fields import RequestError
 
 # ---------------------------------------------------------------------------------------------
 # HTTP
@@ -164,18 +159,25 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError("send the settings as a JSON body with a Content-Length", status=411) from None
         if length < 0:
             raise RequestError(f"Content-Length must be >= 0, got {length}", status=400)
-        if length > MAX_BODY_BYTES:
-            raise RequestError(f"the body is {length} bytes; the limit is {MAX_BODY_BYTES}", status=413)
+        limit = self.server.engine.max_body_bytes  # MAX_BODY_BYTES, and room for an edit's image
+        if length > limit:
+            raise RequestError(f"the body is {length} bytes; the limit is {limit}", status=413)
         data = self.rfile.read(length)
         if len(data) < length:
             raise RequestError(f"the body ended after {len(data)} of {length} bytes", status=400)
+        oversized = f"the body is {length} bytes; the limit is {MAX_BODY_BYTES} (more for an edit's image)"
+        if length > MAX_BODY_BYTES and b'"image"' not in data:  # not an edit: refused unparsed
+            raise RequestError(oversized, status=413)
         try:
-            return json.loads(data or b"{}")
+            body = json.loads(data or b"{}")
         except RecursionError:
             raise RequestError("the body is nested too deeply to be settings", status=400) from None
         except ValueError as error:  # JSONDecodeError, bad UTF-8, an integer of over 4300 digits
             reason = str(error).split(";")[0][:120]
             raise RequestError(f"the body is not valid JSON settings: {reason}", status=400) from None
+        if length > MAX_BODY_BYTES and not (isinstance(body, dict) and "image" in body):
+            raise RequestError(oversized, status=413)
+        return body
 
     # -- routes -----------------------------------------------------------------------------
 
@@ -258,8 +260,8 @@ class Handler(BaseHTTPRequestHandler):
             except OSError:  # BrokenPipe / ConnectionReset: the page went away
                 gone = True
 
-        def on_rows(rows: int, tokens: Tensor) -> None:
-            images = engine.pngs(tokens, rows_done=rows)
+        def on_rows(rows: int, tokens: Tensor, filled: Tensor | None = None) -> None:
+            images = engine.pngs(tokens, rows_done=rows, filled=filled)
             send("progress", {"rows_done": rows, "rows": engine.grid[0], "images": images})
 
         try:
