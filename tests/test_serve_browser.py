@@ -7,15 +7,24 @@ CI installs it and fails without it. Screenshots land in tests/artifacts/ (git-i
 
 from __future__ import annotations
 
+import base64
+import io
 import shutil
 import time
 from pathlib import Path
+from typing import ClassVar
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from conftest import requires
+from rargen.checkpoint import register_kind, save
+from rargen.model import RAR, ModelConfig
 from rargen.sampling.decoding import DecodeBatch
-from serve_helpers import request, running_server, save_tiny_pair, wait_for
+from serve_helpers import randomize, request, running_server, save_tiny_pair, wait_for
+from tiny_tokenizer import PoolTokenizer, PoolTokenizerConfig
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -104,6 +113,86 @@ def test_page_generates_and_shows_images_forming_row_by_row(tmp_path, slow_decod
             page.click("#generate")
             page.wait_for_function("window.rargen.state === 'error'")
             assert "batch_size must be in [1, 8]" in page.inner_text("#status")
+            assert errors == []
+        finally:
+            browser.close()
+
+
+class PaletteTokenizer(PoolTokenizer):
+    """Each code a flat 4x4 patch of its codebook colour: a cell decodes on its own, and a decoded
+    image encodes back to its codes, so an edit's kept cells come back pixel for pixel."""
+
+    checkpoint_kind: ClassVar[str] = "test-palette-tokenizer"
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        colours = self.codebook[codes].permute(0, 3, 1, 2)  # (B, 3, h, w)
+        return colours.repeat_interleave(4, 2).repeat_interleave(4, 3)
+
+
+register_kind(PaletteTokenizer.checkpoint_kind, f"{__name__}:PaletteTokenizer")
+
+
+def _pixels(page, selector: str) -> np.ndarray:
+    data = page.eval_on_selector(selector, "img => img.src").split(",", 1)[1]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+
+
+def test_edit_mode_paints_cells_and_fills_only_them(tmp_path, slow_decode):
+    from playwright.sync_api import sync_playwright
+
+    model = randomize(RAR(ModelConfig.from_name("rar-tiny", dropout=0.0, attn_dropout=0.0)), 0, 0.3)
+    save(model, tmp_path / "generator")  # 4x4 tokens of 32 codes -> 16x16 images
+    save(PaletteTokenizer(PoolTokenizerConfig(codebook_size=32)), tmp_path / "tokenizer")
+    pair = (tmp_path / "generator", tmp_path / "tokenizer")
+    with running_server(pair, stream_every=1, rate_limit=0) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 700})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(server.url)
+            page.wait_for_function("document.querySelectorAll('#class option').length === 10")
+            page.fill("#batch_size", "1")
+            page.fill("#seed", "21")
+            page.click("#generate")
+            page.wait_for_function("window.rargen.state === 'done'", timeout=30_000)
+            original = _pixels(page, "#gallery img")
+
+            # Edit mode: the last image, the bottom two token rows painted in two strokes.
+            page.select_option("#mode", "edit")
+            assert page.inner_text("#generate") == "Edit"
+            page.click("#use_last")
+            page.wait_for_function("window.rargenEdit.ready()")
+            box = page.locator("#canvas").bounding_box()
+            cell = box["width"] / 4
+            for row in (2, 3):
+                y = box["y"] + (row + 0.5) * cell
+                page.mouse.move(box["x"] + cell / 2, y)
+                page.mouse.down()
+                page.mouse.move(box["x"] + 3.5 * cell, y, steps=6)
+                page.mouse.up()
+            assert page.evaluate("window.rargenEdit.cells()") == list(range(8, 16))
+            page.screenshot(path=str(ARTIFACTS / "serve_edit_mask.png"), full_page=True)
+            page.fill("#seed", "5")
+            page.click("#generate")
+            page.wait_for_function("window.rargen.rowsSeen.length >= 1", timeout=30_000)
+            partial = _pixels(page, "#gallery img")  # the known rows show from the start
+            np.testing.assert_array_equal(partial[:8], original[:8])
+            page.wait_for_function("window.rargen.state !== 'running'", timeout=30_000)
+            assert page.evaluate("window.rargen.state") == "done", page.inner_text("#status")
+            page.screenshot(path=str(ARTIFACTS / "serve_edit_done.png"), full_page=True)
+            edited = _pixels(page, "#gallery img")
+            np.testing.assert_array_equal(edited[:8], original[:8])  # kept cells: pixel for pixel
+            assert not (edited[8:] == 128).all(axis=-1).any()  # every painted cell filled, none grey
+            assert not np.array_equal(edited[8:], original[8:])  # and drawn anew
+            names = page.eval_on_selector_all("#gallery a[download]", "links => links.map(a => a.download)")
+            assert len(names) == 1 and "_edit_" in names[0]
+
+            # Without a painted cell the server's reason shows.
+            page.click("#clear_mask")
+            page.click("#generate")
+            page.wait_for_function("window.rargen.state === 'error'")
+            assert "mask has no cells to regenerate" in page.inner_text("#status")
             assert errors == []
         finally:
             browser.close()
