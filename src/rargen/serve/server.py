@@ -7,7 +7,8 @@ need none):
 * ``GET /`` the page; ``GET /health`` liveness and job counts (503 when the decoding loop is
   dead or stalled); ``GET /info`` the model, its class names, the limits and the default
   settings (the page builds its form from it);
-* ``POST /generate`` JSON settings -> JSON with base64 PNGs and the settings;
+* ``POST /generate`` JSON settings -> JSON with base64 PNGs and the settings; with ``image`` (a
+  base64 PNG) and ``mask`` (token cells) an edit: the masked cells drawn, the rest kept;
 * ``POST /generate/stream`` the same settings -> ``text/event-stream``: ``start``, then
   ``progress`` events with partial images every ``stream_every`` token rows (rows not yet sampled
   are painted grey), then ``done`` with the final PNGs (or ``error``).
