@@ -50,11 +50,13 @@ def test_guidance_and_filtering_are_written_once() -> None:
             settings[name] = readers
     assert mixes == ["sampling/next_token.py"]
     assert filters == ["sampling/next_token.py"]
-    # Beside next_token: SampleConfig's own checks, and the server's file names of a request.
+    # Beside next_token: SampleConfig's own checks, and names: the server's file names of a request,
+    # the sweep's folder names of a setting.
     assert settings == {
         "sampling/next_token.py": {"config"},
         "sampling/engine.py": {"self"},
         "serve/engine.py": {"sample"},
+        "evaluation/sweep.py": {"config"},
     }
 
 
