@@ -102,6 +102,12 @@ def grid_mask(name: str, count: int) -> Tensor:
     return MASKS[name]().flatten().expand(count, GRID * GRID).clone()
 
 
+def pixel_mask(name: str, image_size: int = 32) -> Tensor:
+    """The mask (image_size, image_size) on the pixels: each code covers a square of pixels."""
+    scale = image_size // GRID
+    return MASKS[name]().repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+
+
 def timed_generate(
     decoder: Any, labels: Tensor, config: SampleConfig, batch: int, **kwargs: Any
 ) -> tuple[Tensor, float]:
@@ -138,11 +144,18 @@ def score_run(checkpoint: Path, data: Any, masks: list[str], images: int, batch:
         "plain_accuracy": classifier_accuracy(classifier, decode(tokenizer, plain), labels),
         "plain_ms": 1000 * plain_seconds / len(labels),
         "reconstruction_accuracy": classifier_accuracy(classifier, decode(tokenizer, tokens), labels),
+        "known_only_accuracy": {},
         "masks": {},
     }
     pictures = {}
+    reconstructions = decode(tokenizer, tokens)
     for mask_name in masks:
         known_mask = ~grid_mask(mask_name, len(labels))
+        # The baseline a completion must beat: what the known part alone says of the class (the
+        # regenerated cells black, the digits' background).
+        known_only = reconstructions.clone()
+        known_only[:, :, pixel_mask(mask_name)] = 0.0
+        result["known_only_accuracy"][mask_name] = classifier_accuracy(classifier, known_only, labels)
         for order in ORDERS:
             orders = completion_orders(known_mask, order, torch.Generator().manual_seed(1))
             bits = unknown_nll_bits(decoder, tokens, labels, known_mask, orders)
@@ -179,7 +192,7 @@ def cell(values: list[float], digits: int, scale: float = 1.0) -> str:
 def tables(results: dict[float, list[dict[str, Any]]], study: dict[str, Any], masks: list[str]) -> str:
     """Markdown: the completions (one column group per r_end) and the study's plain-generation scores."""
     r_ends = sorted(results)
-    head = ["mask", "unknown codes", "order"]
+    head = ["mask", "unknown codes", "order", "known part alone: class accuracy %"]
     for r in r_ends:
         head += [
             f"r_end {r:g}: class accuracy %",
@@ -192,7 +205,7 @@ def tables(results: dict[float, list[dict[str, Any]]], study: dict[str, Any], ma
         "| " + " | ".join(head) + " |",
         "|---" * len(head) + "|",
     ]
-    row = ["none (plain sampling)", "64", "raster"]
+    row = ["none (plain sampling)", "64", "raster", ""]
     for r in r_ends:
         runs = results[r]
         row += [
@@ -205,7 +218,8 @@ def tables(results: dict[float, list[dict[str, Any]]], study: dict[str, Any], ma
     for mask in masks:
         for order in ORDERS:
             key = f"{mask}/{order}"
-            row = [mask, str(first["masks"][key]["unknown"]), order]
+            alone = f"{100 * first['known_only_accuracy'][mask]:.1f}"
+            row = [mask, str(first["masks"][key]["unknown"]), order, alone]
             for r in r_ends:
                 runs = [x["masks"][key] for x in results[r]]
                 row += [
@@ -249,10 +263,8 @@ def save_picture(path: Path, tokenizer: Any, heldout: Tensor, chosen: list[int],
 
     columns: list[tuple[str, Tensor]] = [("held-out", decode(tokenizer, heldout[chosen]))]
     for mask in masks:
-        cells = MASKS[mask]()
-        pixels = cells.repeat_interleave(4, 0).repeat_interleave(4, 1)  # 4x4 pixels per code
         known = columns[0][1].clone()
-        known[:, :, pixels] = torch.tensor([0.25, 0.45, 0.9])[None, :, None]
+        known[:, :, pixel_mask(mask)] = torch.tensor([0.25, 0.45, 0.9])[None, :, None]
         columns.append((f"{mask}\nknown", known))
         for r_end, by_key in sorted(pictures.items()):
             for order in ORDERS:
