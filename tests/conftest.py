@@ -40,6 +40,17 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def enumerable() -> RAR:
+    """4 tokens of 3 codes (81 sequences), 2 classes: small enough to enumerate exactly (the
+    speculative and any-order chi-square tests)."""
+    config = ModelConfig(
+        codebook_size=3, num_classes=2, num_image_tokens=4, dim=16, depth=2, num_heads=2, mlp_dim=32,
+        dropout=0.0, attn_dropout=0.0,
+    )  # fmt: skip
+    return randomize(RAR(config), seed=3, std=0.3).eval()
+
+
 @pytest.fixture
 def tiny_config() -> ModelConfig:
     return ModelConfig.from_name("rar-tiny", dropout=0.0, attn_dropout=0.0)

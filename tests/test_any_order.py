@@ -11,9 +11,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from conftest import randomize
 from rargen.kv_cache import KVCache
-from rargen.model import RAR, ModelConfig
+from rargen.model import RAR
 from rargen.sampling.any_order import known_first
 from rargen.sampling.decoding import DecodeBatch, Decoder, decode_fixed_shapes, prepare_for_decoding
 from rargen.sampling.engine import SampleConfig, Sampler, draw_noise, generate, run_to_end, token_probs
@@ -85,16 +84,6 @@ def test_raster_batches_hold_no_order_table(tiny_model: RAR) -> None:
         batch.step()
         batch.remove([2])
         assert batch._orders is None
-
-
-@pytest.fixture(scope="module")
-def enumerable() -> RAR:
-    """4 tokens of 3 codes, 2 classes: the conditional of 3 unknown tokens has 27 outcomes."""
-    config = ModelConfig(
-        codebook_size=3, num_classes=2, num_image_tokens=4, dim=16, depth=2, num_heads=2, mlp_dim=32,
-        dropout=0.0, attn_dropout=0.0,
-    )  # fmt: skip
-    return randomize(RAR(config), seed=3, std=0.3).eval()
 
 
 KNOWN_POSITION, KNOWN_CODE, LABEL = 1, 2, 1

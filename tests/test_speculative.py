@@ -24,16 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FILTERED = SampleConfig(cfg_scale=2.5, cfg_power=1.5, temperature=0.9, top_k=2, top_p=0.8)
 
 
-@pytest.fixture(scope="module")
-def enumerable() -> RAR:
-    """4 tokens of 3 codes (81 sequences), 2 classes: small enough to enumerate the joint."""
-    config = ModelConfig(
-        codebook_size=3, num_classes=2, num_image_tokens=4, dim=16, depth=2, num_heads=2, mlp_dim=32,
-        dropout=0.0, attn_dropout=0.0,
-    )  # fmt: skip
-    return randomize(RAR(config), seed=3, std=0.3).eval()
-
-
 def exact_joint(model: RAR, label: int, config: SampleConfig) -> tuple[list[tuple[int, ...]], np.ndarray]:
     sequences = list(itertools.product(range(3), repeat=4))
     tokens = torch.tensor(sequences)
