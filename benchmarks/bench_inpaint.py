@@ -70,6 +70,9 @@ MASKS: dict[str, Callable[[], Tensor]] = {
     "centre": _centre_box,
     "border": lambda: ~_centre_box(),
 }
+# A mask of its own per image: half of the cells, scattered (the one mask no raster prefix covers).
+RANDOM_HALF = "random-half"
+MASK_NAMES = (*MASKS, RANDOM_HALF)
 ORDERS = ("raster", "random")
 LIKELIHOOD = SampleConfig()  # no guidance, temperature 1: token_probs gives the model's conditional
 
@@ -99,13 +102,22 @@ def unknown_nll_bits(
 
 
 def grid_mask(name: str, count: int) -> Tensor:
-    return MASKS[name]().flatten().expand(count, GRID * GRID).clone()
+    """(count, GRID * GRID) masks, True = regenerate. Image i's random half depends on i alone (one
+    generator drawn row after row), so every model, order and picture sees the same cells."""
+    if name != RANDOM_HALF:
+        return MASKS[name]().flatten().expand(count, GRID * GRID).clone()
+    generator = torch.Generator().manual_seed(2)
+    masks = torch.zeros(count, GRID * GRID, dtype=torch.bool)
+    for row in masks:
+        row[torch.randperm(GRID * GRID, generator=generator)[: GRID * GRID // 2]] = True
+    return masks
 
 
-def pixel_mask(name: str, image_size: int = 32) -> Tensor:
-    """The mask (image_size, image_size) on the pixels: each code covers a square of pixels."""
+def pixel_masks(grid_masks: Tensor, image_size: int = 32) -> Tensor:
+    """(N, image_size, image_size) masks on the pixels: each code covers a square of pixels."""
     scale = image_size // GRID
-    return MASKS[name]().repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    cells = grid_masks.view(-1, GRID, GRID)
+    return cells.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
 
 
 def timed_generate(
@@ -150,11 +162,11 @@ def score_run(checkpoint: Path, data: Any, masks: list[str], images: int, batch:
     pictures = {}
     reconstructions = decode(tokenizer, tokens)
     for mask_name in masks:
-        known_mask = ~grid_mask(mask_name, len(labels))
+        regenerate = grid_mask(mask_name, len(labels))
+        known_mask = ~regenerate
         # The baseline a completion must beat: what the known part alone says of the class (the
         # regenerated cells black, the digits' background).
-        known_only = reconstructions.clone()
-        known_only[:, :, pixel_mask(mask_name)] = 0.0
+        known_only = reconstructions * ~pixel_masks(regenerate)[:, None]
         result["known_only_accuracy"][mask_name] = classifier_accuracy(classifier, known_only, labels)
         for order in ORDERS:
             orders = completion_orders(known_mask, order, torch.Generator().manual_seed(1))
@@ -219,7 +231,7 @@ def tables(results: dict[float, list[dict[str, Any]]], study: dict[str, Any], ma
         for order in ORDERS:
             key = f"{mask}/{order}"
             alone = f"{100 * first['known_only_accuracy'][mask]:.1f}"
-            row = [mask, str(first["masks"][key]["unknown"]), order, alone]
+            row = [mask, str(first["masks"][key]["unknown"]), order, alone]  # random-half: 32 each
             for r in r_ends:
                 runs = [x["masks"][key] for x in results[r]]
                 row += [
@@ -263,8 +275,9 @@ def save_picture(path: Path, tokenizer: Any, heldout: Tensor, chosen: list[int],
 
     columns: list[tuple[str, Tensor]] = [("held-out", decode(tokenizer, heldout[chosen]))]
     for mask in masks:
-        known = columns[0][1].clone()
-        known[:, :, pixel_mask(mask)] = torch.tensor([0.25, 0.45, 0.9])[None, :, None]
+        regenerate = pixel_masks(grid_mask(mask, len(heldout))[chosen])[:, None]
+        blue = torch.tensor([0.25, 0.45, 0.9])[None, :, None, None]
+        known = torch.where(regenerate, blue, columns[0][1])
         columns.append((f"{mask}\nknown", known))
         for r_end, by_key in sorted(pictures.items()):
             for order in ORDERS:
@@ -294,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="training seeds per r_end")
     parser.add_argument("--steps", type=int, default=800, help="optimizer steps per generator (batch 32)")
     parser.add_argument("--r-ends", default="0,0.25", help="TrainConfig.r_end values to compare")
-    parser.add_argument("--masks", default=",".join(MASKS), help=f"of {', '.join(MASKS)}")
+    parser.add_argument("--masks", default=",".join(MASK_NAMES), help=f"of {', '.join(MASK_NAMES)}")
     parser.add_argument("--images", type=int, default=359, help="held-out digits to complete (359: all)")
     parser.add_argument("--batch", type=int, default=128, help="images per generate call")
     parser.add_argument("--picture", default=None, help="PNG of completions (default OUT/inpaint_digits.png)")
@@ -303,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     masks = args.masks.split(",")
-    if unknown := [m for m in masks if m not in MASKS]:
-        parser.error(f"unknown masks {unknown}; choose from {', '.join(MASKS)}")
+    if unknown := [m for m in masks if m not in MASK_NAMES]:
+        parser.error(f"unknown masks {unknown}; choose from {', '.join(MASK_NAMES)}")
     started = time.perf_counter()
     data = prepare_digits(out / "data", progress=False)
     # The ablation's small RAR and recipe (dim 96, depth 3, batch 32), the paper's window, all digits.

@@ -37,6 +37,26 @@ def test_masks_regenerate_the_cells_they_name(bench) -> None:
     assert masks["centre"][2:6, 2:6].all() and torch.equal(masks["border"], ~masks["centre"])
 
 
+def test_random_half_is_half_of_each_image_and_its_own(bench) -> None:
+    """32 of 64 cells per image, different across images, and image i's cells do not depend on how
+    many images are asked for (the picture and the scores see the same masks)."""
+    masks = bench.grid_mask("random-half", 50)
+    assert masks.shape == (50, 64) and (masks.sum(dim=1) == 32).all()
+    assert len({tuple(row.tolist()) for row in masks}) == 50
+    assert torch.equal(bench.grid_mask("random-half", 7), masks[:7])
+
+
+def test_pixel_masks_cover_each_cell_with_its_square(bench) -> None:
+    cells = bench.grid_mask("random-half", 3)
+    pixels = bench.pixel_masks(cells)
+    assert pixels.shape == (3, 32, 32)
+    for image in range(3):
+        for cell in range(64):
+            row, column = divmod(cell, 8)
+            square = pixels[image, 4 * row : 4 * row + 4, 4 * column : 4 * column + 4]
+            assert bool(square.all()) if cells[image, cell] else not bool(square.any())
+
+
 @pytest.mark.parametrize("order", ["raster", "random"])
 def test_completion_orders_put_the_known_positions_first(bench, order) -> None:
     known_mask = torch.rand(5, 16, generator=torch.Generator().manual_seed(0)) < 0.4
