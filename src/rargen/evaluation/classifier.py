@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rargen.data.sources import DEFAULT_MAX_PIXELS, SplitImages, open_source, source_image_size, split_images
+from rargen.data.sources import DEFAULT_MAX_PIXELS, open_source, source_image_size
+from rargen.data.split import HELDOUT_FRACTION, SPLIT_SEED, SplitImages, split_images
 from rargen.evaluation.metrics import FeatureStats, GaussianStats, frechet_distance
 
 HELDOUT_STATS_NAME = "heldout_features.safetensors"  # mu and sigma of the held-out features
@@ -175,8 +176,9 @@ class ClassifierTrainConfig:
     epochs: int = 12
     batch_size: int = 64
     lr: float = 2e-3
-    seed: int = 0  # initialisation, data order and held-out split
-    heldout_fraction: float = 0.2  # share of each class held out
+    seed: int = 0  # initialisation and data order
+    heldout_fraction: float = HELDOUT_FRACTION  # share of each class held out (the same in every stage)
+    split_seed: int = SPLIT_SEED  # seed of the held-out split (the same in every stage)
     channels: tuple[int, ...] = (16, 32, 32)
     feature_dim: int = 64  # features the Fréchet distance uses
 
@@ -209,7 +211,7 @@ def _labelled_images(
         )
     size = config.image_size or source_image_size(source)
     split = split_images(
-        data, size, heldout_fraction=config.heldout_fraction, seed=config.seed, purpose="classifier",
+        data, size, heldout_fraction=config.heldout_fraction, seed=config.split_seed, purpose="classifier",
         max_pixels=max_pixels, log=log, source=source, listed_in="report.json",
     )  # fmt: skip
     return split, size
@@ -236,7 +238,7 @@ def train_classifier(
 
     began = time.perf_counter()
     split, size = _labelled_images(data, config, max_pixels, log)
-    train_x, train_y, held_x, held_y, names, skipped, excluded = split
+    train_x, train_y, held_x, held_y, names, skipped, excluded, _ = split
     channels = image_channels(torch.cat([train_x, held_x]))
     if channels == 1:
         train_x, held_x = train_x[:, :1].contiguous(), held_x[:, :1].contiguous()
@@ -255,6 +257,7 @@ def train_classifier(
     baseline = None if gaussian is None else frechet_distance(train_stats, gaussian)
     report = {
         "data": str(data),
+        "split": split.split,  # the held-out split (rargen.data.split): evaluate's baselines re-read it
         "class_names": list(names),
         "image_size": size,
         "image_channels": channels,
