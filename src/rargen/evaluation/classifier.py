@@ -462,31 +462,3 @@ def score_samples(samples: str | os.PathLike, scorer: Scorer) -> dict[str, Any]:
     )  # fmt: skip
     scores: dict[str, Any] = classifier_scores(scorer.classifier, images, labels, scorer.heldout)
     return scores | {"num_samples": len(images)}
-
-
-def evaluate_with_classifier(
-    samples: str | os.PathLike, classifier: str | os.PathLike, out: str | os.PathLike | None = None
-) -> dict[str, Any]:
-    """``rargen evaluate --classifier``: the scores of a samples.npz, written to ``out`` (default
-    ``metrics.json`` beside the samples) with what was scored against what."""
-    from rargen.checkpoint import checkpoint_hash
-
-    scorer = load_scorer(classifier)
-    result: dict[str, Any] = score_samples(samples, scorer)
-    result["record"] = {
-        "samples": str(samples),
-        "classifier": str(classifier),
-        "classifier_sha256": checkpoint_hash(classifier),
-        "class_names": list(scorer.class_names),
-        "reference": "the classifier's held-out split",
-    }
-    out = Path(out) if out is not None else Path(samples).parent / "metrics.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
-def format_scores(result: dict[str, Any]) -> str:
-    """One line per score, as printed by ``rargen evaluate --classifier``."""
-    accuracy, distance = result["class_accuracy"], result["frechet_distance"]
-    return f"class accuracy    {accuracy:.4f}\nFréchet distance  {distance:.4f}"
