@@ -173,3 +173,14 @@ def test_the_digits_keep_their_fixed_split():
     with pytest.raises(ValueError, match="fixed held-out split"):
         heldout_split(source, 0.1, 0)
     assert torch.equal(torch.as_tensor(train), split_indices(1797, "train"))
+
+
+def test_pretokenize_without_a_split_writes_one_store(tmp_path):
+    """``--heldout-fraction 0`` (ImageNet: its held-out images are the val split) and the library's
+    default keep every image in OUT, with no held-out store and no split recorded."""
+    values = marked_folder(tmp_path / "d")
+    for fraction in (None, 0.0):
+        out = tmp_path / f"s{fraction}"
+        pretokenize(tmp_path / "d", ValueTokenizer(), out, image_size=8, heldout_fraction=fraction)
+        assert store_marks(out) == set(values.values()) and TokenStore(out).meta["split"] is None
+        assert not (tmp_path / f"s{fraction}-heldout").exists()

@@ -204,11 +204,11 @@ def split_parts(
     tokenizer_extra: dict[str, Any],
 ) -> list[tuple[ImageSource, Path, dict[str, Any] | None]]:
     """``pretokenize``'s stores as (images, folder, split record): every image into ``out`` when
-    ``heldout_fraction`` is None, else the training side into ``out`` and the held-out side into
+    ``heldout_fraction`` is None or 0, else the training side into ``out`` and the held-out side into
     ``heldout_store_path(out)``, after checking the tokenizer held out the same images (the split in
     its checkpoint's ``extra``, when it recorded one)."""
     out = Path(out)
-    if heldout_fraction is None:
+    if not heldout_fraction:  # None or 0: no split (ImageNet's held-out images are its val set)
         return [(source, out, None)]
     train, heldout, record = heldout_split(source, heldout_fraction, seed)
     check_same_split(tokenizer_extra.get("split"), "the tokenizer", record, f"the store {str(out)!r}")

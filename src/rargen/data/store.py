@@ -311,7 +311,7 @@ def pretokenize(
     progress: bool = True,  # progress bars
     max_pixels: int = DEFAULT_MAX_PIXELS,  # skip (and report) images with more pixels (decompression bombs)
     log: Callable[[str], None] | None = None,  # where the folder's summary goes (None: nowhere)
-    heldout_fraction: float | None = None,  # share of each class held out, into OUT-heldout (CLI: 0.2)
+    heldout_fraction: float | None = None,  # share of each class put in OUT-heldout (CLI: 0.2; 0: none)
     split_seed: int = SPLIT_SEED,  # seed of the held-out split (the same in every stage)
 ) -> Path:
     """Tokenize every image of ``source`` (all ``augment`` variants) into a token store at ``out``.
