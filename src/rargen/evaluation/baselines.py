@@ -107,7 +107,7 @@ def baseline_rows(
                 if tokenizer is None or not Path(tokenizer).is_dir():
                     raise ValueError(f"the tokenizer {tokenizer!r} is not a checkpoint folder")
                 decoded = as_scored(reconstruct(load(tokenizer, verify=False).eval(), images), channels)
-            except (OSError, ValueError, RuntimeError) as error:
+            except (OSError, ValueError, RuntimeError, AttributeError) as error:  # e.g. decode-only
                 note = f"no reconstruction row: {error}"
                 continue
             row = {"what": BASELINES[1], "num_images": len(images)}
