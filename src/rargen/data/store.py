@@ -296,7 +296,7 @@ def store_plan(
 
 
 def pretokenize(
-    source: ImageSource | str | os.PathLike,  # 'digits[:train|heldout|all]', an image folder or an .npz
+    source: ImageSource | str | os.PathLike,  # 'digits' (all; or digits:train|heldout), a folder or an .npz
     tokenizer: nn.Module | str | os.PathLike,  # tokenizer checkpoint folder (rargen.load)
     out: str | os.PathLike,  # token store folder to write (or resume)
     *,
@@ -311,7 +311,7 @@ def pretokenize(
     progress: bool = True,  # progress bars
     max_pixels: int = DEFAULT_MAX_PIXELS,  # skip (and report) images with more pixels (decompression bombs)
     log: Callable[[str], None] | None = None,  # where the folder's summary goes (None: nowhere)
-    heldout_fraction: float | None = None,  # share of each class put in OUT-heldout (CLI: 0.2; 0: none)
+    heldout_fraction: float | None = None,  # share of each class in OUT-heldout (0: none; CLI default 0.2)
     split_seed: int = SPLIT_SEED,  # seed of the held-out split (the same in every stage)
 ) -> Path:
     """Tokenize every image of ``source`` (all ``augment`` variants) into a token store at ``out``.
