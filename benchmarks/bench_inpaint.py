@@ -34,9 +34,10 @@ import torch
 from torch import Tensor
 
 from rargen.checkpoint import load
-from rargen.demo.ablation import StudyConfig, Window, raster_nll_bits, run_study, store_tokens, study_runs
+from rargen.demo.ablation import StudyConfig, Window, run_study, study_runs
 from rargen.demo.pipeline import ablation_study, prepare_digits
 from rargen.evaluation.classifier import classifier_accuracy
+from rargen.evaluation.likelihood import raster_nll_bits, store_tokens
 from rargen.sampling.decoding import prepare_for_decoding
 from rargen.sampling.engine import SampleConfig, generate, token_probs
 from rargen.tokenizers.base import codes_from_sequence

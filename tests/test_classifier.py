@@ -13,7 +13,8 @@ from PIL import Image
 
 from rargen.checkpoint import load, read_record
 from rargen.cli.main import main
-from rargen.data.sources import FolderSource, read_images, stratified_split
+from rargen.data.sources import FolderSource, read_images
+from rargen.data.split import heldout_split, source_digest
 from rargen.evaluation.classifier import (
     HELDOUT_STATS_NAME,
     ImageClassifier,
@@ -72,12 +73,14 @@ def test_train_classifier_writes_a_self_describing_folder(trained):
     assert json.loads((root / "clf" / "report.json").read_text()) == extra
 
     # The held-out split is the seeded stratified one, and its statistics are the stored ones.
+    # The split is of the folder's entries (rargen.data.split), recorded with the data's digest.
     source = FolderSource(data)
-    images, labels, _, _ = read_images(source, 12)
-    _, heldout = stratified_split(labels, 0.25, seed=0)
+    _, heldout, split = heldout_split(source, 0.25, seed=0)
+    assert extra["split"] == split and split["source_digest"] == source_digest(source)
+    images, _, _, _ = read_images(source, 12, heldout)
     classifier = load(root / "clf")
     assert isinstance(classifier, ImageClassifier)
-    held = torch.from_numpy(images[heldout][..., :1]).permute(0, 3, 1, 2).float() / 255
+    held = torch.from_numpy(images[..., :1]).permute(0, 3, 1, 2).float() / 255
     scorer = load_scorer(root / "clf")
     assert frechet_distance(feature_stats(classifier, held).gaussian(), scorer.heldout) == pytest.approx(
         0.0, abs=1e-6

@@ -24,15 +24,15 @@ FLAGS_BEFORE = {
     "config data device ema-decay end-lr grad-accum grad-clip keep-checkpoints label-dropout log-every lr "
     "model no-activation-checkpointing no-compile no-progress out precision preset resume sample-every seed "
     "sharding steps threads tokenizer warmup weight-decay",
-    "pretokenize": "augment batch-size data device image-size max-pixels num-workers out shard-size threads "
-    "tokenizer",
+    "pretokenize": "augment batch-size data device heldout-fraction image-size max-pixels num-workers out "
+    "shard-size split-seed threads tokenizer",
     "evaluate": "batch-size classifier device inception out reference threads",
     "sample": "batch-size bf16 cfg-power cfg-scale compile int8 labels model out per-class preset seed "
     "speculate temperature threads tokenizer top-k top-p",
-    "train-tokenizer": "batch-size codebook-size data image-size lr no-progress out preset resume seed steps "
-    "threads",
+    "train-tokenizer": "batch-size codebook-size data heldout-fraction image-size lr no-progress out preset "
+    "resume seed split-seed steps threads",
     "train-classifier": "batch-size data epochs feature-dim heldout-fraction image-size lr max-pixels "
-    "no-progress out seed threads",
+    "no-progress out seed split-seed threads",
     "serve": "device host max-batch-size max-queue max-rows model port rate-limit stream-every tokenizer",
     "demo": "ablation no-progress out quick seed steps threads",
     "sweep": "batch-size cfg-power cfg-scales classifier inception model out per-class reference seed "

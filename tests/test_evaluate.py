@@ -58,7 +58,8 @@ def test_evaluate_cli_matches_direct_metric_computation(tmp_path, capsys):
     assert record["feature_net_sha256"] == file_sha256(weights)
     assert record["reference_sha256"] == file_sha256(tmp_path / "ref.npz")
     assert record["reference_statistics"] == "computed"
-    assert "FID" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "FID" in printed and "Samples    6 (reference batch: 5 images)" in printed  # the counts
 
     # Grey samples (N, H, W, 1), as rargen sample writes for a grey tokenizer, are the same images
     # to the Inception network as their channels repeated to RGB.

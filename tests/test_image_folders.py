@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rargen.data.sources import FolderSource, split_images, to_rgb
+from rargen.data.sources import FolderSource, to_rgb
+from rargen.data.split import split_images
 from rargen.data.store import pretokenize
 from tiny_tokenizer import PoolTokenizer
 
@@ -143,10 +144,14 @@ def test_pretokenize_prints_the_folder_summary_and_records_classes_and_exclusion
     printed = capsys.readouterr().out
     assert "2 classes, 6 image files (cat 4, dog 2)" in printed and "stray.png" in printed
     assert "read 5 image(s), skipped 1" in printed and "cat/broken.png" in printed
-    report = json.loads((tmp_path / "store" / "report.json").read_text())
-    assert report["classes"] == [{"name": "cat", "images": 3}, {"name": "dog", "images": 2}]
-    assert [item["path"] for item in report["excluded"]] == ["stray.png"]
-    assert [item["name"] for item in report["skipped"]] == ["cat/broken.png"]
+    # The command line holds out a share of each class (one of each here) into store-heldout.
+    reports = [json.loads((tmp_path / n / "report.json").read_text()) for n in ("store", "store-heldout")]
+    counts = [[c["images"] for c in report["classes"]] for report in reports]
+    assert [c["name"] for c in reports[0]["classes"]] == ["cat", "dog"] and np.add(*counts).tolist() == [3, 2]
+    assert counts[1] == [1, 1] or counts[1] == [0, 1]  # cat's held-out image may be the broken file
+    for report in reports:
+        assert [item["path"] for item in report["excluded"]] == ["stray.png"]
+    assert [item["name"] for report in reports for item in report["skipped"]] == ["cat/broken.png"]
 
 
 def test_pretokenize_of_a_folder_with_nothing_readable_fails_naming_it(tmp_path, capsys):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rargen.data.sources import FolderSource, read_images, stratified_split
+from rargen.data.sources import FolderSource, read_images
+from rargen.data.split import stratified_split
 from rargen.data.store import pretokenize
 from rargen.data.token_store import TokenStore
 from rargen.tokenizers.vq import VQTokenizer, VQTokenizerConfig
@@ -42,9 +43,11 @@ def test_stratified_split_holds_out_every_class_and_is_seeded():
 
 def test_training_images_from_a_folder_skip_and_report_the_corrupt_file(tmp_path, capsys):
     root = _grey_folder(tmp_path / "data")
-    train, heldout = load_training_images(root, 8, seed=0)
+    train, heldout, split = load_training_images(root, 8, heldout_fraction=0.1, seed=0)
     out = capsys.readouterr().out
     assert "read 18 image(s), skipped 1" in out and "broken.png" in out
+    # The split is of the folder's 19 entries (one per class held out); the broken one is not held out.
+    assert split["num_source_images"] == 19 and split["num_heldout"] == 3 and split["heldout_fraction"] == 0.1
     assert train.shape == (15, 3, 8, 8) and heldout.shape == (3, 3, 8, 8)
     # One held-out image per class: the class means (40, 120, 200 grey) all appear among them.
     means = sorted(round(float(x.mean()) * 255 / 40) for x in heldout)

@@ -73,6 +73,13 @@ def test_a_folder_of_grey_images_to_scored_samples(tmp_path, capsys, one_torch_t
                   "--classifier", str(tmp_path / "clf"), "--out", str(tmp_path / "sweep"))  # fmt: skip
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert [row["cfg_scale"] for row in rows] == [1, 3] and "class_accuracy" in printed
+    # Beside the samples, real data scored alike: 12 images (4 per class) where the data has them.
+    baselines = json.loads((tmp_path / "sweep" / "baselines.json").read_text())
+    counts = {row["what"]: row["num_images"] for row in baselines["rows"]}
+    assert counts["real training images"] == 12 and baselines["note"] is None
+    assert counts["real held-out images"] == counts["tokenizer reconstructions of them"] == 9  # 3 per class
+    for what in counts:
+        assert what in printed
     for row in rows:
         assert 0.0 <= row["class_accuracy"] <= 1.0 and row["num_samples"] == 12
         assert math.isfinite(row["frechet_distance"]) and row["frechet_distance"] >= -1e-6

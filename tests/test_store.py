@@ -12,6 +12,7 @@ from PIL import Image
 
 from rargen.data.preprocess import image_variants, to_tensor
 from rargen.data.sources import ArraySource, FolderSource, npz_source, open_source
+from rargen.data.split import stratified_split
 from rargen.data.store import pretokenize, write_store
 from rargen.data.token_store import TokenStore
 from tiny_tokenizer import FaultyTokenizer, PoolTokenizer
@@ -218,11 +219,16 @@ def test_cli_pretokenize(tmp_path, capsys):
         "cpu",
     ]
     assert main(argv) == 0
-    store = TokenStore(tmp_path / "s")
-    assert len(store) == 359 and store.num_variants == 2 and store.num_shards == 4
+    # The command line holds out 20% of each class by default, into s-heldout (rargen.data.split).
+    store, heldout = TokenStore(tmp_path / "s"), TokenStore(tmp_path / "s-heldout")
+    assert len(store) + len(heldout) == 359 and len(heldout) == 73 and store.num_variants == 2
+    assert store.num_shards == 3 and heldout.num_shards == 1
     assert store.meta["tokenizer_file"]["sha256"] == checkpoint_hash(tmp_path / "tok")
     source = open_source("digits:heldout", image_size=16)
-    np.testing.assert_array_equal(store[200][0], _direct(tokenizer, source, 200, 16, "flip"))
+    train_idx, heldout_idx = stratified_split(source.labels, 0.2, seed=0)
+    np.testing.assert_array_equal(store[200][0], _direct(tokenizer, source, int(train_idx[200]), 16, "flip"))
+    np.testing.assert_array_equal(heldout[5][0], _direct(tokenizer, source, int(heldout_idx[5]), 16, "flip"))
+    assert store.meta["split"]["part"] == "train" and heldout.meta["split"]["part"] == "heldout"
     assert main(argv) == 0  # already complete: a no-op
     assert main([*argv[:-6], "--augment", "none", "--image-size", "16"]) == 2  # different settings refused
     assert "different settings" in capsys.readouterr().err

@@ -28,7 +28,15 @@ def test_sweep_scores_every_setting_with_the_digit_classifier(tmp_path, capsys) 
             "--out", str(tmp_path / "s"), "--cfg-scales", "1,3", "--temperatures", "1,0.5",
             "--per-class", "2", "--classifier", str(tmp_path / "clf")]  # fmt: skip
     assert main(argv) == 0
-    assert "| cfg_scale |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| cfg_scale |" in printed
+    # Real digits scored alike, 2 of each class as the samples; this stand-in tokenizer cannot encode.
+    baselines = json.loads((tmp_path / "s" / "baselines.json").read_text())
+    assert [(r["what"], r["num_images"]) for r in baselines["rows"]] == [
+        ("real held-out images", 20),
+        ("real training images", 20),
+    ]
+    assert "no reconstruction row" in baselines["note"] and "real held-out images" in printed
 
     rows = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert [(r["cfg_scale"], r["temperature"]) for r in rows] == [(1, 1), (1, 0.5), (3, 1), (3, 0.5)]

@@ -36,10 +36,13 @@ def test_store_train_sample_over_1d_tokens(tmp_path):
                    "--device", "cpu"]  # fmt: skip
     assert main(pretokenize) == 0
     store = TokenStore(tmp_path / "store")
-    assert store.grid == (8,) and store.num_tokens == 8 and store.codebook_size == 64 and len(store) == 359
+    assert store.grid == (8,) and store.num_tokens == 8 and store.codebook_size == 64 and len(store) == 286
+    assert len(TokenStore(tmp_path / "store-heldout")) == 73  # the command line's held-out 20%
     from rargen.data.sources import open_source
+    from rargen.data.split import heldout_split
 
-    image = open_source("digits:heldout", image_size=32).load(5)
+    source = open_source("digits:heldout", image_size=32)
+    image = source.load(int(heldout_split(source)[0][5]))  # the training store's 6th image
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255
     assert np.array_equal(store[5][0][0], tokenizer.encode(pixels)[0].numpy())  # (V, K) sequences
 

@@ -194,6 +194,7 @@ def test_cli_trains_on_an_npz_and_resumes(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main([*args, "--steps", "4", "--resume"]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["steps"] == 4 and report["heldout"]["num_images"] == 2  # last 10% held out
+    assert report["steps"] == 4 and report["heldout"]["num_images"] == 4  # 20% held out, as in every stage
+    assert report["split"]["num_heldout"] == 4 and report["split"]["heldout_fraction"] == 0.2
     assert rargen.load(tmp_path / "run" / "tokenizer").config.image_size == 16
     assert main(["train-tokenizer", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x")]) == 2

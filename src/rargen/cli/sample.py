@@ -9,7 +9,7 @@ from collections.abc import Callable
 from rargen import distributed
 from rargen.checkpoint import read_record
 from rargen.cli.flags import add_flags, call_args, command, list_of, non_negative_int, port, positive_int
-from rargen.evaluation.classifier import evaluate_with_classifier, format_scores
+from rargen.evaluation.baselines import evaluate_with_classifier, format_scores
 from rargen.evaluation.evaluate import evaluate, format_metrics
 from rargen.evaluation.sweep import SWEPT, format_sweep, sweep
 from rargen.hub.releases import resolve, resolve_generator

@@ -13,12 +13,13 @@ from pathlib import Path
 from rargen import distributed
 from rargen.cli.flags import add_flags, call_args, command, given, positive_int, shard
 from rargen.data.preprocess import AUGMENTS
-from rargen.data.sources import describe_read
+from rargen.data.split import HELDOUT_FRACTION
 from rargen.data.store import pretokenize
 from rargen.demo.ablation import PER_RUN, StudyConfig, StudyData, parse_windows, run_study
 from rargen.demo.pipeline import DemoConfig, prepare_digits, run_demo, training_precision
 from rargen.demo.study_report import format_table
 from rargen.evaluation.classifier import describe_classifier, train_classifier
+from rargen.evaluation.likelihood import describe_training
 from rargen.tokenizers.vq import VQTokenizerConfig
 from rargen.train.generator import train
 from rargen.train.recipe import config_for_store
@@ -29,25 +30,20 @@ from rargen.train.tokenizer import train_tokenizer
 def _pretokenize(parser: argparse.ArgumentParser) -> Callable:
     """tokenize an image dataset into a memory-mapped token store (resumable, torchrun-aware)
 
-    Tokenize every image (and its crops) once, into a token store folder. Rerun the same command to
-    resume after a crash; launch with torchrun to split shards across ranks."""
-    positive = ("image_size", "batch_size", "shard_size", "num_workers", "max_pixels")
-    add_flags(parser, pretokenize, skip=("rank", "world_size"), source={"flag": "--data"},
-              augment={"choices": AUGMENTS}, **dict.fromkeys(positive, positive_int))  # fmt: skip
+    Tokenize every image (and its crops) once into the store OUT, the held-out split (the one of
+    train-tokenizer and train-classifier) into OUT-heldout. Rerun to resume; torchrun splits shards."""
+    counts = dict.fromkeys("image_size batch_size shard_size num_workers max_pixels".split(), positive_int)
+    add_flags(parser, pretokenize, skip=("rank", "world_size"), source={"flag": "--data"}, **counts,
+              augment={"choices": AUGMENTS}, heldout_fraction={"default": HELDOUT_FRACTION})  # fmt: skip
 
     def run(args: argparse.Namespace) -> None:
         kwargs = call_args(args, pretokenize)
         # gloo only for the final barrier; ranks can finish far apart, hence the long timeout.
         env = distributed.setup(kwargs.pop("device"), backend="gloo", timeout=timedelta(hours=12))
         try:
-            out = pretokenize(**kwargs, device=env.device, log=print)  # log: the folder's summary
+            pretokenize(**kwargs, device=env.device, log=print)  # log: what it read, skipped, wrote
         finally:
             distributed.teardown()
-        if env.is_main:
-            report = json.loads((out / "report.json").read_text())
-            print(describe_read(f"pretokenize: {args.data}", report["num_images"], report["skipped"],
-                                listed_in="report.json"))  # fmt: skip
-            print(f"token store written to {out}")
 
     return run
 
@@ -73,7 +69,7 @@ def _train(parser: argparse.ArgumentParser) -> Callable:
             return 3
         finally:
             distributed.teardown()
-        print(f"trained {config.preset} for {config.steps} steps; final weights in {final}")
+        print(describe_training(config, final, args.data))  # with the held-out NLL, where there is one
 
     return run
 

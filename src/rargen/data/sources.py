@@ -5,9 +5,8 @@ What a class of a folder is (and which trees are refused) is ``rargen.data.folde
 A source is a random-access list of (PIL image, label) with class names. Unconditional data has no
 class names (``num_classes == 0``) and every label is 0, which is then also the generator's null
 label (``num_classes``), so a store of unconditional data trains an unconditional model as is.
-``stratified_split`` is the one held-out split (seeded, shuffled, per class), ``read_images``
-the one way to read a source into memory, reporting what it skipped, and ``split_images`` the two
-together: what the trainers of a tokenizer or a classifier start from.
+``read_images`` is the one way to read a source into memory, reporting what it skipped; the one
+held-out split of a source is ``rargen.data.split``'s.
 """
 
 from __future__ import annotations
@@ -15,14 +14,11 @@ from __future__ import annotations
 import os
 import stat
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import Tensor
 
 from rargen.data.folders import check_readable, describe_scan, scan_folder
 
@@ -252,14 +248,14 @@ class FolderSource(ImageSource):
 def open_source(
     spec: str | os.PathLike, image_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> ImageSource:
-    """``"digits"`` / ``"digits:train|heldout|all"``, a folder of images, or an ``.npz`` file.
+    """``"digits"`` (all of them) / ``"digits:train|heldout|all"``, a folder of images, or an ``.npz`` file.
 
     ``image_size`` only matters for the digits, which are upscaled straight to the target size;
     ``max_pixels`` for a folder (larger images are skipped).
     """
     text = str(spec)
     if text == "digits" or text.startswith("digits:"):
-        split = text.partition(":")[2] or "train"
+        split = text.partition(":")[2] or "all"  # split by rargen.data.split like any source
         return digit_source(split, image_size=image_size)
     path = Path(text)
     if path.is_dir():
@@ -270,35 +266,6 @@ def open_source(
     if not path.exists():
         raise FileNotFoundError(f"no image source at {text!r}; {choices}")
     raise ValueError(f"cannot read images from {text!r}; {choices}")
-
-
-def stratified_split(
-    labels: np.ndarray, heldout_fraction: float = 0.1, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) indices: a seeded shuffle within each class, ``heldout_fraction`` of each held out.
-
-    Every class with at least two images gives at least one to each side, so a file written in
-    folder (class) order no longer holds out one whole class, as taking the last 10% did. Unlabelled
-    data (all labels 0) is one class, i.e. a plain seeded shuffle. Both index arrays are sorted.
-    """
-    if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
-    labels = np.asarray(labels).reshape(-1)
-    if len(labels) < 2:
-        raise ValueError(f"a held-out split needs at least 2 images, got {len(labels)}")
-    rng = np.random.default_rng(seed)
-    train, heldout = [], []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        wanted = max(1, round(heldout_fraction * len(members)))
-        count = 0 if len(members) < 2 else min(len(members) - 1, wanted)
-        heldout.append(members[:count])
-        train.append(members[count:])
-    heldout_idx = np.sort(np.concatenate(heldout))
-    if len(heldout_idx) == 0:  # every class has a single image: hold out one image anyway
-        heldout_idx = np.sort(rng.permutation(len(labels))[:1])
-    train_idx = np.setdiff1d(np.arange(len(labels)), heldout_idx)
-    return train_idx, heldout_idx
 
 
 def read_images(
@@ -353,66 +320,3 @@ def source_image_size(source: ImageSource) -> int:
             continue
         return min(width, height)
     raise ValueError("the image source has no readable image to take the size from; pass --image-size")
-
-
-class SplitImages(NamedTuple):
-    """A source read into memory and split: images (N, 3, S, S) float32 in [0, 1], labels (N,) int64."""
-
-    train_images: Tensor
-    train_labels: Tensor
-    heldout_images: Tensor
-    heldout_labels: Tensor
-    class_names: tuple[str, ...]
-    skipped: list[dict[str, Any]]  # read_images' list of the unreadable files
-    excluded: tuple[dict[str, str], ...]  # what the source left out (a folder's stray or hidden files)
-
-
-def split_images(
-    data: str | os.PathLike,
-    image_size: int,
-    *,
-    heldout_fraction: float,
-    seed: int,
-    purpose: str,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    log: Callable[[str], None] | None = print,
-    source: ImageSource | None = None,
-    listed_in: str | None = None,
-) -> SplitImages:
-    """``data`` (any ``open_source`` spec) read at ``image_size`` and split into train and held-out.
-
-    ``"digits"`` takes the digits' own fixed split (``rargen.data.digits``), as every digit tool does;
-    anything else is read once by ``read_images`` (what it skipped reported through ``log``) and
-    split by ``stratified_split(labels, heldout_fraction, seed)``. ``purpose`` names what the images
-    train, for the messages: ``"tokenizer"`` logs as ``train-tokenizer`` and refuses fewer than 2
-    images with "a tokenizer needs at least 2". ``source`` is ``data`` already opened, by a caller
-    that looked at it first (the classifier: its classes and image size), so it is not opened twice;
-    for ``"digits"`` it goes unused, the digits' own split being taken all the same. ``listed_in``
-    names the report that lists every skipped file, for a caller that writes one.
-    """
-    if str(data) == "digits":
-        from rargen.data.digits import DIGIT_CLASS_NAMES, load_digit_images
-
-        train_images, train_labels = load_digit_images("train", image_size)
-        heldout_images, heldout_labels = load_digit_images("heldout", image_size)
-        return SplitImages(
-            train_images, train_labels, heldout_images, heldout_labels, DIGIT_CLASS_NAMES, [], ()
-        )
-    if source is None:
-        source = open_source(data, image_size=image_size, max_pixels=max_pixels)
-    if log is not None:
-        log(source.summary(f"train-{purpose}: {data}"))
-    images, labels, _, skipped = read_images(source, image_size)
-    if log is not None:
-        log(describe_read(f"train-{purpose}: {data}", len(images), skipped, listed_in=listed_in))
-    if len(images) < 2:
-        raise ValueError(f"{str(data)!r}: {len(images)} readable image(s); a {purpose} needs at least 2")
-    train_idx, heldout_idx = stratified_split(labels, heldout_fraction, seed)
-    # Indexed as is, so channels-last in memory (the classifier trains on that layout; the tokenizer
-    # copies to contiguous): a conv's float sums depend on the layout, so it is the caller's choice.
-    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    targets = torch.from_numpy(labels)
-    return SplitImages(
-        tensor[train_idx], targets[train_idx], tensor[heldout_idx], targets[heldout_idx],
-        tuple(source.class_names), skipped, source.excluded,
-    )  # fmt: skip

@@ -41,7 +41,8 @@ from torch import nn
 from rargen import distributed
 from rargen.checkpoint import state_sha256
 from rargen.data.preprocess import image_variants, num_variants
-from rargen.data.sources import DEFAULT_MAX_PIXELS, ImageSource, open_source
+from rargen.data.sources import DEFAULT_MAX_PIXELS, ImageSource, describe_read, open_source
+from rargen.data.split import SPLIT_SEED, describe_split, split_parts
 from rargen.data.token_store import (  # noqa: F401 - rargen.data.store's names too
     MAX_CODEBOOK_SIZE,
     META_NAME,
@@ -270,6 +271,7 @@ def store_plan(
     codebook_size: int,
     shard_size: int,
     tokenizer: dict[str, Any] | None,
+    split: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A store's plan (plan.json): what it holds and how it is sharded, the one schema that
     ``pretokenize`` and ``write_store`` write and ``TokenStore`` reads."""
@@ -289,11 +291,12 @@ def store_plan(
         "tokenizer": tokenizer,
         "shard_size": shard_size,
         "num_shards": -(-num_images // shard_size),
+        "split": split,  # which side of which held-out split this store holds (rargen.data.split)
     }
 
 
 def pretokenize(
-    source: ImageSource | str | os.PathLike,  # 'digits[:train|heldout|all]', an image folder or an .npz
+    source: ImageSource | str | os.PathLike,  # 'digits' (all; or digits:train|heldout), a folder or an .npz
     tokenizer: nn.Module | str | os.PathLike,  # tokenizer checkpoint folder (rargen.load)
     out: str | os.PathLike,  # token store folder to write (or resume)
     *,
@@ -308,6 +311,8 @@ def pretokenize(
     progress: bool = True,  # progress bars
     max_pixels: int = DEFAULT_MAX_PIXELS,  # skip (and report) images with more pixels (decompression bombs)
     log: Callable[[str], None] | None = None,  # where the folder's summary goes (None: nowhere)
+    heldout_fraction: float | None = None,  # share of each class in OUT-heldout (0: none; CLI default 0.2)
+    split_seed: int = SPLIT_SEED,  # seed of the held-out split (the same in every stage)
 ) -> Path:
     """Tokenize every image of ``source`` (all ``augment`` variants) into a token store at ``out``.
 
@@ -351,25 +356,45 @@ def pretokenize(
     if not 0 < codebook_size <= MAX_CODEBOOK_SIZE:
         raise ValueError(f"codebook_size {codebook_size} does not fit the store's uint16 codes (max 65536)")
     grid = token_shape_of(tokenizer, image_size, image_size)  # (h, w), or (K,) for a 1D tokenizer
-    num_source = len(source)
-    plan = store_plan(
-        source=source.describe(), num_images=num_source, class_names=source.class_names, augment=augment,
-        image_size=image_size, grid=grid, codebook_size=codebook_size, shard_size=shard_size,
-        tokenizer={
-            "kind": getattr(type(tokenizer), "checkpoint_kind", type(tokenizer).__name__),
-            "state_sha256": state_sha256(tokenizer),
-        },
-    )  # fmt: skip
     tokenizer_meta = {"path": None, "sha256": None}
     if tokenizer_path is not None:
         from rargen.checkpoint import checkpoint_hash
 
         tokenizer_meta = {"path": str(tokenizer_path.resolve()), "sha256": checkpoint_hash(tokenizer_path)}
+    parts = split_parts(source, out, heldout_fraction, split_seed, getattr(tokenizer, "checkpoint_extra", {}))
+    for source, out, split in parts:
+        _pretokenize_part(source, tokenizer, out, split, tokenizer_meta, rank, world_size, image_size,
+                          augment, batch_size, shard_size, num_workers, grid, progress)  # fmt: skip
+    if log is not None and rank == 0:  # one summary of what was read, whichever store holds an image
+        reports = [json.loads((part_out / REPORT_NAME).read_text()) for _, part_out, _ in parts]
+        skipped = [item for report in reports for item in report["skipped"]]
+        listed_in = " and ".join(str(part_out / REPORT_NAME) for _, part_out, _ in parts)
+        num_read = sum(report["num_images"] for report in reports)
+        log(describe_read(f"pretokenize: {spec}", num_read, skipped, listed_in=listed_in))
+        log(f"token store written to {parts[0][1]} ({reports[0]['num_images']} images)")
+        if len(parts) == 2:
+            log(f"held-out store written to {parts[1][1]} ({reports[1]['num_images']} images: "
+                f"{describe_split(parts[1][2])}; rargen train reports the NLL on them)")  # fmt: skip
+    return parts[0][1]
+
+
+def _pretokenize_part(source, tokenizer, out, split, tokenizer_meta, rank, world_size, image_size, augment,
+                      batch_size, shard_size, num_workers, grid, progress) -> None:  # fmt: skip
+    """``pretokenize``'s work for one store: ``source`` (one side of the split) into ``out``."""
+    num_source, codebook_size = len(source), int(tokenizer.codebook_size)
+    plan = store_plan(
+        source=source.describe(), num_images=num_source, class_names=source.class_names, augment=augment,
+        image_size=image_size, grid=grid, codebook_size=codebook_size, shard_size=shard_size, split=split,
+        tokenizer={
+            "kind": getattr(type(tokenizer), "checkpoint_kind", type(tokenizer).__name__),
+            "state_sha256": state_sha256(tokenizer),
+        },
+    )  # fmt: skip
     if not out.is_dir():
         out.mkdir(parents=True)
     _check_plan(out, plan)
     if (out / META_NAME).is_file():
-        return out  # already complete
+        return  # already complete
 
     todo = [i for i in range(rank, plan["num_shards"], world_size) if not _shard_done(out, i)]
     total = sum(min(shard_size, num_source - i * shard_size) for i in todo)
@@ -402,7 +427,6 @@ def pretokenize(
     if rank == 0:
         _finalize(out, plan, {"tokenizer_file": tokenizer_meta}, source.excluded)
     distributed.barrier()
-    return out
 
 
 def write_store(

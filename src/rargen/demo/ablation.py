@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from rargen.demo.study_report import METRICS, format_table, plot_curves
+from rargen.evaluation.likelihood import raster_nll_bits, store_tokens
 from rargen.sampling.engine import SampleConfig
 from rargen.train.recipe import TrainConfig
 from rargen.train.run_state import checkpoints
@@ -212,32 +213,6 @@ def study_scorer(data: StudyData) -> Any:
 
 # -------------------------------------------------------------------------------------------------
 # Measurements
-
-
-def store_tokens(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
-    """All images of a store in their first variant: tokens (N, L) int64 and labels (N,) int64."""
-    from rargen.data.token_store import TokenStore
-
-    store = TokenStore(path)
-    index = np.arange(len(store))
-    tokens = store.gather(index, np.zeros_like(index)).reshape(len(store), -1)
-    return torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(store.labels.astype(np.int64))
-
-
-@torch.no_grad()
-def raster_nll_bits(model: Any, tokens: Tensor, labels: Tensor, batch_size: int = 256) -> float:
-    """Mean negative log-likelihood of ``tokens`` (N, L) given their labels, raster order, in bits
-    per token, through ``model``'s teacher-forced forward (in eval mode: no dropout)."""
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for start in range(0, len(tokens), batch_size):
-        batch = tokens[start : start + batch_size]
-        logits = model(batch, labels[start : start + batch_size])
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch.flatten(),
-                                                         reduction="sum"))  # fmt: skip
-    model.train(was_training)
-    return total / tokens.numel() / math.log(2)
 
 
 def grey_pixels(images: Tensor) -> Tensor:
@@ -448,5 +423,5 @@ def write_report(out: str | os.PathLike, config: StudyConfig) -> dict[str, Any]:
 
 __all__ = [
     "PER_RUN", "WINDOW_PRESETS", "Evaluator", "Run", "StudyConfig", "StudyData", "Window", "parse_windows",
-    "raster_nll_bits", "run_study", "study_runs", "write_report",
+    "run_study", "study_runs", "write_report",
 ]  # fmt: skip

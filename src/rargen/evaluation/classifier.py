@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rargen.data.sources import DEFAULT_MAX_PIXELS, SplitImages, open_source, source_image_size, split_images
+from rargen.data.sources import DEFAULT_MAX_PIXELS, open_source, source_image_size
+from rargen.data.split import HELDOUT_FRACTION, SPLIT_SEED, SplitImages, split_images
 from rargen.evaluation.metrics import FeatureStats, GaussianStats, frechet_distance
 
 HELDOUT_STATS_NAME = "heldout_features.safetensors"  # mu and sigma of the held-out features
@@ -175,8 +176,9 @@ class ClassifierTrainConfig:
     epochs: int = 12
     batch_size: int = 64
     lr: float = 2e-3
-    seed: int = 0  # initialisation, data order and held-out split
-    heldout_fraction: float = 0.2  # share of each class held out
+    seed: int = 0  # initialisation and data order
+    heldout_fraction: float = HELDOUT_FRACTION  # share of each class held out (the same in every stage)
+    split_seed: int = SPLIT_SEED  # seed of the held-out split (the same in every stage)
     channels: tuple[int, ...] = (16, 32, 32)
     feature_dim: int = 64  # features the Fréchet distance uses
 
@@ -209,7 +211,7 @@ def _labelled_images(
         )
     size = config.image_size or source_image_size(source)
     split = split_images(
-        data, size, heldout_fraction=config.heldout_fraction, seed=config.seed, purpose="classifier",
+        data, size, heldout_fraction=config.heldout_fraction, seed=config.split_seed, purpose="classifier",
         max_pixels=max_pixels, log=log, source=source, listed_in="report.json",
     )  # fmt: skip
     return split, size
@@ -236,7 +238,7 @@ def train_classifier(
 
     began = time.perf_counter()
     split, size = _labelled_images(data, config, max_pixels, log)
-    train_x, train_y, held_x, held_y, names, skipped, excluded = split
+    train_x, train_y, held_x, held_y, names, skipped, excluded, _ = split
     channels = image_channels(torch.cat([train_x, held_x]))
     if channels == 1:
         train_x, held_x = train_x[:, :1].contiguous(), held_x[:, :1].contiguous()
@@ -255,6 +257,7 @@ def train_classifier(
     baseline = None if gaussian is None else frechet_distance(train_stats, gaussian)
     report = {
         "data": str(data),
+        "split": split.split,  # the held-out split (rargen.data.split): evaluate's baselines re-read it
         "class_names": list(names),
         "image_size": size,
         "image_channels": channels,
@@ -459,31 +462,3 @@ def score_samples(samples: str | os.PathLike, scorer: Scorer) -> dict[str, Any]:
     )  # fmt: skip
     scores: dict[str, Any] = classifier_scores(scorer.classifier, images, labels, scorer.heldout)
     return scores | {"num_samples": len(images)}
-
-
-def evaluate_with_classifier(
-    samples: str | os.PathLike, classifier: str | os.PathLike, out: str | os.PathLike | None = None
-) -> dict[str, Any]:
-    """``rargen evaluate --classifier``: the scores of a samples.npz, written to ``out`` (default
-    ``metrics.json`` beside the samples) with what was scored against what."""
-    from rargen.checkpoint import checkpoint_hash
-
-    scorer = load_scorer(classifier)
-    result: dict[str, Any] = score_samples(samples, scorer)
-    result["record"] = {
-        "samples": str(samples),
-        "classifier": str(classifier),
-        "classifier_sha256": checkpoint_hash(classifier),
-        "class_names": list(scorer.class_names),
-        "reference": "the classifier's held-out split",
-    }
-    out = Path(out) if out is not None else Path(samples).parent / "metrics.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
-def format_scores(result: dict[str, Any]) -> str:
-    """One line per score, as printed by ``rargen evaluate --classifier``."""
-    accuracy, distance = result["class_accuracy"], result["frechet_distance"]
-    return f"class accuracy    {accuracy:.4f}\nFréchet distance  {distance:.4f}"

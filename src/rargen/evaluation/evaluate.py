@@ -179,4 +179,7 @@ def format_metrics(result: dict[str, Any]) -> str:
     names = [("fid", "FID"), ("sfid", "sFID"), ("inception_score", "IS"), ("precision", "Precision"),
              ("recall", "Recall")]  # fmt: skip
     lines = [f"{label:<10} {'n/a' if result[key] is None else f'{result[key]:.4f}'}" for key, label in names]
+    record = result["record"]  # the counts: FID and IS are biased by small ones (50,000 is the standard)
+    references = f"(reference batch: {record['num_reference_images']} images)"
+    lines.append(f"{'Samples':<10} {record['num_samples']} {references}")
     return "\n".join(lines)

@@ -94,6 +94,11 @@ def check_classifier_for_tokenizer(scorer: Any, tokenizer: str | os.PathLike, nu
         channels = getattr(model, "checkpoint_extra", {}).get("image_channels")
         what = f"the tokenizer {str(tokenizer)!r}"
         check_matches(scorer, what=what, image_size=size, image_channels=channels)
+        from rargen.data.split import check_same_split
+        from rargen.evaluation.baselines import classifier_split
+
+        tokenizer_split = getattr(model, "checkpoint_extra", {}).get("split")
+        check_same_split(classifier_split(scorer), f"--classifier {scorer.path!r}", tokenizer_split, what)
 
 
 def sweep(
@@ -106,9 +111,13 @@ def sweep(
     inception: str | os.PathLike | None = None,  # Inception weights file (with the reference batch)
     classifier: str | os.PathLike | None = None,  # classifier folder (rargen train-classifier), not Inception
     progress: bool = True,  # progress bars
-) -> list[dict[str, Any]]:
-    """Sample and score every setting of ``config``; returns the rows (also ``out/sweep.json``)."""
-    from rargen.checkpoint import read_record
+) -> dict[str, Any]:
+    """Sample and score every setting of ``config``; returns ``{"rows": one per setting (also
+    ``out/sweep.json``), "baselines": real-data rows scored alike (with a classifier; also
+    ``out/baselines.json``, see ``rargen.evaluation.baselines``), "note": what was not scored}``."""
+    import torch
+
+    from rargen.checkpoint import load, read_record
     from rargen.sampling.images import class_balanced_labels, sample_to_folder
 
     if classifier is None and (reference is None or inception is None):
@@ -118,12 +127,16 @@ def sweep(
         )
     out = Path(out)
     labels = class_balanced_labels(read_record(checkpoint)["config"]["num_classes"], config.per_class)
-    scorer = None
+    scorer, baselines, note = None, [], None
     if classifier is not None:
+        from rargen.evaluation.baselines import baseline_rows
         from rargen.evaluation.classifier import load_scorer, score_samples
+        from rargen.tokenizers.base import image_channels
 
         scorer = load_scorer(classifier)
         check_classifier_for(scorer, checkpoint, tokenizer)
+        channels = image_channels(load(tokenizer, verify=False)) if Path(tokenizer).is_dir() else 3
+        baselines, note = baseline_rows(scorer, torch.as_tensor(labels), channels, tokenizer, config.seed)
     rows = []
     unset = SampleConfig()
     for setting in config.settings():
@@ -138,20 +151,32 @@ def sweep(
 
             result = evaluate(npz, reference, inception, progress=progress)
             scores = {k: result[k] for k in ("fid", "sfid", "inception_score", "precision", "recall")}
+            scores["num_samples"] = result["record"]["num_samples"]
         # A row names its setting: scale, power and temperature, and top-k / top-p where they are on.
         named = dataclasses.asdict(setting)
         named = {k: v for k, v in named.items() if k in (*SWEPT, "cfg_power") or v != getattr(unset, k)}
         rows.append({**named, **scores})
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
-    return rows
+    if scorer is not None:
+        (out / "baselines.json").write_text(json.dumps({"rows": baselines, "note": note}, indent=2) + "\n")
+    return {"rows": rows, "baselines": baselines, "note": note}
 
 
-def format_sweep(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of the sweep rows."""
+def format_sweep(result: dict[str, Any]) -> str:
+    """A markdown table of the sweep's rows, then the real-data rows scored alike."""
+    rows = result["rows"]
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     for row in rows:
         cells = [f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    if result["baselines"]:
+        from rargen.evaluation.baselines import format_rows
+
+        lines += [
+            "",
+            "scored alike (the same classifier, classes and counts):",
+            *format_rows(result["baselines"]),
+        ]
+    return "\n".join(lines + ([result["note"]] if result["note"] else []))

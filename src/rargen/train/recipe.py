@@ -14,6 +14,7 @@ from typing import Any
 
 from rargen.checkpoint import config_from_dict, config_to_dict
 from rargen.data.token_store import TokenStore
+from rargen.evaluation.likelihood import refuse_heldout_store
 from rargen.model import ModelConfig
 
 # Fields that only change logistics (not the trajectory); a resumed run may change them.
@@ -131,6 +132,7 @@ def config_for_store(
     ``file`` with ``flags`` over them (``model_overrides`` merged key by key); without a preset, a
     store of fewer than ``SMALL_DATA_IMAGES`` images gets the small-data recipe under them (the
     same every time, so --resume matches). Bad values are refused before the store is read."""
+    refuse_heldout_store(store)  # no command trains on held-out images
     values = json.loads(Path(file).read_text()) if file else {}
     if not isinstance(values, dict):
         raise ValueError(f"--config {file}: expected a JSON object of TrainConfig fields, got a "

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rargen.checkpoint import config_from_dict, read_record, remove_stale_temporaries
-from rargen.data.sources import DEFAULT_MAX_PIXELS, split_images
+from rargen.data.sources import DEFAULT_MAX_PIXELS
+from rargen.data.split import HELDOUT_FRACTION, SPLIT_SEED, check_same_split, split_images
 from rargen.tokenizers.vq import VQTokenizer, VQTokenizerConfig
 from rargen.train.run_state import TRAIN_STATE, read_checkpoint, run_folder_lock, write_checkpoint
 
@@ -44,6 +45,8 @@ class TokenizerTrainConfig:
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     recon_loss: Literal["l2", "l1"] = "l2"
     seed: int = 0  # initialisation and data-order seed
+    heldout_fraction: float = HELDOUT_FRACTION  # share of each class held out (the same in every stage)
+    split_seed: int = SPLIT_SEED  # seed of the held-out split (the same in every stage)
     restart_every: int = 25  # check for dead codes every this many steps ...
     restart_until: float = 0.9  # ... during this fraction of training (let the last codes settle)
     log_every: int = 25
@@ -67,23 +70,22 @@ def load_training_images(
     data: str | os.PathLike,
     image_size: int,
     *,
-    heldout_fraction: float = 0.1,
-    seed: int = 0,
+    heldout_fraction: float = HELDOUT_FRACTION,
+    seed: int = SPLIT_SEED,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     log: Callable[[str], None] | None = print,
-) -> tuple[Tensor, Tensor]:
-    """(train, held-out) images (N, 3, S, S) float32 in [0, 1] from any ``open_source`` spec.
-
-    ``split_images``' split: the digits' own for ``"digits"``, else the readable images
-    (centre-cropped to ``image_size`` as ``pretokenize`` does, skipped files reported through
-    ``log``) split by ``stratified_split``, ``heldout_fraction`` of each class held out.
-    Contiguous copies: the layout the tokenizer has always trained on.
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """(train, held-out) images (N, 3, S, S) float32 in [0, 1] from any ``open_source`` spec, and
+    the split's record: ``rargen.data.split.split_images``, the split every stage shares (the
+    digits' own for ``"digits"``; images centre-cropped to ``image_size`` as ``pretokenize`` does,
+    skipped files reported through ``log``). Contiguous copies: the layout the tokenizer has always
+    trained on.
     """
     split = split_images(
         data, image_size, heldout_fraction=heldout_fraction, seed=seed, purpose="tokenizer",
         max_pixels=max_pixels, log=log,
     )  # fmt: skip
-    return split.train_images.contiguous(), split.heldout_images.contiguous()
+    return split.train_images.contiguous(), split.heldout_images.contiguous(), split.split
 
 
 def batch_indices(num_images: int, batch_size: int, step: int, seed: int) -> Tensor:
@@ -158,8 +160,10 @@ def _save_checkpoint(
     step: int,
     config: TokenizerTrainConfig,
     channels: int = 3,
+    split: dict[str, Any] | None = None,
 ) -> None:
     extra = {"step": step, "train_config": dataclasses.asdict(config), "image_channels": channels}
+    extra["split"] = split  # the held-out split (rargen.data.split): pretokenize checks its own against it
     state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
     write_checkpoint(path, model, state, extra=extra)
 
@@ -228,12 +232,17 @@ def train_tokenizer(
             model, state, start_step = VQTokenizer(model_config), None, 0
         config = model.config
 
+        split = None  # images given in memory: split by the caller
         if isinstance(data, tuple):
             train_images, heldout_images = data
         else:
-            train_images, heldout_images = load_training_images(
-                data, config.image_size, seed=train_config.seed
-            )
+            train_images, heldout_images, split = load_training_images(
+                data, config.image_size, heldout_fraction=train_config.heldout_fraction,
+                seed=train_config.split_seed,
+            )  # fmt: skip
+        if resume:
+            recorded = read_record(ckpt_path)["extra"].get("split")
+            check_same_split(recorded, f"the run in {str(out_dir)!r}", split, "the data given now")
         for name, images in (("train", train_images), ("heldout", heldout_images)):
             if images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
                 raise ValueError(
@@ -306,7 +315,7 @@ def train_tokenizer(
                 save_reconstruction_grid(model, preview, out_dir / "samples" / f"recon_{done:06d}.png")
                 model.train()
             if (train_config.checkpoint_every and done % train_config.checkpoint_every == 0) or last:
-                _save_checkpoint(ckpt_path, model, optimizer, done, train_config, channels)
+                _save_checkpoint(ckpt_path, model, optimizer, done, train_config, channels, split)
 
         model.eval()
         report = {
@@ -317,6 +326,7 @@ def train_tokenizer(
             "model_config": dataclasses.asdict(config),
             "train_config": dataclasses.asdict(train_config),
             "checkpoint": str(ckpt_path),
+            "split": split,
         }
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
