@@ -18,8 +18,9 @@ from rargen.data.store import pretokenize
 from rargen.demo.ablation import PER_RUN, StudyConfig, StudyData, parse_windows, run_study
 from rargen.demo.pipeline import DemoConfig, prepare_digits, run_demo, training_precision
 from rargen.demo.study_report import format_table
-from rargen.evaluation.classifier import describe_classifier, train_classifier
+from rargen.evaluation.classifier import train_classifier
 from rargen.tokenizers.vq import VQTokenizerConfig
+from rargen.train.gates import describe_classifier
 from rargen.train.generator import train
 from rargen.train.recipe import config_for_store
 from rargen.train.tokenizer import train_tokenizer
@@ -93,7 +94,7 @@ def _train_tokenizer(parser: argparse.ArgumentParser) -> Callable:
         keep = args.resume and "model_config" not in given(args, train_tokenizer)
         model = None if keep else VQTokenizerConfig.from_name(args.preset)
         report = train_tokenizer(**call_args(args, train_tokenizer, model_config=model))
-        print(json.dumps(report["heldout"], indent=2))
+        print(json.dumps(report["heldout"], indent=2) + "\n" + report["verdict"])
 
     return run
 
