@@ -1,0 +1,35 @@
+"""Issue 27 part 5: what the commands say is what they do: help that names the defaults that apply,
+mixed grey and colour folders reported, grid labels that fit."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+
+from rargen.cli.main import main
+from rargen.train.recipe import SMALL_DATA_IMAGES, TrainConfig, small_data_recipe
+
+
+def help_of(*command: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main([*command, "--help"])
+    return " ".join(out.getvalue().split())
+
+
+def test_train_help_names_both_defaults_and_the_rule_that_picks_one():
+    text = help_of("train")
+    small, paper = small_data_recipe(SMALL_DATA_IMAGES), TrainConfig()
+    assert f"--steps STEPS optimizer steps; default from the store: {small['steps']} for fewer than " in text
+    assert f"images (the small-data recipe), else {paper.steps} (the paper's ImageNet recipe)" in text
+    assert f"default from the store: {small['preset']!r}" in text and f"else {paper.preset!r}" in text
+    assert "default from the store: 64 (at most the store's size)" in text
+    assert "--steps STEPS optimizer steps; default 250000" not in text  # the old help, a default never used
+
+
+def test_the_gated_trainers_help_says_the_budget_is_a_cap():
+    assert "--steps STEPS the cap (patience 0: exactly)" in help_of("train-tokenizer")
+    assert "--patience PATIENCE stop after this many evaluations" in help_of("train-tokenizer")
+    assert "--epochs EPOCHS the cap (patience 0: exactly)" in help_of("train-classifier")
