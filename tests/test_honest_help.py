@@ -33,3 +33,24 @@ def test_the_gated_trainers_help_says_the_budget_is_a_cap():
     assert "--steps STEPS the cap (patience 0: exactly)" in help_of("train-tokenizer")
     assert "--patience PATIENCE stop after this many evaluations" in help_of("train-tokenizer")
     assert "--epochs EPOCHS the cap (patience 0: exactly)" in help_of("train-classifier")
+
+
+def test_grid_labels_show_whole_class_names(tmp_path):
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from rargen.sampling.images import GRID_LABEL_WIDTH, save_grid
+
+    names = ["astronaut", "cat", "a class name far longer than any column should be"]
+    images = np.full((3, 16, 16, 3), 255, dtype=np.uint8)
+    save_grid(images, [0, 1, 2], names, tmp_path / "g.png")
+    grid = Image.open(tmp_path / "g.png").convert("L")
+    label_width = grid.width - 16
+    assert label_width > GRID_LABEL_WIDTH  # widened for the names, not cut at 8 characters
+    for row, text in enumerate(["astronaut", "cat", "a class name far long..."]):
+        alone = Image.new("L", (400, 16), "white")
+        ImageDraw.Draw(alone).text((2, 2), text, fill="black")
+        ink = np.asarray(alone) < 128
+        assert not ink[:, label_width:].any()  # the whole name fits the column
+        cell = np.asarray(grid)[row * 16 : (row + 1) * 16, :label_width] < 128
+        np.testing.assert_array_equal(cell, ink[:, :label_width])
