@@ -54,3 +54,27 @@ def test_grid_labels_show_whole_class_names(tmp_path):
         assert not ink[:, label_width:].any()  # the whole name fits the column
         cell = np.asarray(grid)[row * 16 : (row + 1) * 16, :label_width] < 128
         np.testing.assert_array_equal(cell, ink[:, :label_width])
+
+
+def test_a_grey_image_in_a_colour_folder_is_reported(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from rargen.data.sources import split_images
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                tmp_path / name / f"{i}.png"
+            )
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(tmp_path / "b" / "grey.png")
+    logs: list[str] = []
+    split_images(tmp_path, 8, heldout_fraction=0.3, seed=0, purpose="tokenizer", log=logs.append)
+    mixed = "mixed channels: 1 of 7 images are grey (b/grey.png), the other 6 colour; all are used as colour"
+    assert logs[-1].startswith(f"train-tokenizer: {tmp_path}: {mixed}")
+    logs.clear()  # one kind only: nothing to report
+    (tmp_path / "b" / "grey.png").unlink()
+    split_images(tmp_path, 8, heldout_fraction=0.3, seed=0, purpose="tokenizer", log=logs.append)
+    assert not any("mixed channels" in line for line in logs)
