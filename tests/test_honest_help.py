@@ -78,3 +78,21 @@ def test_a_grey_image_in_a_colour_folder_is_reported(tmp_path):
     (tmp_path / "b" / "grey.png").unlink()
     split_images(tmp_path, 8, heldout_fraction=0.3, seed=0, purpose="tokenizer", log=logs.append)
     assert not any("mixed channels" in line for line in logs)
+
+
+def test_the_grid_note_of_a_sweep_prints_once(tmp_path, capsys):
+    from rargen.checkpoint import save
+    from rargen.model import RAR, ModelConfig
+    from rargen.sampling.engine import SampleConfig
+    from rargen.sampling.images import sample_to_folder
+    from test_sample_cli import TinyTokenizer, TinyTokenizerConfig
+
+    save(RAR(ModelConfig.from_name("rar-tiny", num_classes=2)), tmp_path / "gen")
+    save(TinyTokenizer(TinyTokenizerConfig()), tmp_path / "tok")
+    labels = [0] * 11 + [1]  # more than a grid's 10 columns: the grid says so
+    for scale in (1.0, 2.0):  # as a sweep does: one folder per setting
+        config = SampleConfig(cfg_scale=scale)
+        sample_to_folder(
+            tmp_path / "gen", tmp_path / "tok", labels, config, tmp_path / f"s{scale}", progress=False
+        )
+    assert capsys.readouterr().out.count("grid.png: at most 10 samples per class shown") == 1

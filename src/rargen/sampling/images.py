@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from rargen import distributed
 from rargen.model import RAR
-from rargen.progress import progress_bar
+from rargen.progress import notice_once, progress_bar
 from rargen.sampling.decoding import prepare_for_decoding
 from rargen.sampling.engine import SampleConfig, class_labels, generate_images, sample_seed
 from rargen.sampling.speculative import check_speculate
@@ -159,8 +159,8 @@ def sample_to_folder(
         np.savez(npz, arr_0=arr, labels=np.asarray(labels, dtype=np.int64))
         names = getattr(model, "checkpoint_extra", {}).get("class_names")
         grid_note = save_grid(arr, labels, names, out / "grid.png")
-        if grid_note:
-            print(f"grid.png: {grid_note}")
+        if grid_note:  # the same for every folder of a sweep: said once
+            notice_once(f"grid.png: {grid_note}")
         meta = {
             "checkpoint": str(checkpoint),
             "checkpoint_sha256": checkpoint_hash(checkpoint),
