@@ -96,3 +96,15 @@ def test_the_grid_note_of_a_sweep_prints_once(tmp_path, capsys):
             tmp_path / "gen", tmp_path / "tok", labels, config, tmp_path / f"s{scale}", progress=False
         )
     assert capsys.readouterr().out.count("grid.png: at most 10 samples per class shown") == 1
+
+
+def test_the_readme_sets_up_before_bare_commands_and_says_what_downloads():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    first_bare = readme.index("\nrargen ")  # the first shell line that runs a bare `rargen`
+    assert readme.index("make venv") < first_bare and readme.index(". .venv/bin/activate") < first_bare
+    assert readme.count("## Set-up, and what downloads when") == 1
+    for name in ("README.md", "docs/evaluation.md"):  # the first example downloads: never say it does not
+        assert "never downloads anything" not in (root / name).read_text(), name
