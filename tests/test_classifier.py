@@ -238,3 +238,20 @@ def test_train_tokenizer_reports_how_well_the_classifier_recognises_its_reconstr
     assert torch.bincount(labels[preview_indices(labels, count=4)]).tolist() == [1, 1, 1, 1]
     many = torch.arange(100).repeat_interleave(2)
     assert len(set(many[preview_indices(many)].tolist())) == 64  # every class, up to 64
+
+
+@pytest.mark.parametrize(
+    ("patience", "stopped_early", "fix"),
+    [
+        (0, False, "a fixed budget (--patience 0): drop that"),
+        (8, False, "it was still improving at the cap: raise --epochs (e.g. 24)"),
+        (8, True, "it levelled off: more images per class, or a wider net"),
+    ],
+)
+def test_a_weak_classifier_is_told_what_to_change(patience, stopped_early, fix):
+    from rargen.train.gates import classifier_verdict
+
+    gate = {"patience": patience, "cap": 12, "ran": 12, "best_at": 4, "stopped_early": stopped_early}
+    verdict = classifier_verdict({"heldout_accuracy": 0.73, "gate": gate})
+    assert "held-out accuracy 73.0%: LOW (below 90%)" in verdict and fix in verdict
+    assert "good enough" in classifier_verdict({"heldout_accuracy": 0.956, "gate": gate})

@@ -133,8 +133,12 @@ def tokenizer_verdict(report: dict[str, Any], flag: str = "--steps") -> str:
     if not problems:
         lines.append("verdict: good enough to pretokenize with")
         return "\n".join(lines)
-    still_rising = gate["patience"] == 0 or not gate["stopped_early"]
-    if still_rising:
+    if gate["patience"] == 0:
+        fix = (
+            f"it had a fixed budget (--patience 0): drop --patience 0 to train until it stops improving "
+            f"({flag} the cap, e.g. {flag} {2 * gate['cap']}), in a new --out"
+        )
+    elif not gate["stopped_early"]:
         fix = (
             f"it was still improving at the cap: train longer ({flag} {2 * gate['cap']} --resume), "
             "then, if it levels off low, a larger codebook or a finer grid"
@@ -155,7 +159,9 @@ def classifier_verdict(report: dict[str, Any]) -> str:
     head = f"verdict ({_stopping(report, 'epoch')}): held-out accuracy {accuracy:.1%}"
     if accuracy >= ACCURACY_BAR:
         return f"{head}: good enough to score samples with"
-    if gate["patience"] == 0 or not gate["stopped_early"]:
+    if gate["patience"] == 0:
+        fix = "a fixed budget (--patience 0): drop that to train until it stops improving (--epochs: the cap)"
+    elif not gate["stopped_early"]:
         fix = f"it was still improving at the cap: raise --epochs (e.g. {2 * gate['cap']})"
     else:
         fix = "it levelled off: more images per class, or a wider net (--channels 32,64,64 --feature-dim 128)"
