@@ -240,9 +240,7 @@ def train_tokenizer(
     resume: bool = False,  # continue the run in out_dir (exact)
     progress: bool = True,  # a progress bar
     stop_after: int | None = None,
-    classifier: str
-    | os.PathLike
-    | None = None,  # a classifier (train-classifier) to recognise reconstructions
+    classifier: str | os.PathLike | None = None,  # a train-classifier folder: how it sees reconstructions
 ) -> dict[str, Any]:
     """Train a ``VQTokenizer`` into ``out_dir`` and return the held-out report (also ``report.json``).
 
@@ -299,6 +297,8 @@ def train_tokenizer(
                 )
             model.grid_shape(images.shape[2], images.shape[3])  # raises for sizes the model cannot tile
         labels = split.heldout_labels
+        if classifier is not None and labels is None:
+            raise ValueError("--classifier needs labelled data (class folders, an .npz with labels, digits)")
         preview = heldout_images[:16] if labels is None else heldout_images[preview_indices(labels)]
         channels = channels_of_images(train_images)
         plateau = Plateau(train_config.patience, train_config.min_gain_db)
