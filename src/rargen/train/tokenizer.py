@@ -302,8 +302,10 @@ def train_tokenizer(
         preview = heldout_images[:16] if labels is None else heldout_images[preview_indices(labels)]
         channels = channels_of_images(train_images)
         plateau = Plateau(train_config.patience, train_config.min_gain_db)
-        if gate_state is not None:
-            plateau = Plateau.from_state(gate_state)
+        if gate_state is not None:  # the measurements so far, under this run's patience and gain
+            plateau = Plateau.from_state(
+                {**gate_state, "patience": plateau.patience, "min_gain": plateau.min_gain}
+            )
         # The best weights so far: the checkpoint's (when one was measured), else none yet.
         best = saved if gate_state is not None and plateau.history else None
 
