@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -67,9 +68,15 @@ def test_train_classifier_writes_a_self_describing_folder(trained):
     assert record["config"]["num_classes"] == 3
     extra = record["extra"]
     assert extra["class_names"] == ["shape_0", "shape_1", "shape_2"] and extra["excluded"] == []
-    assert (extra["num_train"], extra["num_heldout"]) == (27, 9)  # 3 of each class held out
+    # 3 of each class held out; of the 27 left, 1 of each class decides when to stop (validation).
+    assert (extra["num_train"], extra["num_validation"], extra["num_heldout"]) == (24, 3, 9)
     assert f"held-out accuracy {extra['heldout_accuracy']:.2%}" in printed
     assert extra["heldout_accuracy"] == 1.0  # the squares are far apart: an easy task
+    # The validation loss still fell at the cap of 40 epochs: the best weights are the last, and said so.
+    gate = extra["gate"]
+    assert (gate["stopped_early"], gate["ran"], gate["best_at"]) == (False, 40, 40)
+    verdict = "verdict (best at epoch 40 of 40; reached the cap of 40 epochs): held-out accuracy 100.0%: good"
+    assert verdict in printed
     assert json.loads((root / "clf" / "report.json").read_text()) == extra
 
     # The held-out split is the seeded stratified one, and its statistics are the stored ones.
@@ -86,6 +93,38 @@ def test_train_classifier_writes_a_self_describing_folder(trained):
         0.0, abs=1e-6
     )
     assert (root / "clf" / HELDOUT_STATS_NAME).is_file()
+
+
+def test_a_classifier_that_levels_off_stops_early_and_keeps_its_best_epoch():
+    from rargen.evaluation.classifier import fit_classifier
+    from rargen.train.gates import Plateau
+
+    rng = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(48, 1, 8, 8, generator=rng), torch.randint(0, 3, (48,), generator=rng)
+    check_x, check_y = torch.rand(12, 1, 8, 8, generator=rng), torch.randint(0, 3, (12,), generator=rng)
+    config = ImageClassifierConfig(8, image_channels=1, channels=(4,), feature_dim=4, num_classes=3)
+    plateau = Plateau(patience=3, min_gain=0.0)
+    # Noise labels: nothing to learn that carries over, so the validation loss soon rises.
+    model = fit_classifier(lambda: ImageClassifier(config), images, labels, 50, 16, 1e-2, 0,
+                           gate=(plateau, check_x, check_y))  # fmt: skip
+    ran = plateau.history[-1][0]
+    assert ran < 50 and plateau.stop and ran == plateau.best_at + 3
+    with torch.no_grad():  # the weights returned are the best epoch's, not the last one's
+        loss = float(torch.nn.functional.cross_entropy(model(check_x), check_y))
+    assert -math.log(loss) == plateau.best == max(value for _, value in plateau.history)
+    assert plateau.history[-1][1] < plateau.best
+
+
+def test_plateau_counts_evaluations_without_a_real_gain():
+    from rargen.train.gates import Plateau
+
+    plateau = Plateau(patience=2, min_gain=0.5)
+    assert plateau.update(10.0, 100) and not plateau.stop
+    assert plateau.update(10.3, 200) and not plateau.stop  # a new best, but no real gain (< 0.5)
+    assert not plateau.update(10.1, 300) and plateau.stop  # two evaluations without a gain: stop
+    assert (plateau.best, plateau.best_at) == (10.3, 200)
+    assert Plateau.from_state(plateau.state()) == plateau  # saved with a run, read back the same
+    assert not Plateau(patience=0, min_gain=0.0).stop  # patience 0: a fixed budget
 
 
 def _samples(folder, images, labels, class_names=None):
@@ -181,3 +220,41 @@ def test_sweep_refuses_a_classifier_of_other_classes_before_sampling(trained, tm
     save(model, tmp_path / "gen", extra={"class_names": ["shape_0", "shape_1", "shape_2"]})
     assert main(argv) == 2
     assert "takes 12 px images but the samples" in capsys.readouterr().err
+
+
+def test_train_tokenizer_reports_how_well_the_classifier_recognises_its_reconstructions(trained, tmp_path):
+    from rargen.tokenizers.vq import VQTokenizerConfig
+    from rargen.train.tokenizer import TokenizerTrainConfig, preview_indices, train_tokenizer
+
+    root, data, _ = trained
+    config = TokenizerTrainConfig(steps=20, batch_size=8, warmup_steps=2, sample_every=0, eval_every=10)
+    report = train_tokenizer(
+        tmp_path / "tok", data, model_config=VQTokenizerConfig.from_name("vq-tiny", image_size=12),
+        train_config=config, progress=False, classifier=root / "clf",
+    )  # fmt: skip
+    seen = report["recognition"]
+    assert seen["num_images"] == report["heldout"]["num_images"] == 3  # 1 of each class of 12 held out
+    assert seen["real_accuracy"] == 1.0 and 0.0 <= seen["reconstruction_accuracy"] <= 1.0
+    assert f"recognises {seen['reconstruction_accuracy']:.1%} of the reconstructions" in report["verdict"]
+    # The preview shows every class, one of each in turn (the first 16 images showed 2 of 8 classes).
+    labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 10 + [3] * 10)
+    assert torch.bincount(labels[preview_indices(labels, count=4)]).tolist() == [1, 1, 1, 1]
+    many = torch.arange(100).repeat_interleave(2)
+    assert len(set(many[preview_indices(many)].tolist())) == 64  # every class, up to 64
+
+
+@pytest.mark.parametrize(
+    ("patience", "stopped_early", "fix"),
+    [
+        (0, False, "a fixed budget (--patience 0): drop that"),
+        (8, False, "it was still improving at the cap: raise --epochs (e.g. 24)"),
+        (8, True, "it levelled off: more images per class, or a wider net"),
+    ],
+)
+def test_a_weak_classifier_is_told_what_to_change(patience, stopped_early, fix):
+    from rargen.train.gates import classifier_verdict
+
+    gate = {"patience": patience, "cap": 12, "ran": 12, "best_at": 4, "stopped_early": stopped_early}
+    verdict = classifier_verdict({"heldout_accuracy": 0.73, "gate": gate})
+    assert "held-out accuracy 73.0%: LOW (below 90%)" in verdict and fix in verdict
+    assert "good enough" in classifier_verdict({"heldout_accuracy": 0.956, "gate": gate})

@@ -80,9 +80,9 @@ def test_no_heldout_image_reaches_a_training_set(tmp_path, monkeypatch, capsys):
     load_training_images = tokenizer_module.load_training_images
 
     def spy_tokenizer_images(*args, **kwargs):
-        train, heldout, split = load_training_images(*args, **kwargs)
-        seen["tokenizer"] = marks(train), marks(heldout)
-        return train, heldout, split
+        split = load_training_images(*args, **kwargs)
+        seen["tokenizer"] = marks(split.train_images), marks(split.heldout_images)
+        return split
 
     fit_classifier = classifier_module.fit_classifier
 

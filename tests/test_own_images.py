@@ -43,7 +43,7 @@ def test_stratified_split_holds_out_every_class_and_is_seeded():
 
 def test_training_images_from_a_folder_skip_and_report_the_corrupt_file(tmp_path, capsys):
     root = _grey_folder(tmp_path / "data")
-    train, heldout, split = load_training_images(root, 8, heldout_fraction=0.1, seed=0)
+    train, _, heldout, *_, split = load_training_images(root, 8, heldout_fraction=0.1, seed=0)
     out = capsys.readouterr().out
     assert "read 18 image(s), skipped 1" in out and "broken.png" in out
     # The split is of the folder's 19 entries (one per class held out); the broken one is not held out.

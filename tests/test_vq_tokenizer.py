@@ -198,3 +198,49 @@ def test_cli_trains_on_an_npz_and_resumes(tmp_path, capsys):
     assert report["split"]["num_heldout"] == 4 and report["split"]["heldout_fraction"] == 0.2
     assert rargen.load(tmp_path / "run" / "tokenizer").config.image_size == 16
     assert main(["train-tokenizer", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x")]) == 2
+
+
+def _gated_run(tmp_path, monkeypatch, name, **kwargs):
+    """A run whose learning rate turns huge at step 30, so the held-out PSNR falls from there on."""
+    import rargen.train.tokenizer as tokenizer_train
+
+    monkeypatch.setattr(tokenizer_train, "learning_rate", lambda step, config: 5e-3 if step < 30 else 0.5)
+    images, _ = load_digit_images("train", image_size=16)
+    config = TokenizerTrainConfig(
+        steps=200, batch_size=8, warmup_steps=1, restart_every=1000, sample_every=0, checkpoint_every=10,
+        eval_every=10, patience=2,
+    )  # fmt: skip
+    model_config = VQTokenizerConfig.from_name("vq-tiny")
+    return train_tokenizer(
+        tmp_path / name, (images[:64], images[64:80]), model_config=model_config, train_config=config,
+        progress=False, **kwargs,
+    )  # fmt: skip
+
+
+def test_a_tokenizer_that_stops_improving_stops_early_and_keeps_its_best(tmp_path, monkeypatch):
+    report = _gated_run(tmp_path, monkeypatch, "run")
+    gate, history = report["gate"], dict(report["gate"]["history"])
+    assert gate["stopped_early"] and report["steps"] == gate["ran"] < 200  # well before the cap
+    assert gate["ran"] == gate["best_at"] + 2 * 10  # two evaluations without a gain, then stop
+    assert gate["best_at"] <= 30 and history[gate["ran"]] < history[gate["best_at"]]
+    # The checkpoint (and the report) are the best step's weights, not the last step's.
+    assert report["heldout"]["psnr"] == history[gate["best_at"]] == max(history.values())
+    images, _ = load_digit_images("train", image_size=16)
+    assert evaluate_tokenizer(rargen.load(tmp_path / "run" / "tokenizer"), images[64:80]) == report["heldout"]
+    assert "stopped early: no gain in 2 evaluations (cap 200)" in report["verdict"]
+    assert "verdict: LOW" in report["verdict"] and "it levelled off: a larger codebook" in report["verdict"]
+
+
+def test_a_gated_run_resumes_exactly(tmp_path, monkeypatch):
+    full = _gated_run(tmp_path, monkeypatch, "full")
+    stop = full["gate"]["best_at"] + 10  # after the best, between evaluations that count towards the stop
+    _gated_run(tmp_path, monkeypatch, "split", stop_after=stop)
+    resumed = _gated_run(tmp_path, monkeypatch, "split", resume=True)
+    first, second = (tmp_path / "full" / "tokenizer", tmp_path / "split" / "tokenizer")
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    states = [torch.load(run / "train_state.pt", weights_only=True) for run in (first, second)]
+    assert states[0]["plateau"] == states[1]["plateau"] and states[0]["step"] == states[1]["step"]
+    for key, value in states[0]["weights"].items():  # the current weights, to go on from
+        assert torch.equal(value, states[1]["weights"][key]), key
+    as_json = lambda report: json.loads(json.dumps(report["gate"]))  # noqa: E731
+    assert as_json(resumed) == as_json(full) and resumed["heldout"] == full["heldout"]

@@ -99,3 +99,14 @@ def progress_bar(
         return tqdm(iterable, total=total, desc=desc, unit=unit, **tqdm_options)
     initial = int(tqdm_options.get("initial", 0))
     return PlainProgress(iterable, total, desc, unit, initial, enabled=enabled)
+
+
+_NOTICES_SHOWN: set[str] = set()
+
+
+def notice_once(text: str, file: Any = None) -> None:
+    """Print ``text`` (to stdout, or ``file``) the first time this process gives it: a sweep samples
+    one folder per setting, and each printed the same note about its grid."""
+    if text not in _NOTICES_SHOWN:
+        _NOTICES_SHOWN.add(text)
+        print(text, file=file or sys.stdout, flush=True)

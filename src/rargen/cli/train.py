@@ -18,11 +18,12 @@ from rargen.data.store import pretokenize
 from rargen.demo.ablation import PER_RUN, StudyConfig, StudyData, parse_windows, run_study
 from rargen.demo.pipeline import DemoConfig, prepare_digits, run_demo, training_precision
 from rargen.demo.study_report import format_table
-from rargen.evaluation.classifier import describe_classifier, train_classifier
+from rargen.evaluation.classifier import train_classifier
 from rargen.evaluation.likelihood import describe_training
 from rargen.tokenizers.vq import VQTokenizerConfig
+from rargen.train.gates import describe_classifier
 from rargen.train.generator import train
-from rargen.train.recipe import config_for_store
+from rargen.train.recipe import config_for_store, store_default_help
 from rargen.train.tokenizer import train_tokenizer
 
 
@@ -52,9 +53,9 @@ def _pretokenize(parser: argparse.ArgumentParser) -> Callable:
 def _train(parser: argparse.ArgumentParser) -> Callable:
     """train a RAR generator on a token store (torchrun for many GPUs; see docs/training.md)
 
-    Every TrainConfig field is a flag (--batch-size 2048, --anneal-start 0.5 ...). warmup/anneal-start/
-    anneal-end: an integer is optimizer steps, a decimal a fraction of --steps."""
-    add_flags(parser, train)
+    Defaults come from the store (see each flag): without --preset or --config, under 100,000 images get the
+    small-data recipe (rar-digits, 2,000 steps of batch 64), more the paper's (rar-b, 250,000 of 2,048)."""
+    add_flags(parser, train, **store_default_help())
     parser.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
 
     def run(args: argparse.Namespace) -> int | None:
@@ -89,7 +90,7 @@ def _train_tokenizer(parser: argparse.ArgumentParser) -> Callable:
         keep = args.resume and "model_config" not in given(args, train_tokenizer)
         model = None if keep else VQTokenizerConfig.from_name(args.preset)
         report = train_tokenizer(**call_args(args, train_tokenizer, model_config=model))
-        print(json.dumps(report["heldout"], indent=2))
+        print(json.dumps(report["heldout"], indent=2) + "\n" + report["verdict"])
 
     return run
 

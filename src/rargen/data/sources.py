@@ -311,6 +311,26 @@ def describe_read(
     return "\n".join(lines)
 
 
+def describe_channels(what: str, images: np.ndarray, names: list[str], limit: int = 3) -> str | None:
+    """A line for a source that mixes grey and colour images ((n, S, S, 3) uint8 as read), or None.
+
+    Every image is read as RGB (a grey one with its value in all three channels), and data with one
+    colour image counts as colour, so a stray grey file (or a stray colour one) in a folder changes
+    what the models learn; it used to be taken in silently."""
+    grey = ((images[..., 0] == images[..., 1]) & (images[..., 0] == images[..., 2])).all(axis=(1, 2))
+    if grey.all() or not grey.any():
+        return None
+    few, many = (grey, "grey") if grey.sum() <= (~grey).sum() else (~grey, "colour")
+    listed = [name for name, odd in zip(names, few, strict=True) if odd]
+    shown = ", ".join(listed[:limit]) + (", ..." if len(listed) > limit else "")
+    other = "colour" if many == "grey" else "grey"
+    return (
+        f"{what}: mixed channels: {len(listed)} of {len(images)} images are {many} ({shown}), the other "
+        f"{len(images) - len(listed)} {other}; all are used as colour (RGB; a grey image's value in all "
+        "three channels) and the data counts as colour. Convert or remove them if that is not intended"
+    )
+
+
 def source_image_size(source: ImageSource) -> int:
     """The shorter side of the first readable image of ``source`` (what it is cropped to)."""
     for index in range(len(source)):

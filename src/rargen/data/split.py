@@ -32,6 +32,7 @@ from rargen.data.sources import (
     ArraySource,
     FolderSource,
     ImageSource,
+    describe_channels,
     describe_read,
     open_source,
     read_images,
@@ -271,6 +272,8 @@ def split_images(
     images, labels, kept, skipped = read_images(source, image_size)
     if log is not None and not _is_all_digits(source):
         log(describe_read(f"train-{purpose}: {data}", len(images), skipped, listed_in=listed_in))
+        if mixed := describe_channels(f"train-{purpose}: {data}", images, [source.name(i) for i in kept]):
+            log(mixed)
     train_rows, heldout_rows = np.isin(kept, train_idx), np.isin(kept, heldout_idx)
     if train_rows.sum() < 1 or heldout_rows.sum() < 1:
         raise ValueError(

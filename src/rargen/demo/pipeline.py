@@ -95,7 +95,10 @@ def train_demo_tokenizer(out: Path, config: DemoConfig, progress: bool) -> tuple
             run,
             data,
             model_config=None if resume else VQTokenizerConfig.from_name("vq-digits", image_size=IMAGE_SIZE),
-            train_config=TokenizerTrainConfig(steps=config.tokenizer_steps, seed=config.train.seed),
+            # A fixed budget (patience 0): the demo's numbers are measured at its steps.
+            train_config=TokenizerTrainConfig(
+                steps=config.tokenizer_steps, seed=config.train.seed, patience=0
+            ),
             resume=resume,
             progress=progress,
         )["heldout"]

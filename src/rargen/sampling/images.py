@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import warnings
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from rargen import distributed
 from rargen.model import RAR
-from rargen.progress import progress_bar
+from rargen.progress import notice_once, progress_bar
 from rargen.sampling.decoding import prepare_for_decoding
 from rargen.sampling.engine import SampleConfig, class_labels, generate_images, sample_seed
 from rargen.sampling.speculative import check_speculate
@@ -47,7 +48,8 @@ def class_balanced_labels(num_classes: int, per_class: int) -> list[int]:
 # A grid shows at most this many classes (rows) and samples per class (columns); the rest is noted.
 GRID_MAX_CLASSES = 32
 GRID_MAX_PER_CLASS = 10
-GRID_LABEL_WIDTH = 48  # pixels of the left column holding each row's class name
+GRID_LABEL_WIDTH = 48  # pixels of the left column holding each row's class name, at least
+GRID_LABEL_CHARS = 24  # longer class names are shortened to this many characters, ending in "..."
 
 
 def save_grid(
@@ -63,7 +65,9 @@ def save_grid(
 
     Every class present in ``labels`` gets a row, in class order, up to ``max_classes`` rows of
     ``max_per_class`` samples (the first ones of each class); a grid of the first 64 images dropped
-    whole classes. Returns a note saying what was left out, or None when everything is shown.
+    whole classes. The label column widens to the longest name shown (names over ``GRID_LABEL_CHARS``
+    shortened), where a fixed column cut "astronaut" to "astronau". Returns a note saying what was
+    left out, or None when everything is shown.
     """
     labels = [int(label) for label in labels]
     classes = sorted(set(labels))
@@ -72,11 +76,13 @@ def save_grid(
     cols = max(len(members) for members in rows.values())
     _, h, w, channels = images.shape
     grey = channels == 1  # a grey grid for grey samples
+    texts = {c: _short(names[c] if names and c < len(names) else str(c)) for c in shown}
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    label_width = max(label_width, *(math.ceil(measure.textlength(t)) + 6 for t in texts.values()))
     grid = Image.new("L" if grey else "RGB", (label_width + cols * w, len(shown) * h), "white")
     draw = ImageDraw.Draw(grid)
     for row, c in enumerate(shown):
-        text = names[c] if names and c < len(names) else str(c)
-        draw.text((2, row * h + max(0, h // 2 - 6)), text[:8], fill="black")
+        draw.text((2, row * h + max(0, h // 2 - 6)), texts[c], fill="black")
         for col, i in enumerate(rows[c]):
             tile = Image.fromarray(images[i][..., 0] if grey else images[i])
             grid.paste(tile.convert(grid.mode), (label_width + col * w, row * h))
@@ -88,6 +94,10 @@ def save_grid(
     if any(labels.count(c) > max_per_class for c in shown):
         notes.append(f"at most {max_per_class} samples per class shown")
     return "; ".join(notes) or None
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= GRID_LABEL_CHARS else name[: GRID_LABEL_CHARS - 3] + "..."
 
 
 def sample_to_folder(
@@ -149,8 +159,8 @@ def sample_to_folder(
         np.savez(npz, arr_0=arr, labels=np.asarray(labels, dtype=np.int64))
         names = getattr(model, "checkpoint_extra", {}).get("class_names")
         grid_note = save_grid(arr, labels, names, out / "grid.png")
-        if grid_note:
-            print(f"grid.png: {grid_note}")
+        if grid_note:  # the same for every folder of a sweep: said once
+            notice_once(f"grid.png: {grid_note}")
         meta = {
             "checkpoint": str(checkpoint),
             "checkpoint_sha256": checkpoint_hash(checkpoint),

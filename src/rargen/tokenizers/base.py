@@ -126,6 +126,13 @@ def image_channels(tokenizer: Any) -> int:
     return int(getattr(tokenizer, "checkpoint_extra", {}).get("image_channels", 3))
 
 
+def channels_of_images(images: Tensor) -> int:
+    """1 when every image (N, 3, H, W) is grey (its three channels equal), else 3: recorded with a
+    tokenizer (and a classifier) so that samples come back with the channels the data had."""
+    grey = bool((images[:, 0] == images[:, 1]).all() and (images[:, 0] == images[:, 2]).all())
+    return 1 if grey else 3
+
+
 def as_data_images(images: Tensor, channels: int) -> Tensor:
     """Decoded images (B, 3, H, W) as the data looked: for grey data (``channels`` 1) the RGB
     output averaged to one grey in all three channels, so grey samples carry no tint."""

@@ -43,8 +43,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.96)
     weight_decay: float = 0.03
     grad_clip: float = 1.0  # global L2 norm; 0 = off
-    anneal_start: int | float = 0.5
-    anneal_end: int | float = 0.75
+    anneal_start: int | float = 0.5  # random-order annealing starts (integer: steps; decimal: a fraction)
+    anneal_end: int | float = 0.75  # ... and ends (then orders are raster, but r_end of them)
     r_end: float = 0.0  # random-order probability after anneal_end (paper: 0); > 0 keeps any-order skill
     label_dropout: float = 0.1  # class label -> null label (classifier-free guidance)
     seed: int = 0
@@ -123,6 +123,24 @@ def small_data_recipe(num_images: int) -> dict[str, Any]:
         "preset": "rar-digits", "steps": 2000, "batch_size": max(1, min(64, num_images)), "lr": 1e-3,
         "warmup": 0.05, "log_every": 50, "checkpoint_every": 500, "sample_every": 500,
     }  # fmt: skip
+
+
+def store_default_help() -> dict[str, dict[str, str]]:
+    """``rargen train --help`` for the fields whose default the store chooses (``config_for_store``):
+    both values and the rule, where the help listed only the ImageNet value (rar-b, 250,000 steps of
+    2,048) that a small store never gets."""
+    paper, small = TrainConfig(), small_data_recipe(SMALL_DATA_IMAGES)
+    what = {"preset": "ModelConfig preset; codebook, tokens and classes come from the data",
+            "steps": "optimizer steps", "batch_size": "global: images per optimizer step over all ranks",
+            "lr": "peak learning rate", "warmup": "warm-up (steps, or a fraction of --steps)"}  # fmt: skip
+    help = {}
+    for name, value in small.items():
+        shown = f"{value} (at most the store's size)" if name == "batch_size" else repr(value)
+        given = "" if name == "preset" else f"; with --preset or --config, {getattr(paper, name)!r}"
+        help[name] = {"help": f"{what.get(name, name.replace('_', ' '))}; default from the store: {shown} "
+                      f"for fewer than {SMALL_DATA_IMAGES:,} images (the small-data recipe), else "
+                      f"{getattr(paper, name)!r} (the paper's ImageNet recipe){given}"}  # fmt: skip
+    return help
 
 
 def config_for_store(

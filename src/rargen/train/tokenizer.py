@@ -7,7 +7,13 @@ model, the optimizer and the step; resuming gives bit-identical weights on CPU.
 
 Output folder: ``tokenizer/`` (a ``rargen.load``-able checkpoint plus ``train_state.pt``, written
 atomically), ``samples/recon_XXXXXX.png`` (top row originals, bottom row reconstructions) and
-``report.json`` (held-out PSNR, codebook usage, perplexity).
+``report.json`` (held-out PSNR, codebook usage, perplexity, the gate, the classifier's recognition).
+
+A quality gate (``rargen.train.gates``), not a fixed budget: the held-out PSNR is measured every
+``eval_every`` steps and training stops after ``patience`` measurements without a gain of
+``min_gain_db``, ``steps`` being the cap; the checkpoint's weights are the best measured (the
+current ones, for the resume, are in ``train_state.pt``). ``patience`` 0 is the old fixed budget
+(``steps`` exactly, the last weights).
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ from torch import Tensor
 
 from rargen.checkpoint import config_from_dict, read_record, remove_stale_temporaries
 from rargen.data.sources import DEFAULT_MAX_PIXELS
-from rargen.data.split import HELDOUT_FRACTION, SPLIT_SEED, check_same_split, split_images
+from rargen.data.split import HELDOUT_FRACTION, SPLIT_SEED, SplitImages, check_same_split, split_images
+from rargen.tokenizers.base import channels_of_images
 from rargen.tokenizers.vq import VQTokenizer, VQTokenizerConfig
+from rargen.train.gates import Plateau, copy_weights, gate_report, tokenizer_verdict
 from rargen.train.run_state import TRAIN_STATE, read_checkpoint, run_folder_lock, write_checkpoint
 
 CHECKPOINT_DIR = "tokenizer"
@@ -37,7 +45,7 @@ REPORT_NAME = "report.json"
 
 @dataclass(frozen=True)
 class TokenizerTrainConfig:
-    steps: int = 300  # optimizer steps
+    steps: int = 2000  # the cap (patience 0: exactly); issue 27's colour folder: 16.8 dB at 300, 24.6 at 1200
     batch_size: int = 64  # images per step
     lr: float = 2e-3  # AdamW peak learning rate
     weight_decay: float = 1e-4
@@ -52,9 +60,16 @@ class TokenizerTrainConfig:
     log_every: int = 25
     sample_every: int = 100  # reconstruction grid PNG (0: only at the end)
     checkpoint_every: int = 100  # (0: only at the end)
+    eval_every: int = 100  # held-out PSNR every this many steps: the gate
+    patience: int = 3  # stop after this many evaluations without a gain of min_gain_db (0: a fixed budget)
+    min_gain_db: float = 0.1  # a held-out PSNR gain (dB) smaller than this is no gain
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "restart_every", "log_every"):
+        if self.patience < 0 or self.min_gain_db < 0:
+            raise ValueError(
+                f"patience and min_gain_db must be >= 0, got {self.patience}, {self.min_gain_db}"
+            )
+        for name in ("steps", "batch_size", "restart_every", "log_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -74,18 +89,19 @@ def load_training_images(
     seed: int = SPLIT_SEED,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     log: Callable[[str], None] | None = print,
-) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """(train, held-out) images (N, 3, S, S) float32 in [0, 1] from any ``open_source`` spec, and
-    the split's record: ``rargen.data.split.split_images``, the split every stage shares (the
-    digits' own for ``"digits"``; images centre-cropped to ``image_size`` as ``pretokenize`` does,
-    skipped files reported through ``log``). Contiguous copies: the layout the tokenizer has always
-    trained on.
+) -> SplitImages:
+    """The train and held-out images (N, 3, S, S) float32 in [0, 1] of any ``open_source`` spec, with
+    labels and the split's record: ``rargen.data.split.split_images``, the split every stage shares
+    (the digits' own for ``"digits"``; images centre-cropped to ``image_size`` as ``pretokenize``
+    does, skipped files reported through ``log``). Contiguous copies: the layout the tokenizer has
+    always trained on.
     """
     split = split_images(
         data, image_size, heldout_fraction=heldout_fraction, seed=seed, purpose="tokenizer",
         max_pixels=max_pixels, log=log,
     )  # fmt: skip
-    return split.train_images.contiguous(), split.heldout_images.contiguous(), split.split
+    return split._replace(train_images=split.train_images.contiguous(),
+                          heldout_images=split.heldout_images.contiguous())  # fmt: skip
 
 
 def batch_indices(num_images: int, batch_size: int, step: int, seed: int) -> Tensor:
@@ -132,8 +148,44 @@ def evaluate_tokenizer(model: VQTokenizer, images: Tensor, batch_size: int = 256
     }
 
 
+def preview_indices(labels: Tensor, count: int = 16, most: int = 64) -> Tensor:
+    """Which held-out images (of ``labels``) a reconstruction grid shows: one of each class in turn
+    (every class, up to ``most``), at least ``count`` in all. The first 16 showed 2 of 8 classes."""
+    ranks = torch.zeros(len(labels), dtype=torch.int64)  # an image's place among its class's images
+    for label in labels.unique():
+        members = (labels == label).nonzero().flatten()
+        ranks[members] = torch.arange(len(members))
+    order = sorted(range(len(labels)), key=lambda i: (int(ranks[i]), int(labels[i])))
+    wanted = min(len(labels), max(count, min(most, len(labels.unique()))))
+    return torch.tensor(order[:wanted], dtype=torch.int64)
+
+
+@torch.no_grad()
+def recognition(
+    classifier: str | os.PathLike, model: VQTokenizer, split: SplitImages, channels: int
+) -> dict[str, Any]:
+    """How often ``classifier`` (a ``train-classifier`` folder, or the demo's digit classifier) gives
+    the real held-out images, and the tokenizer's reconstructions of them, their class: the
+    reconstructions' rate is the ceiling for any generator on these codes."""
+    from rargen.evaluation.classifier import check_matches, classifier_accuracy, load_scorer
+    from rargen.tokenizers.base import as_data_images
+
+    scorer, images, labels = load_scorer(classifier), split.heldout_images, split.heldout_labels
+    check_matches(scorer, what="the tokenizer's data", class_names=split.class_names or None,
+                  image_size=images.shape[-1], image_channels=channels)  # fmt: skip
+    rebuilt = torch.cat([as_data_images(model.decode(model.encode(x)), channels) for x in images.split(256)])
+    real, recognised = (classifier_accuracy(scorer.classifier, x, labels) for x in (images, rebuilt))
+    return {
+        "classifier": str(classifier),
+        "num_images": len(images),
+        "real_accuracy": real,
+        "reconstruction_accuracy": recognised,
+        "relative": recognised / real if real else None,
+    }
+
+
 def save_reconstruction_grid(model: VQTokenizer, images: Tensor, path: Path) -> None:
-    """PNG with the originals on the top row and their reconstructions below."""
+    """PNG with the originals on the top row and their reconstructions below (``preview_indices``)."""
     from PIL import Image
 
     recon = model.decode(model.encode(images))
@@ -146,13 +198,6 @@ def save_reconstruction_grid(model: VQTokenizer, images: Tensor, path: Path) -> 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def image_channels(images: Tensor) -> int:
-    """1 when every image is grey (its three channels equal), else 3: recorded with the tokenizer so
-    that samples come back with the channels the data had (grey in, grey out)."""
-    grey = bool((images[:, 0] == images[:, 1]).all() and (images[:, 0] == images[:, 2]).all())
-    return 1 if grey else 3
-
-
 def _save_checkpoint(
     path: Path,
     model: VQTokenizer,
@@ -161,22 +206,30 @@ def _save_checkpoint(
     config: TokenizerTrainConfig,
     channels: int = 3,
     split: dict[str, Any] | None = None,
+    plateau: Plateau | None = None,
+    best: dict[str, Tensor] | None = None,
 ) -> None:
+    """The model's weights are the best measured (``best``; the current ones before any measurement),
+    what ``rargen.load`` gives; the current weights and the gate's state go in ``train_state.pt``."""
     extra = {"step": step, "train_config": dataclasses.asdict(config), "image_channels": channels}
     extra["split"] = split  # the held-out split (rargen.data.split): pretokenize checks its own against it
     state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
-    write_checkpoint(path, model, state, extra=extra)
+    if plateau is not None:
+        extra["best_step"] = plateau.best_at or step
+        state |= {"weights": copy_weights(model), "plateau": plateau.state()}
+    write_checkpoint(path, model, state, extra=extra, state_dict=best)
 
 
-def _load_checkpoint(path: Path) -> tuple[VQTokenizer, dict[str, Any]]:
+def _load_checkpoint(path: Path) -> tuple[VQTokenizer, dict[str, Any], dict[str, Tensor]]:
+    """(the model with the weights to go on from, the training state, the checkpoint's weights)."""
     if read_record(path)["kind"] != VQTokenizer.checkpoint_kind:  # before reading any weights
         raise ValueError(
             f"{path} holds a {read_record(path)['kind']!r} checkpoint, not a VQ tokenizer training run"
         )
     record, weights, state = read_checkpoint(path, map_location="cpu")
     model = VQTokenizer(config_from_dict(VQTokenizerConfig, record["config"], str(path / "config.json")))
-    model.load_state_dict(weights, strict=True)
-    return model, state
+    model.load_state_dict(state.get("weights", weights), strict=True)
+    return model, state, weights
 
 
 # --------------------------------------------------------------------------- training
@@ -191,6 +244,7 @@ def train_tokenizer(
     resume: bool = False,  # continue the run in out_dir (exact)
     progress: bool = True,  # a progress bar
     stop_after: int | None = None,
+    classifier: str | os.PathLike | None = None,  # a train-classifier folder: how it sees reconstructions
 ) -> dict[str, Any]:
     """Train a ``VQTokenizer`` into ``out_dir`` and return the held-out report (also ``report.json``).
 
@@ -198,7 +252,9 @@ def train_tokenizer(
     ``(train, heldout)`` pair of (N, 3, S, S) image tensors in [0, 1]. With ``resume`` the run
     continues from ``out_dir/tokenizer`` (its model config wins; ``model_config`` must then be
     None or equal) up to ``train_config.steps``. ``stop_after`` ends the run (with a checkpoint)
-    after that many steps of the same schedule, as an interruption would.
+    after that many steps of the same schedule, as an interruption would. ``report["verdict"]`` is
+    what a newcomer reads (``tokenizer_verdict``): the held-out PSNR and, with ``classifier``, how
+    often the classifier recognises the reconstructions against the real images.
     """
     from tqdm import tqdm
 
@@ -212,13 +268,13 @@ def train_tokenizer(
         if resume:
             if not (ckpt_path / TRAIN_STATE).exists():
                 raise FileNotFoundError(f"nothing to resume: {str(ckpt_path)!r} has no {TRAIN_STATE}")
-            model, state = _load_checkpoint(ckpt_path)
+            model, state, saved = _load_checkpoint(ckpt_path)
             if model_config is not None and model_config != model.config:
                 raise ValueError(
                     f"--resume: the checkpoint's model config {model.config} differs from the requested "
                     f"{model_config}; drop the model flags or train into a new --out"
                 )
-            start_step = int(state["step"])
+            start_step, gate_state = int(state["step"]), state.get("plateau")
             # The loop draws nothing from the global generator; restored for code that wraps it.
             torch.set_rng_state(state["torch_rng"])
         else:
@@ -229,28 +285,40 @@ def train_tokenizer(
                 )
             model_config = model_config or VQTokenizerConfig.from_name("vq-digits")
             torch.manual_seed(train_config.seed)
-            model, state, start_step = VQTokenizer(model_config), None, 0
+            model, state, saved, start_step, gate_state = VQTokenizer(model_config), None, None, 0, None
         config = model.config
 
         split = None  # images given in memory: split by the caller
         if isinstance(data, tuple):
             train_images, heldout_images = data
+            split = SplitImages(train_images, None, heldout_images, None, (), [], (), None)
         else:
-            train_images, heldout_images, split = load_training_images(
+            split = load_training_images(
                 data, config.image_size, heldout_fraction=train_config.heldout_fraction,
                 seed=train_config.split_seed,
             )  # fmt: skip
-        if resume:
+            train_images, heldout_images = split.train_images, split.heldout_images
+        if resume and split.split is not None:
             recorded = read_record(ckpt_path)["extra"].get("split")
-            check_same_split(recorded, f"the run in {str(out_dir)!r}", split, "the data given now")
+            check_same_split(recorded, f"the run in {str(out_dir)!r}", split.split, "the data given now")
         for name, images in (("train", train_images), ("heldout", heldout_images)):
             if images.ndim != 4 or images.shape[1] != 3 or len(images) == 0:
                 raise ValueError(
                     f"{name} images must be a non-empty (N, 3, S, S) tensor, got {tuple(images.shape)}"
                 )
             model.grid_shape(images.shape[2], images.shape[3])  # raises for sizes the model cannot tile
-        preview = heldout_images[:16]
-        channels = image_channels(train_images)
+        labels = split.heldout_labels
+        if classifier is not None and labels is None:
+            raise ValueError("--classifier needs labelled data (class folders, an .npz with labels, digits)")
+        preview = heldout_images[:16] if labels is None else heldout_images[preview_indices(labels)]
+        channels = channels_of_images(train_images)
+        plateau = Plateau(train_config.patience, train_config.min_gain_db)
+        if gate_state is not None:  # the measurements so far, under this run's patience and gain
+            plateau = Plateau.from_state(
+                {**gate_state, "patience": plateau.patience, "min_gain": plateau.min_gain}
+            )
+        # The best weights so far: the checkpoint's (when one was measured), else none yet.
+        best = saved if gate_state is not None and plateau.history else None
 
         decay, no_decay = [], []
         for name, parameter in model.named_parameters():
@@ -279,7 +347,7 @@ def train_tokenizer(
         )
         end = train_config.steps if stop_after is None else min(stop_after, train_config.steps)
         for step in bar:
-            if step >= end:
+            if step >= end or plateau.stop:
                 break
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, train_config)
@@ -309,25 +377,37 @@ def train_tokenizer(
                     losses = f"recon {recon_avg / n:.4f} vq {vq_avg / n:.4f}"
                     print(f"tokenizer step {done}/{train_config.steps} {losses}", flush=True)
                 running.zero_()
-            last = done == end
+            if train_config.patience and (done % train_config.eval_every == 0 or done == train_config.steps):
+                model.eval()  # the gate: held-out PSNR, the best weights kept
+                if plateau.update(evaluate_tokenizer(model, heldout_images)["psnr"], done):
+                    best = copy_weights(model)
+                model.train()
+            last = done == end or plateau.stop
             if (train_config.sample_every and done % train_config.sample_every == 0) or last:
                 model.eval()
                 save_reconstruction_grid(model, preview, out_dir / "samples" / f"recon_{done:06d}.png")
                 model.train()
             if (train_config.checkpoint_every and done % train_config.checkpoint_every == 0) or last:
-                _save_checkpoint(ckpt_path, model, optimizer, done, train_config, channels, split)
+                gated = plateau if train_config.patience else None
+                _save_checkpoint(ckpt_path, model, optimizer, done, train_config, channels, split.split, gated, best)
 
+        if best is not None:
+            model.load_state_dict(best)  # the report is of the checkpoint's weights: the best measured
         model.eval()
         report = {
             "heldout": evaluate_tokenizer(model, heldout_images),
             "train_subset": evaluate_tokenizer(model, train_images[:512]),
-            "steps": max(start_step, end),
+            "steps": max(start_step, end) if not plateau.stop else plateau.history[-1][0],
+            "gate": gate_report(plateau, train_config.steps),
             "image_channels": channels,
             "model_config": dataclasses.asdict(config),
             "train_config": dataclasses.asdict(train_config),
             "checkpoint": str(ckpt_path),
             "split": split,
         }
+        if classifier is not None:
+            report["recognition"] = recognition(classifier, model, split, channels)
+        report["verdict"] = tokenizer_verdict(report)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         return report
