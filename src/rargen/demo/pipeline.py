@@ -51,6 +51,7 @@ class DemoConfig:
     sample: SampleConfig = SampleConfig(cfg_scale=3.0)
     grid_per_class: int = 8  # columns of samples.png
     eval_per_class: int = 50  # generated digits per class for the scores
+    data: str | None = None  # your labelled images (class folders, .npz, digits); budgets from the data
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -267,6 +268,10 @@ def run_demo(
     out = Path(out)
     check_demo_folder(out, config)
     torch.manual_seed(config.train.seed)
+    if config.data is not None:
+        from rargen.demo.own_data import run_own_demo
+
+        return run_own_demo(out, config, progress, log)
     timer = Timer(log)
     started = time.perf_counter()
     heldout, heldout_labels = load_digit_images("heldout", IMAGE_SIZE)
@@ -359,6 +364,8 @@ def check_demo_folder(out: Path, config: DemoConfig) -> None:
     from rargen.train.run_state import check_settings_record
 
     settings = dataclasses.asdict(config)  # nested: {"train": {...}, "sample": {...}, ...}
+    if settings["data"] is None:  # the digits demo's record, as before there was --data
+        del settings["data"]
     check_settings_record(out / "demo_config.json", settings, "a demo run", "delete it or pass another --out")
 
 
