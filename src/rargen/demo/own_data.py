@@ -1,7 +1,7 @@
 """``rargen demo --data SOURCE``: the demo's whole pipeline on your own labelled images.
 
 Any ``open_source`` spec (a folder of class folders, an ``.npz`` with labels, ``digits``) goes
-through the digits demo's stages (``rargen.demo.pipeline``): a VQ tokenizer, a classifier (the
+through the digits demo's stages (``rargen.demo.stages``): a VQ tokenizer, a classifier (the
 scorer), training and held-out token stores, a RAR generator, class-balanced samples, scores
 beside real-data baselines, and ``report.md`` with pictures. One seeded split (``split_source``)
 serves every stage: no stage trains on a held-out image.
@@ -24,13 +24,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rargen.data.sources import SplitImages
-from rargen.demo.pipeline import DemoConfig
 from rargen.train.recipe import TrainConfig
+
+if TYPE_CHECKING:  # run_demo calls run_own_demo: a run-time import would be a circle
+    from rargen.demo.pipeline import DemoConfig
 
 HELDOUT_FRACTION = 0.2  # share of each class held out (the classifier's own default)
 MAX_IMAGE_SIZE = 32  # larger images are downscaled: 8x8 codes keep the generator CPU-sized
@@ -100,7 +102,7 @@ def choose_budgets(config: DemoConfig, split: SplitImages, image_size: int) -> B
     from rargen.train.recipe import small_data_recipe
     from rargen.train.tokenizer import image_channels
 
-    default, chosen = DemoConfig(), []
+    default, chosen = type(config)(), []  # the digits demo's defaults
     num_train, classes = len(split.train_images), len(split.class_names)
     channels = image_channels(split.train_images)
 
@@ -380,7 +382,7 @@ def run_own_demo(
     from rargen.checkpoint import atomic_write_dir, load
     from rargen.demo.ablation import Evaluator, StudyData
     from rargen.demo.own_report import render_own_report
-    from rargen.demo.pipeline import Timer, _copy_files, plot_training, sample_digits, train_demo_generator
+    from rargen.demo.stages import Timer, copy_files, plot_training, sample_digits, train_demo_generator
     from rargen.evaluation.classifier import classifier_scores
     from rargen.evaluation.metrics import GaussianStats
     from rargen.sampling.images import save_grid, to_uint8
@@ -429,7 +431,7 @@ def run_own_demo(
         generated["copy_fraction"] = evaluator.copies(images)
         generated["num_samples"] = len(images)
         generated["relative_accuracy"] = generated["class_accuracy"] / max(real["heldout_accuracy"], 1e-9)
-    atomic_write_dir(out / "generator", functools.partial(_copy_files, final))
+    atomic_write_dir(out / "generator", functools.partial(copy_files, final))
     grid, grid_labels = sample_digits(
         generator, tokenizer, budgets.grid_per_class, run_config, seed_offset=10_000_000
     )
