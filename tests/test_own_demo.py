@@ -157,3 +157,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_pat
         assert checkpoint_hash(out / name) == checkpoint_hash(reference / name), name
     assert resumed["generated"] == expected["generated"] and resumed["real"] == expected["real"]
     assert resumed["tokenizer"] == expected["tokenizer"]
+
+
+def test_unlabelled_data_is_refused_with_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"1 class\(es\); the demo needs labelled images of at least 2"):
+        choose_budgets(DemoConfig(data="x.npz"), fake_split(20, 4, 1, grey=False), 32)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,6 +105,11 @@ def choose_budgets(config: DemoConfig, split: SplitImages, image_size: int) -> B
 
     default, chosen = type(config)(), []  # the digits demo's defaults
     num_train, classes = len(split.train_images), len(split.class_names)
+    if classes < 2:
+        raise ValueError(
+            f"demo --data {config.data}: {classes} class(es); the demo needs labelled images of at least 2 "
+            "classes (a folder of class folders root/<class>/<image>, or an .npz with labels)"
+        )
     channels = image_channels(split.train_images)
 
     def pick(name: str, value: Any, given: Any, default_value: Any) -> Any:
@@ -119,7 +125,6 @@ def choose_budgets(config: DemoConfig, split: SplitImages, image_size: int) -> B
         "steps": min(max(steps, GENERATOR_STEPS[0]), GENERATOR_STEPS[1]),
         "log_every": 25,
         "keep_checkpoints": 1,
-        "sample_every": 1_000_000,
     }
     # A checkpoint every quarter (a killed run loses at most that), unless the steps were given.
     train_values = {
@@ -201,8 +206,7 @@ def describe_budgets(data: str, budgets: Budgets, seconds: dict[str, float], thr
     return "\n".join(
         [
             f"demo on {data}: {budgets.num_train} training and {budgets.num_heldout} held-out images (one "
-            "seeded "
-            f"split for every stage), {budgets.num_classes} classes, {kind}, at {budgets.image_size}x"
+            f"seeded split for every stage), {budgets.num_classes} classes, {kind}, at {budgets.image_size}x"
             f"{budgets.image_size}",
             f"  tokenizer {budgets.tokenizer_steps} steps{marks['tokenizer_steps']}; classifier "
             f"{budgets.classifier_epochs} epochs{marks['classifier_epochs']}; generator {train.preset}, "
@@ -210,9 +214,18 @@ def describe_budgets(data: str, budgets: Budgets, seconds: dict[str, float], thr
             f"{budgets.eval_per_class} samples per class scored{marks['eval_per_class']}",
             f"  expected time on {threads} threads: about {format_duration(sum(seconds.values()))} ("
             + ", ".join(f"{name} {format_duration(s)}" for name, s in seconds.items())
-            + "; a rough estimate from this project's 2-core host, longer on a busy machine)",
+            + f"; scaled from this project's 2-core host when idle){busy_note(threads)}",
         ]
     )
+
+
+def busy_note(threads: int) -> str:
+    """What the machine's load average says about the estimate (others' jobs share the cores)."""
+    cores, load = os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    slower = (load + threads) / max(cores, threads)
+    if slower < 1.5:
+        return ""
+    return f"\n  the machine is busy (load {load:.1f} on {cores} cores): expect about {slower:.0f}x longer"
 
 
 # -------------------------------------------------------------------------------------------------
