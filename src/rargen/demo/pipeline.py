@@ -196,6 +196,10 @@ def run_demo(
     from rargen.evaluation.classifier import classifier_accuracy
 
     out = Path(out)
+    if config.data is not None and ablation:
+        raise ValueError(
+            "--ablation studies the digits only; drop --data (or run `rargen ablate` on a store)"
+        )
     check_demo_folder(out, config)
     torch.manual_seed(config.train.seed)
     if config.data is not None:
