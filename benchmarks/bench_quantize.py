@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/bench_quantize.py runs/demo --per-class 50
 
 Samples ``--per-class`` digits of every class with the demo's sampling settings and seeds
-(``rargen.demo.pipeline.sample_digits``), once in float32 and once with ``quantize="int8"``
+(``rargen.demo.stages.sample_digits``), once in float32 and once with ``quantize="int8"``
 (``rargen.sampling.int8``), and scores both with the demo's digit classifier (class accuracy and the
 Fréchet distance in its features, as the demo's report does). The two runs alternate
 ``--repeats`` times on a shared host; the time is the median.
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from rargen.checkpoint import load
-from rargen.demo.pipeline import DemoConfig, sample_digits, score
+from rargen.demo.pipeline import DemoConfig, score
+from rargen.demo.stages import sample_digits
 from rargen.sampling.decoding import prepare_for_decoding
 
 

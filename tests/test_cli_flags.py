@@ -238,7 +238,7 @@ def test_ablate_flags_fill_the_study_config(monkeypatch, tmp_path) -> None:
 
     from rargen.cli.main import main
     from rargen.demo.ablation import StudyConfig, StudyData, parse_windows
-    from rargen.demo.pipeline import training_precision
+    from rargen.demo.stages import training_precision
 
     calls = _captured(monkeypatch, "rargen.cli.train.run_study")
     argv = ["ablate", "--data", "a", "--heldout", "b", "--out", str(tmp_path), "--cfg-scale", "2",

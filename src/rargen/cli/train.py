@@ -16,7 +16,8 @@ from rargen.data.preprocess import AUGMENTS
 from rargen.data.split import HELDOUT_FRACTION
 from rargen.data.store import pretokenize
 from rargen.demo.ablation import PER_RUN, StudyConfig, StudyData, parse_windows, run_study
-from rargen.demo.pipeline import DemoConfig, prepare_digits, run_demo, training_precision
+from rargen.demo.pipeline import DemoConfig, prepare_digits, run_demo
+from rargen.demo.stages import training_precision
 from rargen.demo.study_report import format_table
 from rargen.evaluation.classifier import train_classifier
 from rargen.evaluation.likelihood import describe_training
@@ -97,11 +98,11 @@ def _train_tokenizer(parser: argparse.ArgumentParser) -> Callable:
 
 @command("demo")
 def _demo(parser: argparse.ArgumentParser) -> Callable:
-    """train, sample and score RAR on the embedded digits (CPU, ~10 min, no download)
+    """train, sample and score RAR on the embedded digits, or your own images with --data (CPU)
 
-    Trains a VQ tokenizer, a digit classifier (the scorer) and a small RAR on scikit-learn's digits,
-    samples a labelled grid and writes report.md. Every DemoConfig field is a flag, its generator's
-    TrainConfig and SampleConfig fields too (--steps, --cfg-scale, ...)."""
+    Trains a VQ tokenizer, a classifier (the scorer) and a small RAR on scikit-learn's digits (~10
+    min) or --data (budgets from it), samples a labelled grid and writes report.md. Every DemoConfig
+    field is a flag, TrainConfig's and SampleConfig's too (--steps, --cfg-scale, ...)."""
     add_flags(parser, run_demo, precision={"help": training_precision.__doc__})
     parser.add_argument(
         "--quick", action="store_true", help="a reduced budget (about a minute; a smoke test)"

@@ -12,13 +12,11 @@ the study of BENCHMARKS.md's "Annealing ablation": raster only against RAR annea
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rargen.demo.stages import (
+    Timer,
+    copy_files,
+    plot_training,
+    sample_digits,
+    train_demo_generator,
+    training_precision,
+)
 from rargen.sampling.engine import SampleConfig
 from rargen.train.recipe import TrainConfig
 
@@ -51,28 +57,13 @@ class DemoConfig:
     sample: SampleConfig = SampleConfig(cfg_scale=3.0)
     grid_per_class: int = 8  # columns of samples.png
     eval_per_class: int = 50  # generated digits per class for the scores
+    data: str | None = None  # your labelled images (class folders, .npz, digits); budgets from the data
 
     @classmethod
     def quick(cls) -> DemoConfig:
         """A reduced budget for smoke tests (about a minute)."""
         train = dataclasses.replace(cls().train, steps=150)
         return cls(tokenizer_steps=150, classifier_epochs=4, train=train, grid_per_class=4, eval_per_class=10)
-
-
-class Timer:
-    """Named wall-clock sections (``with timer.section(name):``), announced and timed."""
-
-    def __init__(self, log: Callable[[str], None]) -> None:
-        self.seconds: dict[str, float] = {}
-        self.log = log
-
-    @contextlib.contextmanager
-    def section(self, name: str) -> Iterator[None]:
-        self.log(f"\n== {name}")
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = time.perf_counter() - start
-        self.log(f"   ({self.seconds[name]:.1f} s)")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -121,38 +112,6 @@ def train_demo_classifier(out: Path, config: DemoConfig, progress: bool) -> Any:
     return classifier
 
 
-def train_demo_generator(out: Path, store: Path, config: TrainConfig, progress: bool) -> Path:
-    from rargen.train.generator import train
-
-    if (out / "final").exists():  # finished by an earlier (interrupted) demo run
-        return out / "final"
-    config = dataclasses.replace(config, precision=training_precision(config.precision))  # on the CPU
-    return train(config, store, out, resume=True, device="cpu", progress=progress)
-
-
-def training_precision(precision: str) -> str:
-    """auto: bf16 autocast where oneDNN has native bf16 kernels (as the paper trains), else fp32."""
-    if precision != "auto":
-        return precision
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-@torch.no_grad()
-def sample_digits(
-    generator: Any, tokenizer: Any, per_class: int, config: DemoConfig, seed_offset: int = 0
-) -> tuple[Tensor, Tensor]:
-    """Class-balanced samples: images (10 * per_class, 3, S, S) and their requested labels."""
-    from rargen.sampling.engine import generate_images
-
-    labels = torch.arange(generator.config.num_classes).repeat_interleave(per_class)
-    images = []
-    for start in range(0, len(labels), 100):
-        batch = labels[start : start + 100]
-        seeds = [config.train.seed * 1_000_003 + seed_offset + i for i in range(start, start + len(batch))]
-        images.append(generate_images(generator, tokenizer, batch, config.sample, seeds=seeds))
-    return torch.cat(images), labels
-
-
 def score(classifier: Any, images: Tensor, labels: Tensor) -> dict[str, float]:
     """Class accuracy and Fréchet distance of generated digits against the held-out digits (the
     scores ``rargen sweep``/``evaluate --classifier`` give with the demo's ``classifier/``)."""
@@ -168,34 +127,6 @@ def save_sample_grid(images: Tensor, labels: Tensor, per_class: int, path: Path,
 
     large = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)  # nearest upscaling
     save_grid(to_uint8(large), labels.tolist(), None, path, max_per_class=per_class, label_width=24)
-
-
-def plot_training(runs: dict[str, Path], path: Path) -> None:
-    """Loss (and token accuracy) of every run, with the schedules r and lr of the first."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_sched) = plt.subplots(1, 2, figsize=(11, 4))
-    lr_axis = ax_sched.twinx()
-    for i, (name, run) in enumerate(runs.items()):
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        steps = [r["step"] for r in rows]
-        (line,) = ax_loss.plot(steps, [r["loss"] for r in rows], label=name)
-        r_label = "r (random-order probability)" if len(runs) == 1 else f"r, {name}"
-        ax_sched.plot(steps, [r["r"] for r in rows], color=line.get_color(), linestyle="--", label=r_label)
-        if i == 0:
-            lr_axis.plot(steps, [r["lr"] for r in rows], color="tab:gray", label="learning rate")
-    ax_loss.set(xlabel="optimizer step", ylabel="training loss (cross-entropy)", title="loss")
-    ax_loss.legend()
-    ax_sched.set(xlabel="optimizer step", ylabel="r", title="randomness annealing and learning rate")
-    lr_axis.set_ylabel("learning rate")
-    handles = ax_sched.get_legend_handles_labels()[0] + lr_axis.get_legend_handles_labels()[0]
-    ax_sched.legend(handles, [h.get_label() for h in handles], loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -268,8 +199,16 @@ def run_demo(
     from rargen.evaluation.classifier import classifier_accuracy
 
     out = Path(out)
+    if config.data is not None and ablation:
+        raise ValueError(
+            "--ablation studies the digits only; drop --data (or run `rargen ablate` on a store)"
+        )
     check_demo_folder(out, config)
     torch.manual_seed(config.train.seed)
+    if config.data is not None:
+        from rargen.demo.own_data import run_own_demo
+
+        return run_own_demo(out, config, progress, log)
     timer = Timer(log)
     started = time.perf_counter()
     heldout, heldout_labels = load_digit_images("heldout", IMAGE_SIZE)
@@ -318,7 +257,7 @@ def run_demo(
             f"{results[name]['train_nll']:.3f}), copies {results[name]['copy_fraction']:.1%}"
         )
         if short == "rar":
-            atomic_write_dir(out / "generator", functools.partial(_copy_files, final))
+            atomic_write_dir(out / "generator", functools.partial(copy_files, final))
             grid_images, grid_labels = sample_digits(
                 generator, tokenizer, config.grid_per_class, config, seed_offset=10_000_000
             )
@@ -362,12 +301,9 @@ def check_demo_folder(out: Path, config: DemoConfig) -> None:
     from rargen.train.run_state import check_settings_record
 
     settings = dataclasses.asdict(config)  # nested: {"train": {...}, "sample": {...}, ...}
+    if settings["data"] is None:  # the digits demo's record, as before there was --data
+        del settings["data"]
     check_settings_record(out / "demo_config.json", settings, "a demo run", "delete it or pass another --out")
-
-
-def _copy_files(source: Path, target: Path) -> None:
-    for file in source.iterdir():
-        shutil.copy2(file, target / file.name)
 
 
 def render_report(summary: dict[str, Any]) -> str:
