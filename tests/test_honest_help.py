@@ -60,7 +60,7 @@ def test_a_grey_image_in_a_colour_folder_is_reported(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from rargen.data.sources import split_images
+    from rargen.data.split import split_images
 
     rng = np.random.default_rng(0)
     for name in ("a", "b"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rargen.checkpoint import checkpoint_hash
-from rargen.data.sources import SplitImages
+from rargen.data.split import SplitImages
 from rargen.demo.own_data import choose_budgets
 from rargen.demo.pipeline import DemoConfig, check_demo_folder, run_demo
 
@@ -34,7 +34,7 @@ def fake_split(num_train: int, num_heldout: int, classes: int, grey: bool) -> Sp
     labels = torch.arange(num_train + num_heldout) % classes
     names = tuple(f"c{i}" for i in range(classes))
     return SplitImages(
-        images[:num_train], labels[:num_train], images[num_train:], labels[num_train:], names, [], ()
+        images[:num_train], labels[:num_train], images[num_train:], labels[num_train:], names, [], (), {}
     )
 
 

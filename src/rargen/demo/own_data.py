@@ -29,13 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rargen.data.sources import SplitImages
+from rargen.data.split import HELDOUT_FRACTION, SplitImages
 from rargen.train.recipe import TrainConfig
 
 if TYPE_CHECKING:  # run_demo calls run_own_demo: a run-time import would be a circle
     from rargen.demo.pipeline import DemoConfig
 
-HELDOUT_FRACTION = 0.2  # share of each class held out (the classifier's own default)
 MAX_IMAGE_SIZE = 32  # larger images are downscaled: 8x8 codes keep the generator CPU-sized
 # Budget rules, from issue 27's colour folder (8 classes x 100 crops of 32x32): the tokenizer
 # reached 16.8 dB held-out PSNR at 300 steps and 24.6 dB at 1200; grey digits reach 34 dB at 300.
@@ -77,8 +76,8 @@ def split_source(data: str, image_size: int, seed: int, log: Callable[[str], Non
     """The one held-out split of the run: every stage trains on ``train`` and scores on ``heldout``.
 
     The digits keep their own fixed split (as the digits demo); anything else is read once and split
-    by ``stratified_split`` (seeded, ``HELDOUT_FRACTION`` of each class)."""
-    from rargen.data.sources import split_images
+    by ``rargen.data.split`` (seeded, ``HELDOUT_FRACTION`` of each class), as every command splits."""
+    from rargen.data.split import split_images
 
     return split_images(
         data, image_size, heldout_fraction=HELDOUT_FRACTION, seed=seed, purpose="demo", log=log
@@ -303,6 +302,7 @@ def train_classifier_stage(out: Path, split: SplitImages, budgets: Budgets, seed
         "heldout_accuracy": classifier_accuracy(model, held_x, split.heldout_labels),
         "seed": seed,
         "epochs": budgets.classifier_epochs,
+        "split": split.split,  # evaluate/sweep re-read the baselines' real images through it
     }
     weights = {
         HELDOUT_STATS_NAME: {

@@ -249,7 +249,7 @@ def train_classifier(
     entries a folder's scan left out (``excluded``), time.
     """
     from rargen.checkpoint import save
-    from rargen.data.sources import stratified_split
+    from rargen.data.split import stratified_split
     from rargen.tokenizers.base import channels_of_images
 
     began = time.perf_counter()
