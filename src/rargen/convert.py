@@ -325,3 +325,15 @@ def save_official(model: RAR, path: str | os.PathLike) -> Path:
     save_file(to_official(model), str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def count_params_official(config: ModelConfig) -> int:
+    """Parameter count of the official model of the same size (it keeps never-used rows: the mask
+    embedding row and the spare rows of the three tables)."""
+    D = config.dim
+    unused = D * (
+        1 + (OFFICIAL_EXTRA_POS_ROWS - 2) + OFFICIAL_EXTRA_POS_ROWS + (OFFICIAL_EXTRA_STEP_ROWS - 2)
+    )
+    with torch.device("meta"):
+        ours = RAR(config).num_params()
+    return ours + unused

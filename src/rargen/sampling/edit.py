@@ -115,7 +115,7 @@ def edit_to_folder(
     check_pair(model, tokenizer, checkpoint, tokenizer_path)
     probe = torch.zeros(1, model.config.num_image_tokens, dtype=torch.int64, device=device)
     with torch.inference_mode():  # the image size the tokenizer decodes the generator's tokens to
-        side = int(tokenizer.decode(codes_from_sequence(tokenizer, probe)).shape[-1])
+        side = int(tokenizer.decode(codes_from_sequence(tokenizer, probe, model.config.grid)).shape[-1])
     picture, pixels = read_image_and_mask(image, mask, side)
     if not pixels.any():
         raise ValueError(f"the mask {mask!r} marks nothing to regenerate; paint white what should change")
@@ -128,7 +128,9 @@ def edit_to_folder(
     )
     channels = image_channels(tokenizer)
     with torch.inference_mode():
-        decoded = tokenizer.decode(codes_from_sequence(tokenizer, tokens)).float().clamp(0, 1)
+        decoded = (
+            tokenizer.decode(codes_from_sequence(tokenizer, tokens, model.config.grid)).float().clamp(0, 1)
+        )
     results = to_uint8(as_data_images(decoded, channels))
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
