@@ -39,8 +39,10 @@ def test_codes_from_sequence_uses_the_models_grid() -> None:
     tokenizer = VQTokenizer(VQTokenizerConfig.from_name("vq-tiny"))
     tokens = torch.arange(16).view(2, 8)
     assert torch.equal(codes_from_sequence(tokenizer, tokens, (2, 4)), tokens.view(2, 2, 4))
-    with pytest.raises(ValueError, match="do not form a 8x1 grid"):
+    with pytest.raises(ValueError, match="do not form a square grid"):
         codes_from_sequence(tokenizer, tokens, ModelConfig(num_image_tokens=8).grid)
+    with pytest.raises(ValueError, match="do not form a 4x4 grid"):
+        codes_from_sequence(tokenizer, tokens, (4, 4))
 
 
 @pytest.mark.parametrize("grid", [(8, 8), (4, 8)])
@@ -152,3 +154,15 @@ def test_a_non_square_grid_trains_samples_fine_tunes_resumes_and_serves(tmp_path
         _, info, _ = request(server, "GET", "/info")
         status, body, _ = request(server, "POST", "/generate", {"class": 3, "seed": 1})
     assert info["grid"] == [4, 8] and info["image_size"] == [16, 32] and status == 200, body
+
+
+def test_imagenet512_names_adms_512_reference_batch() -> None:
+    from rargen.hub.releases import RELEASES
+
+    ref256, ref512 = RELEASES["imagenet256"], RELEASES["imagenet512"]
+    assert ref512.kind == ref256.kind == "reference-batch"
+    base = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"
+    assert ref256.source == f"{base}/256/VIRTUAL_imagenet256_labeled.npz"
+    assert ref512.source == f"{base}/512/VIRTUAL_imagenet512.npz"
+    # ADM publishes no digest: like imagenet256, it is recorded on first download, then checked
+    assert ref512.sha256 is None and ref512.verified_by == ref256.verified_by

@@ -85,12 +85,14 @@ def codes_from_sequence(tokenizer: Any, tokens: Tensor, grid: tuple[int, int] | 
     if hasattr(tokenizer, "num_latent_tokens"):
         return tokens
     L = tokens.shape[1]
-    if grid is None:
+    if grid is None or (L > 1 and tuple(grid) == (L, 1)):  # (L, 1): the model knows no grid (1D tokens)
         side = math.isqrt(L)
-        grid = (side, side)
-    if grid[0] * grid[1] != L or (L > 1 and tuple(grid) == (L, 1)):  # (L, 1): no grid (1D tokens)
+        grid, shape = (side, side), "square"
+    else:
+        shape = f"{grid[0]}x{grid[1]}"
+    if grid[0] * grid[1] != L:
         raise ValueError(
-            f"the generator's {L} tokens do not form a {grid[0]}x{grid[1]} grid for the 2D tokenizer "
+            f"the generator's {L} tokens do not form a {shape} grid for the 2D tokenizer "
             f"{type(tokenizer).__name__}; give the model its grid (--model grid_width=W) "
             "or reshape the tokens to the (h, w) grid and decode yourself"
         )
