@@ -150,6 +150,13 @@ def test_a_non_square_grid_trains_samples_fine_tunes_resumes_and_serves(tmp_path
     sample = ["sample", str(tmp_path / "tuned" / "final"), *tok, "--labels", "3"]
     assert main([*sample, "--out", str(tmp_path / "b")]) == 0
     assert np.load(tmp_path / "b" / "samples.npz")["arr_0"].shape == (1, 16, 32, 3)
+    Image.new("RGB", (32, 16), "white").save(tmp_path / "wide.png")  # W x H: the 4x8 grid's images
+    edit = ["edit", str(tmp_path / "tuned" / "final"), *tok, "--image", str(tmp_path / "wide.png")]
+    assert main([*edit, "--mask", "centre", "--class", "2", "--out", str(tmp_path / "e")]) == 0
+    assert Image.open(tmp_path / "e" / "images" / "000000.png").size == (32, 16)
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "square.png")
+    edit[-1] = str(tmp_path / "square.png")
+    assert main([*edit, "--mask", "centre", "--class", "2", "--out", str(tmp_path / "f")]) == 2
     with running_server((tmp_path / "tuned" / "final", tmp_path / "tok")) as server:
         _, info, _ = request(server, "GET", "/info")
         status, body, _ = request(server, "POST", "/generate", {"class": 3, "seed": 1})
