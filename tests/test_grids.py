@@ -125,6 +125,8 @@ def test_a_non_square_grid_trains_samples_fine_tunes_resumes_and_serves(tmp_path
     assert main([*train, *common, *tok, "--sample-every", "3"]) == 0
     model = rargen.load(tmp_path / "run" / "final")
     assert model.config.grid == (2, 4) and model.config.num_image_tokens == 8
+    # a grid width that is not the data's is refused
+    assert main([*train[:-4], "--out", str(tmp_path / "bad"), *common, "--model", "grid_width=2"]) == 2
     assert Image.open(tmp_path / "run" / "samples" / "step-0000003.png").size[0] > 0
     assert (
         main(

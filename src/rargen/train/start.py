@@ -16,9 +16,11 @@ def model_config_for(config: TrainConfig, store: Any, base: ModelConfig | None =
     count, and the model overrides (the data's fields checked if overridden)."""
     data = {"codebook_size": store.codebook_size, "num_image_tokens": store.num_tokens}
     data["num_classes"], grid = store.num_classes, tuple(getattr(store, "grid", ()))
-    if len(grid) == 2 and grid[0] != grid[1]:  # a square grid keeps the default: configs as before
-        data["grid_width"] = grid[1]
     overrides = dict(config.model_overrides)
+    if len(grid) == 2:  # a square grid keeps the default 0: configs as before
+        data["grid_width"] = grid[1] if grid[0] != grid[1] else 0
+        if overrides.get("grid_width") == grid[1]:  # the data's width, said explicitly
+            overrides["grid_width"] = data["grid_width"]
     for key, value in data.items():
         if key in overrides and overrides[key] != value:
             raise ValueError(
