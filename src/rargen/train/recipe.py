@@ -167,8 +167,8 @@ def describe_run(config: TrainConfig, num_params: int, num_images: int | None, s
         data = f"{num_images:,} images, {epochs:,.1f} epochs"
     resumed = f", resuming at step {start}" if start else ""
     return (
-        f"train: {config.preset} with {num_params:,} parameters; {data}; {config.steps:,} steps of "
-        f"batch {config.batch_size}{resumed}"
+        f"train: {config.init_from or config.preset} with {num_params:,} parameters; {data}; "
+        f"{config.steps:,} steps of batch {config.batch_size}{resumed}"
     )
 
 
