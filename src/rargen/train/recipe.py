@@ -47,7 +47,7 @@ class TrainConfig:
     r_end: float = 0.0  # random-order probability after anneal_end (paper: 0); > 0 keeps any-order skill
     label_dropout: float = 0.1  # class label -> null label (classifier-free guidance)
     seed: int = 0
-    init_from: str | None = None  # checkpoint to fine-tune; its grid tables resized to the data's
+    init_from: str | None = None  # checkpoint (or name) to fine-tune; grid tables resized to the data's
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
     compile: bool = False
     activation_checkpointing: bool = False

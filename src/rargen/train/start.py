@@ -36,9 +36,9 @@ def start_model(config: TrainConfig, store: Any) -> tuple[ModelConfig, RAR | Non
     its architecture replaces the preset's, the data gives the grid (the caller resizes)."""
     if config.init_from is None:
         return model_config_for(config, store), None
-    from rargen.checkpoint import load
+    from rargen.hub.releases import from_pretrained
 
-    source = load(config.init_from)
+    source = from_pretrained(config.init_from)  # a folder, an official file, a released name or hf://
     if not isinstance(source, RAR):
         raise ValueError(
             f"--init-from {config.init_from!r} holds a {type(source).__name__}, not a RAR generator"
