@@ -15,7 +15,6 @@ import rargen
 from conftest import randomize
 from rargen.checkpoint import save
 from rargen.cli.main import main
-from rargen.data.store import write_store
 from rargen.data.token_store import TokenStore
 from rargen.model import PAPER_PRESETS, PRESETS, RAR, ModelConfig
 from rargen.resize import GRID_TABLES, resize_grid_table, resize_sequence_table, resize_state_dict
@@ -102,14 +101,12 @@ def test_resizing_refuses_another_architecture_and_1d_tokens() -> None:
         resize_state_dict(small.state_dict(), one_d, dataclasses.replace(one_d, num_image_tokens=16))
 
 
-def _grid_store(root, tokenizer: VQTokenizer, height: int, width: int, n: int = 24):
-    """Random coloured blocks at H x W encoded by ``tokenizer`` into a store of n images, 10 classes."""
-    generator = torch.Generator().manual_seed(height * width)
-    images = torch.rand(n, 3, height // 4, width // 4, generator=generator).repeat_interleave(4, 2)
-    with torch.no_grad():
-        codes = tokenizer.encode(images.repeat_interleave(4, 3)).numpy()
-    labels = np.arange(n) % 10
-    return write_store(root, codes, labels, codebook_size=32, class_names=[str(c) for c in range(10)])
+def _pretokenize(tmp_path, height: int, width: int) -> str:
+    """The held-out digits cropped to height x width, tokenized by ``tmp_path/tok`` (factor 4)."""
+    out = str(tmp_path / f"s{height}x{width}")
+    argv = ["pretokenize", "--data", "digits:heldout", "--tokenizer", str(tmp_path / "tok"), "--out", out]
+    assert main([*argv, "--image-size", str(height), "--image-width", str(width), "--no-progress"]) == 0
+    return out
 
 
 def test_a_non_square_grid_trains_samples_fine_tunes_resumes_and_serves(tmp_path) -> None:
@@ -118,10 +115,11 @@ def test_a_non_square_grid_trains_samples_fine_tunes_resumes_and_serves(tmp_path
     torch.manual_seed(0)
     tokenizer = VQTokenizer(VQTokenizerConfig.from_name("vq-tiny")).eval()  # factor 4, 32 codes
     save(tokenizer, tmp_path / "tok")
-    assert TokenStore(_grid_store(tmp_path / "s24", tokenizer, 8, 16)).grid == (2, 4)
+    store24 = _pretokenize(tmp_path, 8, 16)
+    assert TokenStore(store24).grid == (2, 4)
     common = ["--preset", "rar-tiny", "--batch-size", "8", "--warmup", "1", "--no-progress"]
     tok = ["--tokenizer", str(tmp_path / "tok")]
-    train = ["train", "--data", str(tmp_path / "s24"), "--out", str(tmp_path / "run"), "--steps", "3"]
+    train = ["train", "--data", store24, "--out", str(tmp_path / "run"), "--steps", "3"]
     assert main([*train, *common, *tok, "--sample-every", "3"]) == 0
     model = rargen.load(tmp_path / "run" / "final")
     assert model.config.grid == (2, 4) and model.config.num_image_tokens == 8
@@ -138,8 +136,16 @@ def test_a_non_square_grid_trains_samples_fine_tunes_resumes_and_serves(tmp_path
 
     # fine-tune to a 4x8 grid (16x32 px): the grid tables resized; a run cut after its step-2
     # checkpoint resumes to the same weights
-    _grid_store(tmp_path / "s48", tokenizer, 16, 32)
-    tune = ["train", "--data", str(tmp_path / "s48"), *common, "--steps", "4", "--checkpoint-every", "2"]
+    tune = [
+        "train",
+        "--data",
+        _pretokenize(tmp_path, 16, 32),
+        *common,
+        "--steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+    ]
     tune += ["--init-from", str(tmp_path / "run" / "final"), "--keep-checkpoints", "5"]
     assert main([*tune, "--out", str(tmp_path / "tuned")]) == 0
     (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
