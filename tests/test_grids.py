@@ -34,6 +34,13 @@ def test_grid_defaults_to_square_and_takes_a_width() -> None:
         assert PRESETS[f"{name}-512"].grid == (32, 32)
 
 
+def test_a_config_written_before_grids_loads_as_the_square_grid() -> None:
+    from rargen.checkpoint import config_from_dict, config_to_dict
+
+    old = {k: v for k, v in config_to_dict(PRESETS["rar-b"]).items() if k != "grid_width"}
+    assert config_from_dict(ModelConfig, old) == PRESETS["rar-b"] and PRESETS["rar-b"].grid_width == 0
+
+
 def test_codes_from_sequence_uses_the_models_grid() -> None:
     tokenizer = VQTokenizer(VQTokenizerConfig.from_name("vq-tiny"))
     tokens = torch.arange(16).view(2, 8)
