@@ -99,6 +99,14 @@ def test_resizing_keeps_every_other_weight_and_interpolates_the_grid_tables() ->
     assert torch.allclose(resize_sequence_table(line, 9), torch.linspace(0, 1, 9)[:, None])
 
 
+def test_the_official_layout_refuses_a_non_square_grid() -> None:
+    from rargen.convert import to_official
+
+    assert to_official(_model((4, 4)))["pos_embed"].shape == (1, 16 + 1024, 64)
+    with pytest.raises(ValueError, match="token grid is 2x4; the official code decodes square grids only"):
+        to_official(_model((2, 4)))
+
+
 def test_resizing_refuses_another_architecture_and_1d_tokens() -> None:
     small = _model((2, 4))
     with pytest.raises(ValueError, match="dim 64 -> 128; only the token grid may change"):

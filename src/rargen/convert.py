@@ -271,6 +271,11 @@ def read_official(
 def to_official(model: RAR) -> dict[str, Tensor]:
     """The official state dict of a rargen model (never-used rows written as zeros)."""
     cfg = model.config
+    if cfg.grid[0] != cfg.grid[1] and cfg.grid_width:
+        raise ValueError(
+            f"the model's token grid is {cfg.grid[0]}x{cfg.grid[1]}; the official code decodes square "
+            "grids only (sqrt(image_seq_len) per side), so its files cannot hold this model"
+        )
     V, C, L, D = cfg.codebook_size, cfg.num_classes, cfg.num_image_tokens, cfg.dim
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     dtype = state["cls_token"].dtype
