@@ -51,9 +51,10 @@ def test_codes_from_sequence_uses_the_models_grid() -> None:
         codes_from_sequence(tokenizer, tokens, (4, 4))
 
 
-@pytest.mark.parametrize("grid", [(8, 8), (4, 8)])
+@pytest.mark.parametrize("grid", [(8, 8), (4, 8), (32, 32)])
 def test_sampling_at_a_larger_grid_equals_the_forward(grid: tuple[int, int]) -> None:
-    """The cached decoder over 64 and 32 (non-square) tokens gives the full forward's probabilities."""
+    """The cached decoder over 64, 32 (non-square) and 1,024 (a 512 px grid) tokens gives the
+    full forward's probabilities."""
     config = ModelConfig.from_name(
         "rar-tiny", num_image_tokens=grid[0] * grid[1], grid_width=grid[1], dropout=0.0, attn_dropout=0.0
     )
