@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     work, t = args.work, args.threads
     if args.smoke:
-        args.seeds, args.steps, args.base_steps, args.per_class = "0", 2, 2, 2
+        args.seeds, args.steps, args.base_steps, args.per_class, args.batch_size = "0", 2, 2, 2, 8
     tok_steps, clf_epochs = ("5", "1") if args.smoke else ("300", "12")
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "tok").exists():
