@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, one script, under 8 minutes on one H200, building nothing. It writes markdown
-# tables to stdout and, when $OUT is set, to $OUT/gpu_{sampling,training,tokenizer,titok,speculative,int8}.md:
+# The GPU check, one script, under 10 minutes on one H200, building nothing. It writes markdown
+# tables to stdout and, when $OUT is set, to $OUT/gpu_{sampling,training,tokenizer,titok,speculative,int8,512}.md:
 #   1. sampling (<= 200 s): RAR-B and RAR-XL at batch 128 with CFG (RAR-B sampling preset), rargen
 #      fp32 eager and bf16 + torch.compile + CUDA graphs, beside the official generate() in
 #      float32 on the same random weights (goal: 200 images/s for RAR-XL, >= 20x the official);
@@ -11,7 +11,10 @@
 #      over 256 MaskGIT-VQGAN tokens vs 32 TiTok-L-32 tokens, fp32 eager, batches 1 and 128;
 #   5. speculative (<= 40 s): the cost of a speculative pass against a plain step on the device
 #      (RAR-B, random weights: acceptance needs a trained model, BENCHMARKS.md), batches 1 and 8;
-#   6. int8 (<= 20 s, on the host CPU: int8 decoding is a CPU path): max |dp| and KL vs float64.
+#   6. int8 (<= 20 s, on the host CPU: int8 decoding is a CPU path): max |dp| and KL vs float64;
+#   7. 512 (<= 150 s): RAR-B at 32x32 = 1,024 tokens (rar-b-512, random weights): sampling images/s
+#      at batch 32 with CFG, bf16 + compile (the table extrapolates 1,024 x per-step time), and one
+#      training step's tokens/s and MFU at batch 64, bf16, compiled.
 # The official tree cannot be committed: copy an extracted checkout into the git-ignored
 # .official/ folder and carry it to the GPU machine, or pass --official DIR.
 #
@@ -61,3 +64,10 @@ PYTHONPATH=src timeout 40 "$python" benchmarks/bench_speculative.py "${speculati
   | tee "${OUT:-/tmp}/gpu_speculative.md" || true
 PYTHONPATH=src timeout 20 "$python" benchmarks/bench_precision.py --preset "${INT8_PRESET:-rar-tiny}" --batch 2 \
   --variants fp32,int8 | tee "${OUT:-/tmp}/gpu_int8.md" || true
+if [ "$device" = cuda ]; then
+  {
+    PYTHONPATH=src timeout 90 "$python" benchmarks/bench_sampling.py --presets rar-b-512 --batches 32 \
+      --steps "$steps" --device cuda --variants bf16-compiled || true
+    PYTHONPATH=src timeout 60 "$python" benchmarks/gpu_train.py --device cuda --presets rar-b-512 --steps 4 || true
+  } | tee "${OUT:-/tmp}/gpu_512.md"
+fi

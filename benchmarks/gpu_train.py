@@ -22,7 +22,7 @@ import torch
 from rargen.model import RAR, ModelConfig
 from rargen.train.generator import PEAK_BF16_FLOPS, draw_step_randomness, param_groups, peak_flops, token_loss
 
-DEFAULT_BATCH = {"rar-b": 256, "rar-l": 192, "rar-xl": 128, "rar-xxl": 96}
+DEFAULT_BATCH = {"rar-b": 256, "rar-l": 192, "rar-xl": 128, "rar-xxl": 96, "rar-b-512": 64}  # 512: 4x tokens
 
 
 def bench(preset: str, batch: int, steps: int, device: torch.device, compile: bool, ckpt: bool) -> dict:

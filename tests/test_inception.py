@@ -41,6 +41,14 @@ def test_tf_resize_matches_sampling_grid_and_is_identity_at_299():
     assert tf_resize_bilinear(y) is y
 
 
+def test_tf_resize_takes_512_images_down_to_299_as_the_graph_does():
+    """ADM feeds 512x512 samples to the graph unchanged; its legacy bilinear resize (no antialiasing)
+    samples them at i * 512 / 299."""
+    x = torch.rand(1, 3, 512, 512, dtype=torch.float64)
+    torch.testing.assert_close(tf_resize_bilinear(x), _reference_resize(x), rtol=0, atol=1e-9)
+    assert tf_resize_bilinear(x).shape == (1, 3, 299, 299)
+
+
 def test_preprocess_scales_like_the_tf_graph():
     u8 = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 299, 299)
     out = preprocess(u8)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rargen.convert import count_params_official
 from rargen.kv_cache import CacheAt, KVCache, cache_mask
-from rargen.model import RAR, ModelConfig, count_params_official
+from rargen.model import RAR, ModelConfig
 from rargen.orders import raster_orders, sample_orders
 
 # Official totals (spec Sec. 1.7) minus exactly the never-used rows (MaskGIT mask-token row,

@@ -102,7 +102,7 @@ def test_the_core_is_flat_and_every_other_module_is_in_a_wing() -> None:
     core = sorted(p.stem for p in PACKAGE.glob("*.py"))
     assert core == sorted(
         ["__init__", "__main__", "checkpoint", "convert", "distributed", "kv_cache", "model", "orders"]
-        + ["progress", "version", "weight_files"]
+        + ["progress", "resize", "version", "weight_files"]
     )
 
 

@@ -271,6 +271,11 @@ def read_official(
 def to_official(model: RAR) -> dict[str, Tensor]:
     """The official state dict of a rargen model (never-used rows written as zeros)."""
     cfg = model.config
+    if cfg.grid[0] != cfg.grid[1] and cfg.grid_width:
+        raise ValueError(
+            f"the model's token grid is {cfg.grid[0]}x{cfg.grid[1]}; the official code decodes square "
+            "grids only (sqrt(image_seq_len) per side), so its files cannot hold this model"
+        )
     V, C, L, D = cfg.codebook_size, cfg.num_classes, cfg.num_image_tokens, cfg.dim
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     dtype = state["cls_token"].dtype
@@ -325,3 +330,15 @@ def save_official(model: RAR, path: str | os.PathLike) -> Path:
     save_file(to_official(model), str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def count_params_official(config: ModelConfig) -> int:
+    """Parameter count of the official model of the same size (it keeps never-used rows: the mask
+    embedding row and the spare rows of the three tables)."""
+    D = config.dim
+    unused = D * (
+        1 + (OFFICIAL_EXTRA_POS_ROWS - 2) + OFFICIAL_EXTRA_POS_ROWS + (OFFICIAL_EXTRA_STEP_ROWS - 2)
+    )
+    with torch.device("meta"):
+        ours = RAR(config).num_params()
+    return ours + unused

@@ -21,6 +21,7 @@ Every position's adaLN conditioning is ``class_embed[label] + step_embed[s]``. T
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -51,6 +52,7 @@ class ModelConfig:
     codebook_size: int = 1024  # V: VQ codes the head predicts
     num_classes: int = 1000  # C: class labels 0..C-1; label C is the null (unconditional) label
     num_image_tokens: int = 256  # L: tokens per image (16x16 for MaskGIT-VQGAN at 256x256)
+    grid_width: int = 0  # w: tokens per row of the image grid (h = L / w); 0: square (or 1D tokens)
     dim: int = 768  # D
     depth: int = 24
     num_heads: int = 16
@@ -73,6 +75,11 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})"
             )
+        if self.grid_width < 0 or (self.grid_width and self.num_image_tokens % self.grid_width):
+            raise ValueError(
+                f"ModelConfig.grid_width {self.grid_width} does not divide num_image_tokens "
+                f"{self.num_image_tokens}; give the width of the token grid (0: square)"
+            )
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -87,6 +94,13 @@ class ModelConfig:
         return self.num_classes
 
     @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the raster-order tokens: ``grid_width`` wide, else square, else (L, 1) (1D tokens)."""
+        L, side = self.num_image_tokens, math.isqrt(self.num_image_tokens)
+        width = self.grid_width or (side if side * side == L else 1)
+        return L // width, width
+
+    @property
     def seq_len(self) -> int:
         """N: cls + class + L image tokens."""
         return self.num_image_tokens + 2
@@ -99,12 +113,17 @@ class ModelConfig:
         return dataclasses.replace(PRESETS[name], **overrides)
 
 
-PRESETS: dict[str, ModelConfig] = {
-    # Paper Table 1; all with 16 heads, MaskGIT-VQGAN (V = 1024, L = 256) and ImageNet (C = 1000).
+# Paper Table 1; all with 16 heads, MaskGIT-VQGAN (V = 1024, L = 256) and ImageNet (C = 1000).
+PAPER_PRESETS: dict[str, ModelConfig] = {
     "rar-b": ModelConfig(dim=768, depth=24, num_heads=16, mlp_dim=3072),
     "rar-l": ModelConfig(dim=1024, depth=24, num_heads=16, mlp_dim=4096),
     "rar-xl": ModelConfig(dim=1280, depth=32, num_heads=16, mlp_dim=5120),
     "rar-xxl": ModelConfig(dim=1408, depth=40, num_heads=16, mlp_dim=6144),
+}
+PRESETS: dict[str, ModelConfig] = {
+    **PAPER_PRESETS,
+    # The same at 512x512: 32x32 = 1024 MaskGIT-VQGAN tokens (rargen.resize fine-tunes a 256 model to them).
+    **{f"{n}-512": dataclasses.replace(m, num_image_tokens=1024) for n, m in PAPER_PRESETS.items()},
     # RAR-B over TiTok's 1D tokens (rargen.tokenizers.titok: 4096 codes; 32, 64 or 128 tokens per 256x256
     # image), at the RAR-B widths (the defaults). Training takes V and L from the token store, so any
     # preset also trains on TiTok tokens.
@@ -476,18 +495,4 @@ class RAR(nn.Module):
         return cfg.depth * per_block + 2 * (2 * D * D + D * cfg.codebook_size)
 
 
-def count_params_official(config: ModelConfig) -> int:
-    """Parameter count of the official model of the same size (it keeps never-used rows)."""
-    D, L = config.dim, config.num_image_tokens
-    unused = D * (1 + (L + 1024 - (L + 2)) + (L + 1024 - L) + (L + 100 - (L + 2)))
-    with torch.device("meta"):
-        ours = RAR(config).num_params()
-    return ours + unused
-
-
-__all__ = [
-    "RAR",
-    "ModelConfig",
-    "PRESETS",
-    "count_params_official",
-]
+__all__ = ["RAR", "ModelConfig", "PRESETS"]

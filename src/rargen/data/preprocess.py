@@ -31,38 +31,47 @@ def num_variants(augment: str) -> int:
     return counts[augment]
 
 
-def center_crop(image: Image.Image, size: int) -> Image.Image:
-    """ADM centre crop of an RGB image to ``size`` x ``size``.
+def crop_shape(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a crop given as a side (square) or as (height, width)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def center_crop(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """ADM centre crop of an RGB image to ``size`` x ``size`` (or ``size`` = (height, width): the
+    same, scaled to cover both sides; a square is exactly ADM's).
 
     BOX halving first keeps the final BICUBIC step from aliasing on large photos (it only ever
     shrinks by less than 2x); the final offsets round down, as in ADM.
     """
-    if size <= 0:
+    height, width = crop_shape(size)
+    if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {size}")
-    while min(image.size) >= 2 * size:
+    while image.width >= 2 * width and image.height >= 2 * height:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
-    scale = size / min(image.size)
-    new_size = (round(image.width * scale), round(image.height * scale))
+    scale = max(width / image.width, height / image.height)
+    new_size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     image = image.resize(new_size, resample=Image.BICUBIC)
-    left = (image.width - size) // 2
-    top = (image.height - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    left = (image.width - width) // 2
+    top = (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
 
 
-def five_crop(image: Image.Image, size: int) -> list[Image.Image]:
+def five_crop(image: Image.Image, size: int | tuple[int, int]) -> list[Image.Image]:
     """Top-left, top-right, bottom-left, bottom-right and centre crops (torchvision's order and offsets)."""
-    width, height = image.size
-    if size > width or size > height:
+    (h, w), (width, height) = crop_shape(size), image.size
+    if w > width or h > height:
         raise ValueError(f"crop size {size} is larger than the image {width}x{height}")
     # torchvision rounds the centre offset half-to-even (Python's round), not down as ADM does.
-    center_left, center_top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
-    corners = [(0, 0), (width - size, 0), (0, height - size), (width - size, height - size)]
+    center_left, center_top = int(round((width - w) / 2.0)), int(round((height - h) / 2.0))
+    corners = [(0, 0), (width - w, 0), (0, height - h), (width - w, height - h)]
     boxes = [*corners, (center_left, center_top)]
-    return [image.crop((left, top, left + size, top + size)) for left, top in boxes]
+    return [image.crop((left, top, left + w, top + h)) for left, top in boxes]
 
 
-def image_variants(image: Image.Image, size: int, augment: str = "none") -> list[Image.Image]:
-    """The ``num_variants(augment)`` crops of one image, each ``size`` x ``size`` RGB.
+def image_variants(
+    image: Image.Image, size: int | tuple[int, int], augment: str = "none"
+) -> list[Image.Image]:
+    """The ``num_variants(augment)`` crops of one image, each ``size`` x ``size`` (or (height, width)) RGB.
 
     Order: ``none`` -> [centre]; ``flip`` -> [centre, mirrored centre]; ``ten-crop`` -> the five
     crops of the image, then the five crops of its mirror.
@@ -74,7 +83,7 @@ def image_variants(image: Image.Image, size: int, augment: str = "none") -> list
     if augment == "flip":
         crop = center_crop(image, size)
         return [crop, crop.transpose(Image.FLIP_LEFT_RIGHT)]
-    large = center_crop(image, int(TEN_CROP_MARGIN * size))
+    large = center_crop(image, tuple(int(TEN_CROP_MARGIN * side) for side in crop_shape(size)))
     return five_crop(large, size) + five_crop(large.transpose(Image.FLIP_LEFT_RIGHT), size)
 
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from rargen import distributed
 from rargen.checkpoint import state_sha256
-from rargen.data.preprocess import image_variants, num_variants
+from rargen.data.preprocess import crop_shape, image_variants, num_variants
 from rargen.data.sources import DEFAULT_MAX_PIXELS, ImageSource, describe_read, open_source
 from rargen.data.split import SPLIT_SEED, describe_split, split_parts
 from rargen.data.token_store import (  # noqa: F401 - rargen.data.store's names too
@@ -165,7 +165,7 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
     _write_json(recorded, plan)
 
 
-def _load_variants(source: ImageSource, index: int, image_size: int, augment: str) -> np.ndarray | str:
+def _load_variants(source: ImageSource, index: int, image_size: Any, augment: str) -> np.ndarray | str:
     """(V, S, S, 3) uint8 crops of one image, or the error text if it cannot be read."""
     try:
         crops = image_variants(source.load(index), image_size, augment)
@@ -206,7 +206,7 @@ def _tokenize_range(
     tokenizer: nn.Module,
     indices: range,
     pool: ThreadPoolExecutor,
-    image_size: int,
+    image_size: int | tuple[int, int],
     augment: str,
     batch_size: int,
     grid: tuple[int, ...],
@@ -266,7 +266,7 @@ def store_plan(
     num_images: int,
     class_names: Sequence[str],
     augment: str,
-    image_size: int | None,
+    image_size: int | tuple[int, int] | None,
     grid: Sequence[int],
     codebook_size: int,
     shard_size: int,
@@ -284,7 +284,7 @@ def store_plan(
         "num_classes": len(class_names),
         "augment": augment,
         "num_variants": num_variants(augment),
-        "image_size": image_size,
+        "image_size": list(image_size) if isinstance(image_size, tuple) else image_size,  # [h, w]: not square
         "grid": list(grid),
         "codebook_size": codebook_size,
         "token_dtype": np.dtype(TOKEN_DTYPE).name,
@@ -302,6 +302,7 @@ def pretokenize(
     *,
     augment: str = "none",
     image_size: int | None = None,  # square crop size fed to the tokenizer (default: its training size)
+    image_width: int | None = None,  # a non-square crop: image_size high, this wide (a 2D tokenizer's grid)
     batch_size: int = 64,  # crops per tokenizer call
     shard_size: int = 10_000,  # images per shard (resume unit)
     num_workers: int = 4,  # image decoding threads
@@ -355,7 +356,13 @@ def pretokenize(
     codebook_size = int(tokenizer.codebook_size)
     if not 0 < codebook_size <= MAX_CODEBOOK_SIZE:
         raise ValueError(f"codebook_size {codebook_size} does not fit the store's uint16 codes (max 65536)")
-    grid = token_shape_of(tokenizer, image_size, image_size)  # (h, w), or (K,) for a 1D tokenizer
+    if image_width is not None and image_width != image_size:
+        if image_width <= 0:
+            raise ValueError(f"image_width must be positive, got {image_width}")
+        crop: int | tuple[int, int] = (image_size, image_width)  # recorded as [height, width]
+    else:
+        crop = image_size
+    grid = token_shape_of(tokenizer, *crop_shape(crop))  # (h, w), or (K,) for a 1D tokenizer
     tokenizer_meta = {"path": None, "sha256": None}
     if tokenizer_path is not None:
         from rargen.checkpoint import checkpoint_hash
@@ -363,7 +370,7 @@ def pretokenize(
         tokenizer_meta = {"path": str(tokenizer_path.resolve()), "sha256": checkpoint_hash(tokenizer_path)}
     parts = split_parts(source, out, heldout_fraction, split_seed, getattr(tokenizer, "checkpoint_extra", {}))
     for source, out, split in parts:
-        _pretokenize_part(source, tokenizer, out, split, tokenizer_meta, rank, world_size, image_size,
+        _pretokenize_part(source, tokenizer, out, split, tokenizer_meta, rank, world_size, crop,
                           augment, batch_size, shard_size, num_workers, grid, progress)  # fmt: skip
     if log is not None and rank == 0:  # one summary of what was read, whichever store holds an image
         reports = [json.loads((part_out / REPORT_NAME).read_text()) for _, part_out, _ in parts]
@@ -378,13 +385,13 @@ def pretokenize(
     return parts[0][1]
 
 
-def _pretokenize_part(source, tokenizer, out, split, tokenizer_meta, rank, world_size, image_size, augment,
+def _pretokenize_part(source, tokenizer, out, split, tokenizer_meta, rank, world_size, crop, augment,
                       batch_size, shard_size, num_workers, grid, progress) -> None:  # fmt: skip
     """``pretokenize``'s work for one store: ``source`` (one side of the split) into ``out``."""
     num_source, codebook_size = len(source), int(tokenizer.codebook_size)
     plan = store_plan(
         source=source.describe(), num_images=num_source, class_names=source.class_names, augment=augment,
-        image_size=image_size, grid=grid, codebook_size=codebook_size, shard_size=shard_size, split=split,
+        image_size=crop, grid=grid, codebook_size=codebook_size, shard_size=shard_size, split=split,
         tokenizer={
             "kind": getattr(type(tokenizer), "checkpoint_kind", type(tokenizer).__name__),
             "state_sha256": state_sha256(tokenizer),
@@ -410,7 +417,7 @@ def _pretokenize_part(source, tokenizer, out, split, tokenizer_meta, rank, world
             start, stop = shard * shard_size, min((shard + 1) * shard_size, num_source)
             indices = range(start, stop)
             tokens, kept, skipped = _tokenize_range(
-                source, tokenizer, indices, pool, image_size, augment, batch_size, grid, bar, 4 * num_workers
+                source, tokenizer, indices, pool, crop, augment, batch_size, grid, bar, 4 * num_workers
             )
             labels = np.asarray([source.label(i) for i in kept], dtype=np.int64)
             info = {

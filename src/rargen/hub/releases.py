@@ -45,7 +45,7 @@ class Release:
         return f"recorded on first download (checked against {first}{prefix}), then against the record"
 
 
-_ADM = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256"
+_ADM = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"
 _FID = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights"
 
 RELEASES: dict[str, Release] = {
@@ -59,7 +59,9 @@ RELEASES: dict[str, Release] = {
             "maskgit-vqgan", "tokenizer", "hf://fun-research/TiTok/maskgit-vqgan-imagenet-f16-256.bin@main"
         ),
         # ADM's ImageNet 256x256 reference batch (the paper's FID/sFID/IS/precision/recall).
-        Release("imagenet256", "reference-batch", f"{_ADM}/VIRTUAL_imagenet256_labeled.npz"),
+        Release("imagenet256", "reference-batch", f"{_ADM}/256/VIRTUAL_imagenet256_labeled.npz"),
+        # ADM's ImageNet 512x512 reference batch (no published digest: recorded on first download).
+        Release("imagenet512", "reference-batch", f"{_ADM}/512/VIRTUAL_imagenet512.npz"),
         # The FID Inception-v3 (TF inception-2015-12-05) as converted by pytorch-fid.
         Release(
             "fid-inception",

@@ -57,13 +57,18 @@ def _open(path: str | os.PathLike, what: str) -> Image.Image:
         raise ValueError(f"{what} {os.fspath(path)!r} is not an image PIL can read (PNG, JPEG...)") from None
 
 
-def read_image_and_mask(image: str | os.PathLike, mask: str, side: int) -> tuple[Tensor, Tensor]:
-    """The picture (3, side, side) float in [0, 1] and its mask (side, side) bool (True =
-    regenerate): a named mask, or a mask image of the picture's size (white, >= 128 of 255, =
-    regenerate), both centre-cropped and resized alike."""
-    picture = _open(image, "image").convert("RGB")
+def read_image_and_mask(image: str | os.PathLike, mask: str, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The picture (3, H, W) float in [0, 1] and its mask (H, W) bool (True = regenerate): a named
+    mask, or a mask image of the picture's size (white, >= 128 of 255, = regenerate), both
+    centre-cropped and resized alike (a square ``size``; other sizes must be given exactly)."""
+    (height, side), picture = size, _open(image, "image").convert("RGB")
+    if height != side and picture.size != (side, height):
+        raise ValueError(
+            f"the model makes {side}x{height} images but {os.fspath(image)!r} is {picture.width}x"
+            f"{picture.height}; crop and resize it to {side}x{height} (width x height) first"
+        )
     if mask in MASK_NAMES or not Path(mask).exists() and not any(c in mask for c in "./\\"):
-        pixels = named_mask(mask, side, side)  # a name: drawn at the final size (no resampling)
+        pixels = named_mask(mask, height, side)  # a name: drawn at the final size (no resampling)
     else:
         drawn = _open(mask, "mask").convert("L")
         if drawn.size != picture.size:
@@ -71,9 +76,9 @@ def read_image_and_mask(image: str | os.PathLike, mask: str, side: int) -> tuple
                 f"the mask {mask!r} is {drawn.width}x{drawn.height} but the image is {picture.width}x"
                 f"{picture.height}; draw the mask at the image's size (white = regenerate)"
             )
-        drawn = drawn if drawn.size == (side, side) else center_crop(drawn, side)
+        drawn = drawn if drawn.size == (side, height) else center_crop(drawn, side)
         pixels = torch.from_numpy(np.asarray(drawn) >= 128)
-    picture = picture if picture.size == (side, side) else center_crop(picture, side)
+    picture = picture if picture.size == (side, height) else center_crop(picture, side)
     return to_tensor([picture])[0], pixels
 
 
@@ -115,8 +120,8 @@ def edit_to_folder(
     check_pair(model, tokenizer, checkpoint, tokenizer_path)
     probe = torch.zeros(1, model.config.num_image_tokens, dtype=torch.int64, device=device)
     with torch.inference_mode():  # the image size the tokenizer decodes the generator's tokens to
-        side = int(tokenizer.decode(codes_from_sequence(tokenizer, probe)).shape[-1])
-    picture, pixels = read_image_and_mask(image, mask, side)
+        size = tuple(tokenizer.decode(codes_from_sequence(tokenizer, probe, model.config.grid)).shape[-2:])
+    picture, pixels = read_image_and_mask(image, mask, size)
     if not pixels.any():
         raise ValueError(f"the mask {mask!r} marks nothing to regenerate; paint white what should change")
     if bf16:
@@ -128,7 +133,9 @@ def edit_to_folder(
     )
     channels = image_channels(tokenizer)
     with torch.inference_mode():
-        decoded = tokenizer.decode(codes_from_sequence(tokenizer, tokens)).float().clamp(0, 1)
+        decoded = (
+            tokenizer.decode(codes_from_sequence(tokenizer, tokens, model.config.grid)).float().clamp(0, 1)
+        )
     results = to_uint8(as_data_images(decoded, channels))
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -136,7 +143,7 @@ def edit_to_folder(
     for path, pixels_out in zip(paths, results, strict=True):
         picture_out = Image.fromarray(pixels_out)
         (picture_out.convert("L") if channels == 1 else picture_out).save(path)
-    h, w = tokenizer.grid_shape(side, side)
+    h, w = tokenizer.grid_shape(*size)
     original = to_uint8(as_data_images(picture[None], channels))[0]
     save_edit_grid(original, regenerate[0].view(h, w).cpu(), results, out / "grid.png")
     names = getattr(model, "checkpoint_extra", {}).get("class_names")
@@ -145,7 +152,8 @@ def edit_to_folder(
         "tokenizer": str(tokenizer_path), "tokenizer_sha256": checkpoint_hash(tokenizer_path),
         "image": str(image), "mask": str(mask), "label": label,
         "class_name": names[label] if names and 0 <= label < len(names) else None,
-        "regenerated_cells": int(regenerate[0].sum()), "cells": h * w, "image_size": side,
+        "regenerated_cells": int(regenerate[0].sum()), "cells": h * w,
+        "image_size": size[1] if size[0] == size[1] else list(size),
         "sample_config": dataclasses.asdict(config), "seed": seed, "count": count, "order": order,
         "bf16": bf16, "pixels": "rounded: (x * 255).round()",
         "versions": {"rargen": __version__, "torch": torch.__version__, "python": platform.python_version()},

@@ -473,7 +473,7 @@ def generate_images(
 ) -> Tensor:
     """Sample and decode: images (B, 3, H, W) float in [0, 1]. ``kwargs`` go to ``generate``."""
     tokens = generate(model, labels, config, generator, **kwargs)
-    codes = codes_from_sequence(tokenizer, tokens)  # (B, L) for 1D tokenizers, else the square grid
+    codes = codes_from_sequence(tokenizer, tokens, model.config.grid)  # (B, L) 1D, else (B, h, w)
     with torch.inference_mode():
         images = tokenizer.decode(codes)
     return images.float().clamp(0, 1)

@@ -98,7 +98,7 @@ def inpaint(
     among the regenerated cells, "random", or a permutation; ``bf16``, ``compile``...)."""
     _, tokens, _ = inpaint_codes(model, tokenizer, images, masks, labels, config, generator, **kwargs)
     with torch.inference_mode():
-        out = tokenizer.decode(codes_from_sequence(tokenizer, tokens))
+        out = tokenizer.decode(codes_from_sequence(tokenizer, tokens, model.config.grid))
     return out.float().clamp(0, 1)
 
 

@@ -126,7 +126,8 @@ class Engine:
         # What the tokenizer decodes: a (B, h, w) grid (2D tokenizers; painted row by row while
         # sampling) or a (B, K) sequence (TiTok's 1D tokens: no rows to paint, so progress is a
         # token count and the images come when the sequence is complete).
-        probe_codes = codes_from_sequence(tokenizer, torch.zeros(1, cfg.num_image_tokens, dtype=torch.int64))
+        probe = torch.zeros(1, cfg.num_image_tokens, dtype=torch.int64)
+        probe_codes = codes_from_sequence(tokenizer, probe, cfg.grid)
         self.model, self.tokenizer, self.config = model.eval(), tokenizer.eval(), config
         # (token rows, tokens per row): (h, w) for a grid, (K, 1) for a 1D sequence (a "row" is a token)
         self.progressive = probe_codes.ndim == 3
@@ -382,7 +383,7 @@ class Engine:
         partial = rows_done is not None and rows_done < h
         if partial and not self.progressive:
             return torch.zeros(tokens.shape[0], 0, 0, 3, dtype=torch.uint8)
-        codes = codes_from_sequence(self.tokenizer, tokens).clone()
+        codes = codes_from_sequence(self.tokenizer, tokens, self.model.config.grid).clone()
         if filled is not None:
             codes = codes.where(filled.view(-1, h, w), 0)
         elif partial:

@@ -78,19 +78,25 @@ def token_shape_of(tokenizer: Any, height: int, width: int) -> tuple[int, ...]:
     return tuple(int(n) for n in shape(height, width))
 
 
-def codes_from_sequence(tokenizer: Any, tokens: Tensor) -> Tensor:
+def codes_from_sequence(tokenizer: Any, tokens: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
     """Generator tokens (B, L) -> the codes ``tokenizer.decode`` takes: (B, L) for a 1D tokenizer
-    (one with ``num_latent_tokens``), else the square (B, h, w) grid in raster order."""
+    (one with ``num_latent_tokens``), else the (B, h, w) ``grid`` (the generator's
+    ``config.grid``; None: square) in raster order."""
     if hasattr(tokenizer, "num_latent_tokens"):
         return tokens
     L = tokens.shape[1]
-    side = math.isqrt(L)
-    if side * side != L:
+    if grid is None or (L > 1 and tuple(grid) == (L, 1)):  # (L, 1): the model knows no grid (1D tokens)
+        side = math.isqrt(L)
+        grid, shape = (side, side), "square"
+    else:
+        shape = f"{grid[0]}x{grid[1]}"
+    if grid[0] * grid[1] != L:
         raise ValueError(
-            f"the generator's {L} tokens do not form a square grid for the 2D tokenizer "
-            f"{type(tokenizer).__name__}; reshape the tokens to its (h, w) grid and decode yourself"
+            f"the generator's {L} tokens do not form a {shape} grid for the 2D tokenizer "
+            f"{type(tokenizer).__name__}; give the model its grid (--model grid_width=W) "
+            "or reshape the tokens to the (h, w) grid and decode yourself"
         )
-    return tokens.view(-1, side, side)
+    return tokens.view(-1, *grid)
 
 
 def check_pair(model: Any, tokenizer: Any, generator_name: Any = None, tokenizer_name: Any = None) -> None:

@@ -314,8 +314,9 @@ class TiTok(nn.Module):
         size = self.config.image_size
         if (height, width) != (size, size):
             raise ValueError(
-                f"TiTok tokenizes {size}x{size} images only (its positional tables are fixed), got "
-                f"{height}x{width}; resize or crop to {size}x{size} (rargen pretokenize --image-size {size})"
+                f"TiTok tokenizes {size}x{size} images only (by design: its positional tables are fixed), "
+                f"got {height}x{width}; resize or crop to {size}x{size} (rargen pretokenize --image-size "
+                f"{size}), or for other sizes use a 2D tokenizer (MaskGIT-VQGAN at 512: presets rar-*-512)"
             )
         return (self.config.num_latent_tokens,)
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rargen import distributed
-from rargen.model import RAR, ModelConfig
+from rargen.model import RAR
 from rargen.orders import random_order_prob, sample_orders
 from rargen.sampling.images import image_grid_hook, run_sample_hook
 from rargen.train.recipe import LOGISTICS, TrainConfig, describe_run, format_duration, lr_at
@@ -54,6 +54,7 @@ from rargen.train.run_state import (
     write_checkpoint,
     write_final,
 )
+from rargen.train.start import initial_weights, start_model
 
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -127,20 +128,6 @@ def _forever(loader: Any) -> Iterator[tuple[Tensor, Tensor]]:
         yield from loader
 
 
-def model_config_for(config: TrainConfig, store: Any) -> ModelConfig:
-    """The preset with the data's codebook size, token count and class count (checked if overridden)."""
-    data = {"codebook_size": store.codebook_size, "num_image_tokens": store.num_tokens}
-    data["num_classes"] = store.num_classes
-    overrides = dict(config.model_overrides)
-    for key, value in data.items():
-        if key in overrides and overrides[key] != value:
-            raise ValueError(
-                f"model override {key}={overrides[key]} does not match the data ({key} = {value}); "
-                "drop the override or use a store made for that model"
-            )
-    return ModelConfig.from_name(config.preset, **{**overrides, **data})
-
-
 def check_run_folder(out: Path, config: TrainConfig, resume: bool) -> Path | None:
     """Validate the output folder before any work; return the checkpoint to resume from, if any
     (its recipe must be this one, up to the ``LOGISTICS`` fields)."""
@@ -203,7 +190,7 @@ def train(
         resume_from = checked
         loader = open_data(data, micro, rank, world, config.seed)
         store = loader.store
-        mcfg = model_config_for(config, store)
+        mcfg, source = start_model(config, store)
         if store.num_classes and hasattr(store, "labels") and int(store.labels.max()) >= store.num_classes:
             raise ValueError(
                 f"the data has labels up to {int(store.labels.max())} but {store.num_classes} classes"
@@ -214,6 +201,7 @@ def train(
         # Model, EMA and optimizer; weights are loaded before wrapping so every sharding sees full tensors.
         torch.manual_seed(config.seed)  # the initial weights: the same on every rank
         raw = RAR(mcfg)
+        initial_weights(raw, source if resume_from is None else None)  # resume: the checkpoint's weights
         generator = torch.Generator().manual_seed(config.seed)  # orders + label dropout, same on all ranks
         torch.manual_seed(config.seed * 1_000_003 + rank)  # model dropout, per rank
         state: dict[str, Any] | None = None

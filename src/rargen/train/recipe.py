@@ -48,6 +48,7 @@ class TrainConfig:
     r_end: float = 0.0  # random-order probability after anneal_end (paper: 0); > 0 keeps any-order skill
     label_dropout: float = 0.1  # class label -> null label (classifier-free guidance)
     seed: int = 0
+    init_from: str | None = None  # checkpoint (or name) to fine-tune; grid tables resized to the data's
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
     compile: bool = False
     activation_checkpointing: bool = False
@@ -186,8 +187,8 @@ def describe_run(config: TrainConfig, num_params: int, num_images: int | None, s
         data = f"{num_images:,} images, {epochs:,.1f} epochs"
     resumed = f", resuming at step {start}" if start else ""
     return (
-        f"train: {config.preset} with {num_params:,} parameters; {data}; {config.steps:,} steps of "
-        f"batch {config.batch_size}{resumed}"
+        f"train: {config.init_from or config.preset} with {num_params:,} parameters; {data}; "
+        f"{config.steps:,} steps of batch {config.batch_size}{resumed}"
     )
 
 
