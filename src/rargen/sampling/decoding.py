@@ -2,7 +2,8 @@
 
 ``prepare_for_decoding(model, bf16=..., compile=...)`` is the one place that decides how a model
 decodes: weights prepacked for oneDNN on CPUs (``rargen.sampling.cpu``), or the fixed-shape step
-compiled (CUDA graphs on GPU). It runs once per model; the loop never packs.
+compiled (CUDA graphs on GPU). It runs once per model and weights (the decoder is kept with the
+model, ``rargen.sampling.prepared``); the loop never packs.
 
 A ``DecodeBatch`` owns the cache and, per row (slot), a class label and a position: the sequence
 index the row feeds next (``s >= 2``: image token ``s - 2``). Rows are added into free slots
@@ -39,6 +40,7 @@ from rargen.kv_cache import CacheAt, CacheWindow, KVCache, cache_mask
 from rargen.model import RAR
 from rargen.orders import raster_orders
 from rargen.sampling.cpu import is_packed, packed_for_cpu_decoding
+from rargen.sampling.prepared import kept_or_made
 
 # Budget for the adaLN modulations computed ahead (all tables of one batch together).
 MODULATION_CHUNK_BYTES = 128 * 2**20
@@ -99,9 +101,13 @@ def prepare_for_decoding(
     ``bf16`` runs a bf16 model (weights, activations and cache; guidance in float32): convert the
     model with ``model.to(torch.bfloat16)`` first. ``compile`` compiles the fixed-shape step
     (CUDA graphs on GPU; one graph per batch size). Otherwise, on a CPU, the Linear weights are
-    prepacked for oneDNN (a view sharing every other parameter; take a new one after the weights
-    change). ``quantize="int8"`` (CPU, float32) multiplies the per-step Linears with int8
-    weights (``rargen.sampling.int8``): faster, and not exact. ``model`` is left untouched either way.
+    prepacked for oneDNN (a view sharing every other parameter). ``quantize="int8"`` (CPU,
+    float32) multiplies the per-step Linears with int8 weights (``rargen.sampling.int8``):
+    faster, and not exact. ``model`` is left untouched either way. The decoder made is kept for
+    the next call with the same model and options while the model's weights are unchanged (an
+    optimizer step, ``load_state_dict`` or ``model.to`` makes a new one; see
+    ``rargen.sampling.prepared``), so calling this, or ``generate`` with a plain model, in a
+    loop prepares once.
     """
     if isinstance(model, Decoder):
         if compile and not model.compiled:
@@ -120,15 +126,21 @@ def prepare_for_decoding(
         raise ValueError("the model is in training mode (dropout on); call model.eval() before sampling")
     if bf16 and model.dtype != torch.bfloat16:
         raise ValueError("bf16=True needs bf16 weights: call model.to(torch.bfloat16) first")
-    if quantize is not None:
-        if compile or bf16:
-            raise ValueError("quantize='int8' runs eager float32 on a CPU: drop compile and bf16")
+    if quantize is not None and (compile or bf16):
+        raise ValueError("quantize='int8' runs eager float32 on a CPU: drop compile and bf16")
+    if compile:
+        return Decoder(model, compiled=True)
+
+    def make() -> Decoder:
+        if quantize is None:
+            return Decoder(packed_for_cpu_decoding(model))
         from rargen.sampling.int8 import quantized_for_decoding
 
         return Decoder(quantized_for_decoding(model, quantize), quantize=quantize)
-    if compile:
-        return Decoder(model, compiled=True)
-    return Decoder(packed_for_cpu_decoding(model))
+
+    # Kept with the model while its weights are unchanged (rargen.sampling.prepared); a decoder
+    # that is the model itself (nothing copied: not a CPU, float64, ...) is free to remake.
+    return kept_or_made(model, quantize, make, keep=lambda decoder: decoder.model is not model)
 
 
 class ModulationTables:
