@@ -359,6 +359,53 @@ class DecodeBatch:
         self._labels_tensor = None
         return moves
 
+    def feed_windows(self, lengths: Sequence[int], drafts: Tensor) -> Tensor:
+        """A speculative pass: live row ``i`` feeds ``lengths[i]`` >= 1 consecutive positions from
+        its position, its ``feed`` token then ``drafts[i, : lengths[i] - 1]`` (drafts (n, >= max
+        length - 1) int64), each position attending causally to the row's own prefix. Returns
+        logits (sum(lengths), V), row by row and in each row position by position. Positions do
+        not move (``advance`` moves each row by the positions it keeps; the cache entries past
+        them are rewritten by the next pass before any row reads them). Raster rows only."""
+        n, device = len(self.labels), self.model.device
+        if len(lengths) != n or self._orders is not None:
+            raise ValueError(f"feed_windows takes one length per live row ({n}) of a raster batch")
+        starts = [0]
+        for length in lengths:
+            starts.append(starts[-1] + length)
+        groups: dict[tuple[int, int], list[int]] = {}  # rows at one position with one length: a window
+        for row, (position, length) in enumerate(zip(self.positions, lengths, strict=True)):
+            groups.setdefault((position, length), []).append(row)
+        tables = self.modulations
+        tables.keep(
+            {
+                tables.key(self.labels[r], p + w)
+                for (p, n_), rows in groups.items()
+                for r in rows
+                for w in range(n_)
+            }
+        )
+        windows, tokens, sequence, slots, modulations, order = [], [], [], [], [], []
+        for (position, length), rows in groups.items():
+            index = torch.tensor(rows, device=device)
+            windows.append(CacheWindow.causal(index, position, length))
+            tokens.append(torch.cat([self.feed[index, None], drafts[index, : length - 1]], 1).flatten())
+            sequence.append(torch.arange(position, position + length, device=device).repeat(len(rows)))
+            slots.append(index.repeat_interleave(length))
+            modulations += [tables.span(self.labels[r], position, length) for r in rows]
+            order += [starts[r] + w for r in rows for w in range(length)]
+        at = CacheAt(torch.cat(sequence), windows=tuple(windows), slots=torch.cat(slots))
+        out = self.model.decode_step(torch.cat(tokens), torch.cat(modulations), self.cache, at)
+        logits = torch.empty_like(out)
+        logits[torch.tensor(order, device=device)] = out
+        return logits
+
+    def advance(self, counts: Sequence[int]) -> None:
+        """Move live row ``i`` on by ``counts[i]`` positions (the positions of a speculative pass
+        it keeps); its next fed token is the caller's (``feed``)."""
+        n = len(self.labels)
+        self.positions = [p + int(c) for p, c in zip(self.positions, counts, strict=True)]
+        self._positions[:n] += torch.tensor(list(counts), dtype=torch.int64, device=self.model.device)
+
     def runs(self) -> tuple[tuple[int, int, int], ...]:
         """Spans (start, stop, position) of consecutive live rows at the same position."""
         spans: list[tuple[int, int, int]] = []

@@ -1,0 +1,146 @@
+"""When exact speculation pays: measured on the model, not a fixed rule.
+
+A speculative pass (``rargen.sampling.speculative``) feeds ``K + 1`` positions per row and makes
+``a`` tokens final per sample on average (``a`` = tokens per pass, >= 1); a plain step feeds one
+position and makes one token. Speculation pays at ``rows`` live cache rows when
+
+    pass_time(rows, K + 1) < a * step_time(rows).
+
+Both times are measured once per decoder, row bucket (a power of two) and thread count, on a
+scratch batch at the middle of the sequence (the mean cache length of a generation), and kept
+(``pass_costs``). At few rows a step streams the weights from memory, so a pass costs little more
+than a step and speculation pays; at many rows a step is bound by arithmetic, which a pass
+multiplies by ``K + 1``, and it does not (BENCHMARKS.md). ``a`` is learnt from the passes run
+(an exponential average of the tokens made final per sample and pass), starting from
+``PRIOR_TOKENS_PER_PASS``, and relaxes back towards it while plain steps run, so a few hard
+passes do not turn speculation off for good.
+
+Exactness does not depend on the choice: plain steps and speculative passes draw every token
+from the same noise and distribution (``rargen.sampling.speculating``); the choice decides speed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rargen.sampling.decoding import DecodeBatch, Decoder
+
+# Tokens made final per sample and pass assumed before any pass ran (measured on the demo
+# generator with K = 8: 3.2 at batch 1, 2.7 at batch 8; a cautious start below both).
+PRIOR_TOKENS_PER_PASS = 2.0
+DEFAULT_DRAFTS = 8  # K: the best measured at batch 1 on the demo generator (BENCHMARKS.md)
+REPEATS = 3  # timed runs per measurement (the fastest is kept: load only adds time)
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """Seconds of one plain step and of one speculative pass at ``rows`` cache rows."""
+
+    rows: int
+    step_s: float
+    pass_s: float
+
+    @property
+    def ratio(self) -> float:
+        """A pass in plain steps: speculation pays when fewer than the tokens per pass."""
+        return self.pass_s / max(self.step_s, 1e-12)
+
+
+_COSTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int, int], PassCost]] = (
+    weakref.WeakKeyDictionary()
+)
+_LOCK = threading.Lock()
+
+
+def measure_pass_cost(decoder: Decoder, rows: int, drafts: int) -> PassCost:
+    """Time a plain step and a pass of ``drafts + 1`` positions at ``rows`` cache rows, on a
+    scratch batch with every row half way through the sequence (fastest of ``REPEATS``)."""
+    L = decoder.config.num_image_tokens
+    batch = DecodeBatch(decoder, rows, conditions=1)
+    middle = max(2, L // 2 + 1)  # the cache half full: the mean prefix of a generation
+    window = max(1, min(drafts + 1, L + 1 - middle))
+    zeros = torch.zeros(rows, window, dtype=torch.int64, device=batch.feed.device)
+    with torch.inference_mode():
+        batch.add([0] * rows)
+        step_s, pass_s = float("inf"), float("inf")
+        for _ in range(REPEATS + 1):  # the first of each: warm-up
+            batch.advance([middle - p for p in batch.positions])
+            start = time.perf_counter()
+            batch.feed_windows([window] * rows, zeros)
+            pass_s = min(pass_s, time.perf_counter() - start)
+            start = time.perf_counter()
+            batch.step()
+            step_s = min(step_s, time.perf_counter() - start)
+    return PassCost(rows, step_s, pass_s)
+
+
+def pass_cost(decoder: Decoder, rows: int, drafts: int) -> PassCost:
+    """``measure_pass_cost``, measured once per decoder, rows, drafts and torch thread count."""
+    key = (rows, drafts, torch.get_num_threads())
+    with _LOCK:
+        known = _COSTS.get(decoder.model, {}).get(key)
+    if known is None:
+        known = measure_pass_cost(decoder, rows, drafts)
+        with _LOCK:
+            _COSTS.setdefault(decoder.model, {})[key] = known
+    return known
+
+
+def speculation_is_exact(decoder: Decoder) -> bool:
+    """Whether a pass gives plain decoding's tokens up to float32 rounding: an eager float32 or
+    float64 decoder. Not compiled (no window step), not int8 (its input scale depends on the rows
+    multiplied together), not bf16 (a window rounds differently enough to change tokens often)."""
+    exact_dtype = decoder.model.dtype in (torch.float32, torch.float64)
+    return not decoder.compiled and decoder.quantize is None and exact_dtype
+
+
+class SpeculationPolicy:
+    """Decides, before each step of a batch, whether a speculative pass of ``drafts`` draft
+    tokens per sample or a plain step makes tokens faster, from measured costs (see the module
+    docstring). ``drafts=0``: never."""
+
+    def __init__(self, decoder: Decoder, drafts: int = DEFAULT_DRAFTS) -> None:
+        if not isinstance(drafts, int) or drafts < 0:
+            raise ValueError(f"speculation drafts must be an int >= 0 (0 = off), got {drafts!r}")
+        self.decoder, self.drafts = decoder, drafts
+        self.tokens_per_pass = PRIOR_TOKENS_PER_PASS
+        self.passes = self.steps = 0  # what it chose so far
+
+    def speculate(self, rows: int, capacity: int) -> bool:
+        """Whether a batch of ``rows`` live cache rows (of ``capacity``) should run a pass now.
+        Rows are bucketed to powers of two (measured once each); a bucket is measured only while
+        every smaller one pays, since a pass costs relatively more with every row added."""
+        if not self.drafts or not speculation_is_exact(self.decoder):
+            return False
+        bucket = 2  # one guided sample: its cond and null rows
+        while True:
+            cost = pass_cost(self.decoder, min(bucket, capacity), self.drafts)
+            if cost.ratio >= self.tokens_per_pass:
+                self.tokens_per_pass += 0.02 * (PRIOR_TOKENS_PER_PASS - self.tokens_per_pass)
+                self.steps += 1
+                return False
+            if bucket >= rows or bucket >= capacity:
+                self.passes += 1
+                return True
+            bucket *= 2
+
+    def observe(self, tokens_per_pass: float) -> None:
+        """Record a pass that made ``tokens_per_pass`` tokens final per sample on average."""
+        self.tokens_per_pass += 0.2 * (tokens_per_pass - self.tokens_per_pass)
+
+
+__all__ = [
+    "DEFAULT_DRAFTS",
+    "PRIOR_TOKENS_PER_PASS",
+    "PassCost",
+    "SpeculationPolicy",
+    "measure_pass_cost",
+    "pass_cost",
+    "speculation_is_exact",
+]
