@@ -376,14 +376,8 @@ class DecodeBatch:
         for row, (position, length) in enumerate(zip(self.positions, lengths, strict=True)):
             groups.setdefault((position, length), []).append(row)
         tables = self.modulations
-        tables.keep(
-            {
-                tables.key(self.labels[r], p + w)
-                for (p, n_), rows in groups.items()
-                for r in rows
-                for w in range(n_)
-            }
-        )
+        needed = {(self.labels[r], p + w) for (p, k), rows in groups.items() for r in rows for w in range(k)}
+        tables.keep({tables.key(label, position) for label, position in needed})
         windows, tokens, sequence, slots, modulations, order = [], [], [], [], [], []
         for (position, length), rows in groups.items():
             index = torch.tensor(rows, device=device)
