@@ -116,3 +116,16 @@ def test_keeping_changes_nothing_saved_and_lets_the_model_go(tiny_config) -> Non
 
 def test_a_float64_model_is_not_kept(tiny_model: RAR) -> None:
     assert prepare_for_decoding(tiny_model).model is tiny_model and kept_count(tiny_model) == 0
+
+
+def test_a_training_preview_keeps_no_packed_copy(model: RAR, tmp_path) -> None:
+    """Sample grids during training: the weights change before the next one, so nothing is kept."""
+    from rargen.sampling.images import run_sample_hook
+
+    def hook(raw: RAR, step: int, path) -> None:
+        generate(raw, LABELS, CONFIG, seeds=[1, 2])
+        assert kept_count(raw) == 1
+
+    model.train()
+    run_sample_hook(hook, model, 1, tmp_path)
+    assert kept_count(model) == 0 and model.training

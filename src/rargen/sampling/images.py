@@ -26,6 +26,7 @@ from rargen.model import RAR
 from rargen.progress import progress_bar
 from rargen.sampling.decoding import prepare_for_decoding
 from rargen.sampling.engine import SampleConfig, class_labels, generate_images, sample_seed
+from rargen.sampling.prepared import release_prepared
 from rargen.sampling.speculation_policy import DEFAULT_DRAFTS, SpeculationPolicy
 from rargen.sampling.speculative import check_speculate
 from rargen.tokenizers.base import as_data_images, check_pair, image_channels
@@ -209,6 +210,7 @@ def run_sample_hook(hook: Callable, raw: RAR, step: int, out: Path) -> None:
         )
     finally:
         raw.train(was_training)
+        release_prepared(raw)  # the next preview sees new weights: no packed copy kept meanwhile
 
 
 def image_grid_hook(
