@@ -359,6 +359,11 @@ class DecodeBatch:
         self._labels_tensor = None
         return moves
 
+    @property
+    def raster(self) -> bool:
+        """Whether every live row decodes in raster order (no order table)."""
+        return self._orders is None
+
     def feed_windows(self, lengths: Sequence[int], drafts: Tensor) -> Tensor:
         """A speculative pass: live row ``i`` feeds ``lengths[i]`` >= 1 consecutive positions from
         its position, its ``feed`` token then ``drafts[i, : lengths[i] - 1]`` (drafts (n, >= max

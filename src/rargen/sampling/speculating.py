@@ -61,7 +61,7 @@ class SpeculatingSampler(Sampler):
         return (
             self.on_emit is None
             and not batch.compiled
-            and batch._orders is None  # every row raster
+            and batch.raster
             and all(not s.forced for s in self.samples)
         )
 
