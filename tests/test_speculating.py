@@ -181,3 +181,17 @@ def test_served_images_are_pixel_identical_to_plain_decoding(tmp_path, monkeypat
         for thread in threads:
             thread.join(60)
     assert together == plain
+
+
+def test_inexact_decoders_never_speculate(tiny_model: RAR) -> None:
+    """bf16 and int8 round a window differently from a step enough to change tokens; a compiled
+    decoder has no window step: the policy never measures them, and says no."""
+    from rargen.sampling.speculation_policy import speculation_is_exact
+
+    model = tiny_model.float()
+    assert speculation_is_exact(prepare_for_decoding(model))
+    int8 = prepare_for_decoding(model, quantize="int8")
+    compiled = prepare_for_decoding(model, compile=True)
+    bf16 = prepare_for_decoding(model.to(torch.bfloat16), bf16=True)
+    for decoder in (int8, compiled, bf16):
+        assert not speculation_is_exact(decoder) and not SpeculationPolicy(decoder).speculate(2, 2)
