@@ -195,3 +195,20 @@ def test_inexact_decoders_never_speculate(tiny_model: RAR) -> None:
     bf16 = prepare_for_decoding(model.to(torch.bfloat16), bf16=True)
     for decoder in (int8, compiled, bf16):
         assert not speculation_is_exact(decoder) and not SpeculationPolicy(decoder).speculate(2, 2)
+
+
+def test_times_recorded_in_use_take_over_and_the_other_kind_is_probed(tiny_model: RAR, monkeypatch) -> None:
+    """The scratch measurement leaves sampling out; once steps and passes are timed in use, their
+    times decide, and a pass still runs every PROBE_EVERY steps so both stay measured."""
+    from rargen.sampling.speculation_policy import PROBE_EVERY, TIMED_ENOUGH
+
+    monkeypatch.setattr(
+        policy_module, "measure_pass_cost", lambda decoder, rows, drafts: PassCost(rows, 1.0, 1.5)
+    )
+    policy = SpeculationPolicy(prepare_for_decoding(tiny_model), 4)
+    assert policy.speculate(2, 16)  # measured on the scratch batch: 1.5 steps for ~2 tokens
+    for _ in range(TIMED_ENOUGH):
+        policy.record(2, 16, True, 3.0)  # in use a pass costs 3 steps: no longer pays
+        policy.record(2, 16, False, 1.0)
+    choices = [policy.speculate(2, 16) for _ in range(2 * PROBE_EVERY)]
+    assert choices.count(True) == 2 and not choices[0]  # one probe per PROBE_EVERY choices

@@ -20,6 +20,7 @@ eager decoder, no ``on_emit`` listener; otherwise, and whenever the policy prefe
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import Tensor
@@ -70,9 +71,13 @@ class SpeculatingSampler(Sampler):
         when the policy says it is faster, else a plain ``Sampler.step``."""
         if not self.samples:
             raise ValueError("the sampler has no samples; add some first")
-        if self.can_speculate() and self.policy.speculate(len(self.batch), self.batch.capacity):
-            return self._speculative_pass(), None
-        return super().step()
+        if not self.can_speculate():
+            return super().step()
+        rows, capacity = len(self.batch), self.batch.capacity
+        speculate, start = self.policy.speculate(rows, capacity), time.perf_counter()
+        result = (self._speculative_pass(), None) if speculate else super().step()
+        self.policy.record(rows, capacity, speculate, time.perf_counter() - start)  # what it cost in use
+        return result
 
     def _drafts(self, sample: Sample, length: int) -> None:
         """Draft tokens for the positions a window of ``length`` feeds that hold none yet."""

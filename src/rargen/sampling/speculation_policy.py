@@ -8,8 +8,10 @@ position and makes one token. Speculation pays at ``rows`` live cache rows when
 
 Both times are measured once per decoder, row bucket (a power of two) and thread count, on a
 scratch batch at the middle of the sequence (the mean cache length of a generation), and kept
-(``pass_costs``). At few rows a step streams the weights from memory, so a pass costs little more
-than a step and speculation pays; at many rows a step is bound by arithmetic, which a pass
+(``pass_cost``); then the times of the steps and passes run in use, sampling included, take
+over (``record``: the other kind is probed now and then, so both stay measured). At few rows a
+step streams the weights from memory, so a pass costs little more than a step and speculation
+pays; at many rows a step is bound by arithmetic, which a pass
 multiplies by ``K + 1``, and it does not (BENCHMARKS.md). ``a`` is learnt from the passes run
 (an exponential average of the tokens made final per sample and pass), starting from
 ``PRIOR_TOKENS_PER_PASS``, and relaxes back towards it while plain steps run, so a few hard
@@ -37,6 +39,10 @@ PRIOR_TOKENS_PER_PASS = 2.0
 DEFAULT_DRAFTS = 8  # K: the best measured at batch 1 on the demo generator (BENCHMARKS.md)
 REPEATS = 3  # timed runs per measurement at least (the fastest is kept: load only adds time)
 MEASURE_BUDGET_S = 0.5  # more runs while a measurement has taken less than this
+# Steps and passes timed in use (sampling included, which the scratch measurement leaves out)
+# decide once a bucket has this many of each; the other kind is probed every PROBE_EVERY choices.
+TIMED_ENOUGH = 3
+PROBE_EVERY = 32
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,14 @@ def pass_cost(decoder: Decoder, rows: int, drafts: int) -> PassCost:
     return known
 
 
+def _bucket(rows: int, capacity: int) -> int:
+    """The power of two (from 2) at or above ``rows``, at most ``capacity``."""
+    bucket = 2
+    while bucket < rows and bucket < capacity:
+        bucket *= 2
+    return min(bucket, capacity)
+
+
 def speculation_is_exact(decoder: Decoder) -> bool:
     """Whether a pass gives plain decoding's tokens up to float32 rounding: an eager float32 or
     float64 decoder. Not compiled (no window step), not int8 (its input scale depends on the rows
@@ -117,24 +131,51 @@ class SpeculationPolicy:
         self.decoder, self.drafts = decoder, drafts
         self.tokens_per_pass = PRIOR_TOKENS_PER_PASS
         self.passes = self.steps = 0  # what it chose so far
+        self._timed: dict[tuple[int, bool], tuple[int, float]] = {}  # (bucket, pass?): (count, mean s)
+        self._streak: dict[int, int] = {}  # choices of one kind in a row at a bucket
 
     def speculate(self, rows: int, capacity: int) -> bool:
         """Whether a batch of ``rows`` live cache rows (of ``capacity``) should run a pass now.
-        Rows are bucketed to powers of two (measured once each); a bucket is measured only while
-        every smaller one pays, since a pass costs relatively more with every row added."""
+        Rows are bucketed to powers of two; a bucket's costs are measured (once) only while every
+        smaller one pays, since a pass costs relatively more with every row added. Where both are
+        timed in use (``record``), those times decide, and every ``PROBE_EVERY`` choices of one
+        kind at a bucket one of the other runs, so both times stay measured."""
         if not self.drafts or not speculation_is_exact(self.decoder):
             return False
-        bucket = 2  # one guided sample: its cond and null rows
+        target, bucket = _bucket(rows, capacity), 2  # 2: one guided sample, its cond and null rows
         while True:
-            cost = pass_cost(self.decoder, min(bucket, capacity), self.drafts)
-            if cost.ratio >= self.tokens_per_pass:
-                self.tokens_per_pass += 0.02 * (PRIOR_TOKENS_PER_PASS - self.tokens_per_pass)
-                self.steps += 1
-                return False
-            if bucket >= rows or bucket >= capacity:
-                self.passes += 1
-                return True
+            bucket = min(bucket, capacity)
+            pays = self.ratio(bucket) < self.tokens_per_pass
+            if not pays or bucket >= target:
+                break
             bucket *= 2
+        if not pays:  # tokens per pass relax towards the prior while no pass runs
+            self.tokens_per_pass += 0.02 * (PRIOR_TOKENS_PER_PASS - self.tokens_per_pass)
+        if bucket == target:
+            same = self._streak.get(bucket, 0) + 1
+            self._streak[bucket] = 0 if same >= PROBE_EVERY else same
+            pays = pays != (same >= PROBE_EVERY)  # a probe of the other kind
+        if pays:
+            self.passes += 1
+        else:
+            self.steps += 1
+        return pays
+
+    def ratio(self, bucket: int) -> float:
+        """A pass in plain steps at ``bucket`` rows: from the times recorded in use when both
+        kinds have some, else from the scratch measurement (``pass_cost``)."""
+        passes, steps = self._timed.get((bucket, True)), self._timed.get((bucket, False))
+        if passes and steps and min(passes[0], steps[0]) >= TIMED_ENOUGH:
+            return passes[1] / max(steps[1], 1e-12)
+        return pass_cost(self.decoder, bucket, self.drafts).ratio
+
+    def record(self, rows: int, capacity: int, speculated: bool, seconds: float) -> None:
+        """Time of a whole step of the sampler (a pass or a plain one, sampling included) at
+        ``rows`` cache rows: a mean over the last ~16 of its bucket and kind."""
+        key = (_bucket(rows, capacity), speculated)
+        count, mean = self._timed.get(key, (0, 0.0))
+        count += 1
+        self._timed[key] = (count, mean + (seconds - mean) / min(count, 16))
 
     def observe(self, tokens_per_pass: float) -> None:
         """Record a pass that made ``tokens_per_pass`` tokens final per sample on average."""
