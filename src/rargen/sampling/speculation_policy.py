@@ -42,7 +42,7 @@ MEASURE_BUDGET_S = 0.5  # more runs while a measurement has taken less than this
 # Steps and passes timed in use (sampling included, which the scratch measurement leaves out)
 # decide once a bucket has this many of each; the other kind is probed every PROBE_EVERY choices.
 TIMED_ENOUGH = 3
-PROBE_EVERY = 32
+PROBE_EVERY = 16
 
 
 @dataclass(frozen=True)
