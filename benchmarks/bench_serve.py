@@ -9,6 +9,13 @@ then for each N in ``--clients`` (1,4,8,16) sends N single-image ``POST /generat
 requests one after another. Prints a markdown table: wall time, images/s, p50/p95 latency, and
 concurrent / sequential time (the continuous-batching gain). Bounded: every request times out
 after ``--timeout`` s, and the server is stopped at the end.
+
+``--compare-speculation`` (issue 30): the same load on a server with plain steps only
+(``--speculate 0``, the server before speculation) and on one at default flags (exact speculation
+where measured to pay), one after the other, and the speed-up of each row:
+
+    python benchmarks/bench_serve.py runs/demo/generator --tokenizer runs/demo/tokenizer \
+        --clients 1,8 --compare-speculation
 """
 
 from __future__ import annotations
@@ -83,15 +90,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--threads", type=int, default=2, help="the server's OMP_NUM_THREADS")
     parser.add_argument("--server-args", default="", help="extra flags for rargen serve")
+    parser.add_argument(
+        "--compare-speculation",
+        action="store_true",
+        help="run the load on a --speculate 0 server, then at default flags, and compare",
+    )
     args = parser.parse_args(argv)
+    if not args.compare_speculation:
+        serve_and_load(args, args.server_args)
+        return 0
+    plain = serve_and_load(args, f"{args.server_args} --speculate 0", "plain steps (--speculate 0)")
+    default = serve_and_load(args, args.server_args, "default flags (speculation where it pays)")
+    print("\n| clients | mode | plain wall s | default wall s | speed-up |\n|---|---|---|---|---|")
+    for (n, mode), before in plain.items():
+        after = default[n, mode]
+        print(f"| {n} | {mode} | {before:.2f} | {after:.2f} | {before / after:.2f}x |")
+    return 0
+
+
+def serve_and_load(
+    args: argparse.Namespace, server_args: str, title: str = ""
+) -> dict[tuple[int, str], float]:
+    """Start a server with ``server_args``, run the load, print its table; wall s per (clients, mode)."""
     env = {
         **os.environ,
         "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
         "OMP_NUM_THREADS": str(args.threads),
     }
     command = [sys.executable, "-m", "rargen", "serve", args.checkpoint, "--tokenizer", args.tokenizer]
-    command += ["--port", "0", "--rate-limit", "0", *args.server_args.split()]
+    command += ["--port", "0", "--rate-limit", "0", *server_args.split()]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    walls: dict[tuple[int, str], float] = {}
     try:
         line = server.stdout.readline()
         if not line.startswith("rargen serve: http://"):
@@ -103,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         info = json.loads(info_conn.getresponse().read())
         info_conn.close()
         post(host, port, {"class": 0, "seed": 0, "cfg_scale": args.cfg_scale}, args.timeout)  # warm-up
+        print(f"\n## {title or 'rargen serve'} {server_args}".rstrip())
         print(f"# rargen serve {args.checkpoint}: grid {info['grid']}, limits {info['limits']}")
         print(f"# server OMP_NUM_THREADS={args.threads}; single-image requests, cfg_scale {args.cfg_scale}")
         print(
@@ -115,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             concurrent = run_concurrent(host, port, bodies, args.timeout)
             sequential = run_sequential(host, port, bodies, args.timeout)
             for mode, (wall, latencies) in (("concurrent", concurrent), ("one at a time", sequential)):
+                walls[n, mode] = wall
                 ratio = f"{concurrent[0] / sequential[0]:.2f}x" if mode == "concurrent" else ""
                 print(
                     f"| {n} | {mode} | {wall:.2f} | {n / wall:.2f} | {statistics.median(latencies):.2f} "
@@ -127,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(60)
         except subprocess.TimeoutExpired:
             server.kill()
-    return 0
+    return walls
 
 
 if __name__ == "__main__":

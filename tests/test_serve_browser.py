@@ -49,13 +49,14 @@ pytestmark = [
 @pytest.fixture
 def slow_decode(monkeypatch):
     """20 ms per decode step, so the page sees several partial images even on a fast machine."""
-    original = DecodeBatch.step
+    original, window = DecodeBatch.step, DecodeBatch.feed_windows
 
-    def step(self):
+    def step(self, *args):  # a plain step, or a speculative pass
         time.sleep(0.02)
-        return original(self)
+        return (window if args else original)(self, *args)
 
     monkeypatch.setattr(DecodeBatch, "step", step)
+    monkeypatch.setattr(DecodeBatch, "feed_windows", step)
 
 
 def test_page_generates_and_shows_images_forming_row_by_row(tmp_path, slow_decode):

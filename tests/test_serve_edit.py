@@ -81,8 +81,9 @@ def test_an_edit_is_what_generate_known_gives_alone(pair, order):
 
 
 def test_an_edit_beside_a_plain_request_gets_its_images_alone(pair, monkeypatch):
-    original = DecodeBatch.step
+    original, window = DecodeBatch.step, DecodeBatch.feed_windows
     monkeypatch.setattr(DecodeBatch, "step", lambda self: (time.sleep(0.03), original(self))[1])
+    monkeypatch.setattr(DecodeBatch, "feed_windows", lambda self, *a: (time.sleep(0.03), window(self, *a))[1])
     cells = [0, 5, 6, 9, 10, 15]  # scattered cells, drawn in random order
     with running_server(pair, rate_limit=0) as server:
         plain: dict = {}
@@ -97,6 +98,7 @@ def test_an_edit_beside_a_plain_request_gets_its_images_alone(pair, monkeypatch)
         thread.join(30)
         assert status == 200, reply
         monkeypatch.setattr(DecodeBatch, "step", original)
+        monkeypatch.setattr(DecodeBatch, "feed_windows", window)
         for image, pixels in zip(reply["images"], alone(pair, server, 3, 7, 2, cells, "random"), strict=True):
             np.testing.assert_array_equal(pixels_of(image["png"]), pixels)
         _, single, _ = request(server, "POST", "/generate", {"class": 1, "seed": 4, "batch_size": 3})

@@ -337,13 +337,14 @@ def test_64_users_with_equal_settings_some_cancelling_all_get_their_images(pair,
     overflowed at admission) and every request hung."""
     from rargen.sampling.decoding import DecodeBatch
 
-    original = DecodeBatch.step
+    original, window = DecodeBatch.step, DecodeBatch.feed_windows
 
-    def slower(self):  # a few ms per step, so that users overlap and cancel mid-decode
+    def slower(self, *args):  # a few ms per step or pass, so that users overlap and cancel mid-decode
         time.sleep(0.003)
-        return original(self)
+        return (window if args else original)(self, *args)
 
     monkeypatch.setattr(DecodeBatch, "step", slower)
+    monkeypatch.setattr(DecodeBatch, "feed_windows", slower)
     rng = random.Random(25)
     sizes = [rng.choice([1, 4, 8]) for _ in range(64)]
     cancels = [None] * 64
@@ -378,6 +379,7 @@ def test_64_users_with_equal_settings_some_cancelling_all_get_their_images(pair,
         assert health["completed"] + health["cancelled"] == 64 and health["completed"] >= 64 - 21
         assert health["cancelled"] > 0
         monkeypatch.setattr(DecodeBatch, "step", original)
+        monkeypatch.setattr(DecodeBatch, "feed_windows", window)
         alone = {size: _load_request(server, {**body, "batch_size": size}, None) for size in set(sizes)}
         assert request(server, "GET", "/health")[0] == 200
     for i in range(64):

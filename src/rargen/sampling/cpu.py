@@ -82,9 +82,9 @@ def packed_for_cpu_decoding(model: RAR) -> RAR:
     """A view of ``model`` for fast CPU decoding.
 
     The view shares every parameter except the Linear weights, which are prepacked copies (so
-    take a new view after the weights change), and has no KV cache of its own yet. ``generate``
-    takes a view of a plain model on every call (~0.5 s for RAR-B); pass it a view made once to
-    skip that when sampling many batches (``rargen sample`` does). Returns ``model`` itself
+    take a new view after the weights change), and has no KV cache of its own yet (~0.65 s for
+    RAR-B; ``prepare_for_decoding`` keeps the view with the model while its weights are
+    unchanged, so ``generate`` pays it once). Returns ``model`` itself
     where packing does not apply (not CPU, not float32 or bfloat16, no oneDNN, training) or
     when it is already such a view.
     """

@@ -2,7 +2,8 @@
 
 ``prepare_for_decoding(model, bf16=..., compile=...)`` is the one place that decides how a model
 decodes: weights prepacked for oneDNN on CPUs (``rargen.sampling.cpu``), or the fixed-shape step
-compiled (CUDA graphs on GPU). It runs once per model; the loop never packs.
+compiled (CUDA graphs on GPU). It runs once per model and weights (the decoder is kept with the
+model, ``rargen.sampling.prepared``); the loop never packs.
 
 A ``DecodeBatch`` owns the cache and, per row (slot), a class label and a position: the sequence
 index the row feeds next (``s >= 2``: image token ``s - 2``). Rows are added into free slots
@@ -39,6 +40,7 @@ from rargen.kv_cache import CacheAt, CacheWindow, KVCache, cache_mask
 from rargen.model import RAR
 from rargen.orders import raster_orders
 from rargen.sampling.cpu import is_packed, packed_for_cpu_decoding
+from rargen.sampling.prepared import kept_or_made
 
 # Budget for the adaLN modulations computed ahead (all tables of one batch together).
 MODULATION_CHUNK_BYTES = 128 * 2**20
@@ -99,9 +101,13 @@ def prepare_for_decoding(
     ``bf16`` runs a bf16 model (weights, activations and cache; guidance in float32): convert the
     model with ``model.to(torch.bfloat16)`` first. ``compile`` compiles the fixed-shape step
     (CUDA graphs on GPU; one graph per batch size). Otherwise, on a CPU, the Linear weights are
-    prepacked for oneDNN (a view sharing every other parameter; take a new one after the weights
-    change). ``quantize="int8"`` (CPU, float32) multiplies the per-step Linears with int8
-    weights (``rargen.sampling.int8``): faster, and not exact. ``model`` is left untouched either way.
+    prepacked for oneDNN (a view sharing every other parameter). ``quantize="int8"`` (CPU,
+    float32) multiplies the per-step Linears with int8 weights (``rargen.sampling.int8``):
+    faster, and not exact. ``model`` is left untouched either way. The decoder made is kept for
+    the next call with the same model and options while the model's weights are unchanged (an
+    optimizer step, ``load_state_dict`` or ``model.to`` makes a new one; see
+    ``rargen.sampling.prepared``), so calling this, or ``generate`` with a plain model, in a
+    loop prepares once.
     """
     if isinstance(model, Decoder):
         if compile and not model.compiled:
@@ -120,15 +126,21 @@ def prepare_for_decoding(
         raise ValueError("the model is in training mode (dropout on); call model.eval() before sampling")
     if bf16 and model.dtype != torch.bfloat16:
         raise ValueError("bf16=True needs bf16 weights: call model.to(torch.bfloat16) first")
-    if quantize is not None:
-        if compile or bf16:
-            raise ValueError("quantize='int8' runs eager float32 on a CPU: drop compile and bf16")
+    if quantize is not None and (compile or bf16):
+        raise ValueError("quantize='int8' runs eager float32 on a CPU: drop compile and bf16")
+    if compile:
+        return Decoder(model, compiled=True)
+
+    def make() -> Decoder:
+        if quantize is None:
+            return Decoder(packed_for_cpu_decoding(model))
         from rargen.sampling.int8 import quantized_for_decoding
 
         return Decoder(quantized_for_decoding(model, quantize), quantize=quantize)
-    if compile:
-        return Decoder(model, compiled=True)
-    return Decoder(packed_for_cpu_decoding(model))
+
+    # Kept with the model while its weights are unchanged (rargen.sampling.prepared); a decoder
+    # that is the model itself (nothing copied: not a CPU, float64, ...) is free to remake.
+    return kept_or_made(model, quantize, make, keep=lambda decoder: decoder.model is not model)
 
 
 class ModulationTables:
@@ -346,6 +358,52 @@ class DecodeBatch:
                 moves.append((original, now))
         self._labels_tensor = None
         return moves
+
+    @property
+    def raster(self) -> bool:
+        """Whether every live row decodes in raster order (no order table)."""
+        return self._orders is None
+
+    def feed_windows(self, lengths: Sequence[int], drafts: Tensor) -> Tensor:
+        """A speculative pass: live row ``i`` feeds ``lengths[i]`` >= 1 consecutive positions from
+        its position, its ``feed`` token then ``drafts[i, : lengths[i] - 1]`` (drafts (n, >= max
+        length - 1) int64), each position attending causally to the row's own prefix. Returns
+        logits (sum(lengths), V), row by row and in each row position by position. Positions do
+        not move (``advance`` moves each row by the positions it keeps; the cache entries past
+        them are rewritten by the next pass before any row reads them). Raster rows only."""
+        n, device = len(self.labels), self.model.device
+        if len(lengths) != n or self._orders is not None:
+            raise ValueError(f"feed_windows takes one length per live row ({n}) of a raster batch")
+        starts = [0]
+        for length in lengths:
+            starts.append(starts[-1] + length)
+        groups: dict[tuple[int, int], list[int]] = {}  # rows at one position with one length: a window
+        for row, (position, length) in enumerate(zip(self.positions, lengths, strict=True)):
+            groups.setdefault((position, length), []).append(row)
+        tables = self.modulations
+        needed = {(self.labels[r], p + w) for (p, k), rows in groups.items() for r in rows for w in range(k)}
+        tables.keep({tables.key(label, position) for label, position in needed})
+        windows, tokens, sequence, slots, modulations, order = [], [], [], [], [], []
+        for (position, length), rows in groups.items():
+            index = torch.tensor(rows, device=device)
+            windows.append(CacheWindow.causal(index, position, length))
+            tokens.append(torch.cat([self.feed[index, None], drafts[index, : length - 1]], 1).flatten())
+            sequence.append(torch.arange(position, position + length, device=device).repeat(len(rows)))
+            slots.append(index.repeat_interleave(length))
+            modulations += [tables.span(self.labels[r], position, length) for r in rows]
+            order += [starts[r] + w for r in rows for w in range(length)]
+        at = CacheAt(torch.cat(sequence), windows=tuple(windows), slots=torch.cat(slots))
+        out = self.model.decode_step(torch.cat(tokens), torch.cat(modulations), self.cache, at)
+        logits = torch.empty_like(out)
+        logits[torch.tensor(order, device=device)] = out
+        return logits
+
+    def advance(self, counts: Sequence[int]) -> None:
+        """Move live row ``i`` on by ``counts[i]`` positions (the positions of a speculative pass
+        it keeps); its next fed token is the caller's (``feed``)."""
+        n = len(self.labels)
+        self.positions = [p + int(c) for p, c in zip(self.positions, counts, strict=True)]
+        self._positions[:n] += torch.tensor(list(counts), dtype=torch.int64, device=self.model.device)
 
     def runs(self) -> tuple[tuple[int, int, int], ...]:
         """Spans (start, stop, position) of consecutive live rows at the same position."""

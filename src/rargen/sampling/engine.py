@@ -381,7 +381,8 @@ def generate(
     """Sample tokens (B, L) int64 (raster positions) for class ``labels`` (B,).
 
     Randomness: ``seeds`` (one int per sample: batch-split invariant) or ``generator``.
-    ``model``: a RAR (prepared here, on every call) or ``prepare_for_decoding(model)`` made once.
+    ``model``: a RAR (prepared on its first call, then kept while its weights are unchanged) or a
+    ``prepare_for_decoding(model)``.
     ``bf16`` runs a bf16 model (weights and activations; guidance in float32); ``compile``
     compiles the decode step (CUDA graphs on GPU). ``speculate=K`` verifies K draft tokens per
     forward pass (``rargen.sampling.speculative``: the same distribution, fewer passes; 0 = off).

@@ -27,6 +27,8 @@ from rargen.model import RAR
 from rargen.progress import notice_once, progress_bar
 from rargen.sampling.decoding import prepare_for_decoding
 from rargen.sampling.engine import SampleConfig, class_labels, generate_images, sample_seed
+from rargen.sampling.prepared import release_prepared
+from rargen.sampling.speculation_policy import DEFAULT_DRAFTS, SpeculationPolicy
 from rargen.sampling.speculative import check_speculate
 from rargen.tokenizers.base import as_data_images, check_pair, image_channels
 
@@ -111,17 +113,20 @@ def sample_to_folder(
     batch_size: int = 16,
     bf16: bool = False,
     compile: bool = False,
-    speculate: int = 0,
+    speculate: int | None = None,
     quantize: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Sample one image per entry of ``labels`` into ``out`` and return the npz path (rank 0).
-    ``speculate``: draft tokens verified per pass (``rargen.sampling.speculative``; same distribution);
+    ``speculate``: draft tokens verified per pass (``rargen.sampling.speculative``; the same
+    images) in the batches where a pass measures faster than the plain steps it replaces (small
+    batches; ``rargen.sampling.speculation_policy``); None: ``DEFAULT_DRAFTS`` unless compiled; 0 = off;
     ``quantize="int8"``: int8 weights (``rargen.sampling.int8``; faster, inexact)."""
     from rargen.checkpoint import checkpoint_hash, load
     from rargen.version import __version__
 
-    check_speculate(speculate, compile)  # before loading anything
+    check_speculate(speculate or 0, compile)  # before loading anything
+    drafts = DEFAULT_DRAFTS if speculate is None and not compile else speculate or 0
     env = distributed.setup()  # one process, or the torchrun ranks (nccl on GPUs, gloo on CPUs)
     rank, world, device = env.rank, env.world_size, env.device
     model = load(checkpoint).to(device).eval().requires_grad_(False)
@@ -130,6 +135,7 @@ def sample_to_folder(
     if bf16:
         model = model.to(torch.bfloat16)
     decoder = prepare_for_decoding(model, bf16=bf16, compile=compile, quantize=quantize)  # once
+    policy = SpeculationPolicy(decoder, drafts)
     channels = image_channels(tokenizer)  # 1: grey data, grey PNGs and a (N, H, W, 1) samples.npz
     labels = class_labels(labels, model.config.num_classes)  # before any sampling
     if not labels:
@@ -141,8 +147,10 @@ def sample_to_folder(
     for chunk in progress_bar(mine, desc=f"sampling (rank {rank})", unit="batch", enabled=progress):
         batch_labels = torch.tensor([labels[i] for i in chunk], device=device)
         seeds = [sample_seed(seed, i) for i in chunk]
+        rows = len(chunk) * (2 if config.guided else 1)
+        k = drafts if policy.speculate(rows, rows) else 0  # measured once per batch size
         images = generate_images(
-            decoder, tokenizer, batch_labels, config, seeds=seeds, speculate=speculate, quantize=quantize
+            decoder, tokenizer, batch_labels, config, seeds=seeds, speculate=k, quantize=quantize
         )
         for i, image in zip(chunk, to_uint8(as_data_images(images, channels)), strict=True):
             picture = Image.fromarray(image)
@@ -174,7 +182,7 @@ def sample_to_folder(
             "world_size": world,
             "bf16": bf16,
             "compile": compile,
-            "speculate": speculate,
+            "speculate": drafts,
             "quantize": quantize,
             "pixels": "rounded: (x * 255).round()",
             "versions": {
@@ -212,6 +220,7 @@ def run_sample_hook(hook: Callable, raw: RAR, step: int, out: Path) -> None:
         )
     finally:
         raw.train(was_training)
+        release_prepared(raw)  # the next preview sees new weights: no packed copy kept meanwhile
 
 
 def image_grid_hook(

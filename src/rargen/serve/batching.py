@@ -3,9 +3,11 @@
 One thread owns a ``rargen.sampling.engine.Sampler``. Between two decode steps it lets queued jobs in
 (whole requests, first come first served, as long as their rows fit: ``max_rows`` images, each
 guided image taking two cache rows), drops cancelled jobs (their rows are free for the next
-step), steps the batch once, and hands each job its progress (every ``stream_every`` token
-rows) and its final tokens. A job's images depend only on its settings and seeds: each sample
-keeps its own label, guidance schedule, temperature, top-k/top-p and noise inside the batch.
+step), steps the batch once (a plain step, or an exact speculative pass while few rows decode and
+the measured costs say it is faster: ``rargen.sampling.speculating``), and hands each job its
+progress (every ``stream_every`` token rows) and its final tokens. A job's images depend only on
+its settings and seeds: each sample keeps its own label, guidance schedule, temperature,
+top-k/top-p and noise inside the batch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from torch import Tensor
 
 from rargen.sampling.decoding import Decoder
 from rargen.sampling.engine import Sample, SampleConfig, Sampler
+from rargen.sampling.speculating import SpeculatingSampler
+from rargen.sampling.speculation_policy import DEFAULT_DRAFTS, SpeculationPolicy
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +77,12 @@ class BatchScheduler:
     # stalled: far beyond one step of the largest model at the largest batch on a CPU.
     stall_after = 120.0
 
-    def __init__(self, decoder: Decoder, max_rows: int, max_queue: int) -> None:
+    def __init__(
+        self, decoder: Decoder, max_rows: int, max_queue: int, speculate: int = DEFAULT_DRAFTS
+    ) -> None:
         self.decoder, self.max_rows, self.max_queue = decoder, max_rows, max_queue
+        # Draft tokens per speculative pass (0: plain steps only); kept across samplers.
+        self.policy = SpeculationPolicy(decoder, speculate)
         self._sampler = self._new_sampler()
         self._lock = threading.Condition()
         self._waiting: deque[Job] = deque()
@@ -85,7 +93,7 @@ class BatchScheduler:
         self._thread = threading.Thread(target=self._run, name="rargen-batch", daemon=True)
 
     def _new_sampler(self) -> Sampler:
-        return Sampler(self.decoder, self.max_rows, guided=True)
+        return SpeculatingSampler(self.decoder, self.max_rows, guided=True, policy=self.policy)
 
     def start(self) -> None:
         self._thread.start()
@@ -148,6 +156,12 @@ class BatchScheduler:
     # -- the decoding thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        try:  # the costs speculation is chosen by: measured once now, before any request waits on them
+            with torch.inference_mode():
+                self.policy.speculate(2, 2 * self.max_rows)
+        except Exception as error:  # noqa: BLE001 - a failed measurement turns speculation off, no more
+            log.warning("speculation off: measuring its cost failed: %r", error)
+            self.policy.drafts = 0
         while True:
             with self._lock:
                 while not self._stop and not self._active and not self._waiting:
@@ -232,13 +246,8 @@ class BatchScheduler:
                 continue
             rows, L = done // job.width, len(samples[0].tokens)
             first = job.orders is not None and job.reported < 0
-            if job.stream_every and (
-                first
-                or done % job.width == 0
-                and rows % job.stream_every == 0
-                and 0 < done < L
-                and job.reported != done
-            ):
+            every = job.width * job.stream_every  # tokens between events (a pass may cross one)
+            if job.stream_every and (first or 0 < done < L and done // every > max(job.reported, 0) // every):
                 job.reported = done
                 tokens = _raster(job, torch.stack([s.tokens for s in samples]).clone())
                 if job.orders is None:

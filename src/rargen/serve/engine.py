@@ -52,6 +52,7 @@ class ServeConfig:
     max_queue: int = 32  # requests waiting for rows; beyond it 503 with Retry-After
     rate_limit: int = 30  # generation requests per minute per client address; 0 = no limit
     stream_every: int = 0  # token rows between partial images; 0 = about 8 updates per image
+    speculate: int = 8  # draft tokens per exact speculative pass, run while measured faster; 0 = off
     max_connections_per_client: int = 32  # open connections one client address may hold; 0 = no cap
     allowed_hosts: str = ""  # names served besides IPs and localhost, comma-separated; "*" = any
     device: str = "cpu"
@@ -65,7 +66,14 @@ class ServeConfig:
                 f"ServeConfig.max_rows ({self.max_rows}) must be >= max_batch_size ({self.max_batch_size}): "
                 "a request of max_batch_size images would never fit in the batch"
             )
-        for name in ("port", "rate_limit", "stream_every", "max_queue", "max_connections_per_client"):
+        for name in (
+            "port",
+            "rate_limit",
+            "stream_every",
+            "max_queue",
+            "max_connections_per_client",
+            "speculate",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServeConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.port > 65535:
@@ -145,7 +153,8 @@ class Engine:
             edit_body_allowance(*self.image_size) if self.progressive else 0
         )
         # Prepared for decoding once (packed for oneDNN on CPUs), not per request.
-        self.scheduler = BatchScheduler(prepare_for_decoding(self.model), config.max_rows, config.max_queue)
+        decoder = prepare_for_decoding(self.model)
+        self.scheduler = BatchScheduler(decoder, config.max_rows, config.max_queue, config.speculate)
         self.scheduler.start()  # a daemon thread that sleeps while no request is decoding
         self._lock = threading.Lock()
         self._rate: dict[str, deque[float]] = {}
