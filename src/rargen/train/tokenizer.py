@@ -389,7 +389,9 @@ def train_tokenizer(
                 model.train()
             if (train_config.checkpoint_every and done % train_config.checkpoint_every == 0) or last:
                 gated = plateau if train_config.patience else None
-                _save_checkpoint(ckpt_path, model, optimizer, done, train_config, channels, split.split, gated, best)
+                _save_checkpoint(
+                    ckpt_path, model, optimizer, done, train_config, channels, split.split, gated, best
+                )
 
         if best is not None:
             model.load_state_dict(best)  # the report is of the checkpoint's weights: the best measured
