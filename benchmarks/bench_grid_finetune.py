@@ -34,8 +34,8 @@ def run(argv: list[str], threads: int) -> float:
 
 
 def scores(run_folder: Path, work: Path, per_class: int, seed: int) -> dict[str, float]:
-    from rargen.demo.ablation import raster_nll_bits, store_tokens
     from rargen.evaluation.classifier import classifier_accuracy, load_scorer
+    from rargen.evaluation.likelihood import raster_nll_bits, store_tokens
     from rargen.sampling.engine import SampleConfig, generate_images
 
     model = rargen.load(run_folder / "final").eval()

@@ -109,7 +109,11 @@ def test_no_heldout_image_reaches_a_training_set(tmp_path, monkeypatch, capsys):
 
     tok_train, tok_heldout = seen["tokenizer"]
     assert tok_heldout == heldout and tok_train == readable - heldout  # disjoint, every image used
-    assert seen["classifier"][0] == readable - heldout
+    # The classifier fits on the training side less its validation share (its stopping rule's).
+    assert (
+        seen["classifier"][0] <= readable - heldout
+        and len(seen["classifier"][0]) >= len(readable - heldout) - 3
+    )
     assert clf_report["num_heldout"] == len(heldout)
 
     # pretokenize: the training store holds no held-out image, the held-out store all of them.

@@ -131,7 +131,9 @@ def test_serve_over_1d_tokens_streams_token_progress_then_the_images_of_generate
     save(generator.eval(), tmp_path / "gen")
     save(tokenizer, tmp_path / "tok")
     body = {"class": 3, "seed": 4, "batch_size": 2, "cfg_scale": 2.0, "stream_every": 3}
-    with running_server((tmp_path / "gen", tmp_path / "tok")) as server:
+    # Plain steps (speculate=0): progress then comes every 3 tokens exactly; a speculative pass may
+    # cover several tokens at once (its streaming is tested in test_speculating.py).
+    with running_server((tmp_path / "gen", tmp_path / "tok"), speculate=0) as server:
         status, info, _ = request(server, "GET", "/info")
         conn, response = open_stream(server, body)
         received = list(events(response))

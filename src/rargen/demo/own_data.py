@@ -99,8 +99,8 @@ def choose_image_size(data: str) -> int:
 
 def choose_budgets(config: DemoConfig, split: SplitImages, image_size: int) -> Budgets:
     """Budgets from the data for each DemoConfig field left at the digits demo's default."""
+    from rargen.tokenizers.base import channels_of_images
     from rargen.train.recipe import small_data_recipe
-    from rargen.train.tokenizer import image_channels
 
     default, chosen = type(config)(), []  # the digits demo's defaults
     num_train, classes = len(split.train_images), len(split.class_names)
@@ -109,7 +109,7 @@ def choose_budgets(config: DemoConfig, split: SplitImages, image_size: int) -> B
             f"demo --data {config.data}: {classes} class(es); the demo needs labelled images of at least 2 "
             "classes (a folder of class folders root/<class>/<image>, or an .npz with labels)"
         )
-    channels = image_channels(split.train_images)
+    channels = channels_of_images(split.train_images)
 
     def pick(name: str, value: Any, given: Any, default_value: Any) -> Any:
         if given != default_value:

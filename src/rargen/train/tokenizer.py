@@ -405,7 +405,7 @@ def train_tokenizer(
             "model_config": dataclasses.asdict(config),
             "train_config": dataclasses.asdict(train_config),
             "checkpoint": str(ckpt_path),
-            "split": split,
+            "split": split.split,
         }
         if classifier is not None:
             report["recognition"] = recognition(classifier, model, split, channels)
