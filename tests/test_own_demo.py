@@ -41,13 +41,13 @@ def fake_split(num_train: int, num_heldout: int, classes: int, grey: bool) -> Sp
 def test_budgets_come_from_the_data_unless_given() -> None:
     # Issue 27's colour folder: 8 classes x 100, 80% for training: the budgets the issue found needed.
     colour = choose_budgets(DemoConfig(data="x"), fake_split(640, 160, 8, grey=False), 32)
-    assert (colour.tokenizer_steps, colour.classifier_epochs, colour.train.steps) == (1200, 40, 1200)
+    assert (colour.tokenizer_steps, colour.classifier_epochs, colour.train.steps) == (1200, 100, 1200)
     assert (colour.image_channels, colour.train.batch_size, colour.eval_per_class) == (3, 64, 50)
     assert colour.train.checkpoint_every == 300 and colour.train.preset == "rar-digits"
     grey = choose_budgets(DemoConfig(data="x"), fake_split(1438, 359, 10, grey=True), 32)
-    assert (grey.tokenizer_steps, grey.classifier_epochs, grey.train.steps) == (400, 18, 1500)
+    assert (grey.tokenizer_steps, grey.classifier_epochs, grey.train.steps) == (400, 45, 1500)
     small = choose_budgets(DemoConfig(data="x"), fake_split(40, 10, 2, grey=False), 32)
-    assert (small.train.batch_size, small.train.steps, small.classifier_epochs) == (40, 300, 60)
+    assert (small.train.batch_size, small.train.steps, small.classifier_epochs) == (40, 300, 100)
     # A value other than the digits demo's default is the user's and is kept.
     train = dataclasses.replace(DemoConfig().train, steps=77, batch_size=16)
     given = choose_budgets(
@@ -55,7 +55,7 @@ def test_budgets_come_from_the_data_unless_given() -> None:
     )
     assert (given.tokenizer_steps, given.train.steps, given.train.batch_size) == (5, 77, 16)
     assert "tokenizer_steps" not in given.chosen and "train.steps" not in given.chosen
-    assert given.classifier_epochs == 40 and "classifier_epochs" in given.chosen
+    assert given.classifier_epochs == 100 and "classifier_epochs" in given.chosen
 
 
 def test_the_digits_demo_records_its_settings_as_before(tmp_path: Path) -> None:

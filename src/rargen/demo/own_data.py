@@ -39,8 +39,8 @@ MAX_IMAGE_SIZE = 32  # larger images are downscaled: 8x8 codes keep the generato
 # Budget rules, from issue 27's colour folder (8 classes x 100 crops of 32x32): the tokenizer
 # reached 16.8 dB held-out PSNR at 300 steps and 24.6 dB at 1200; grey digits reach 34 dB at 300.
 TOKENIZER_STEPS = {1: 400, 3: 1200}  # by image channels
-CLASSIFIER_STEPS = 400  # optimizer steps of batch 64 (95.6% held-out at 40 epochs of 640 images)
-CLASSIFIER_EPOCHS = (12, 60)  # the epochs those steps make, clamped
+CLASSIFIER_STEPS = 1000  # the cap, in optimizer steps of batch 64 (it stops when it levels off) ...
+CLASSIFIER_EPOCHS = (30, 100)  # ... in the epochs those steps make, clamped
 GENERATOR_EPOCHS = 120  # passes over the training store ...
 GENERATOR_STEPS = (300, 1500)  # ... clamped to these optimizer steps (1200 for 640 images)
 EVAL_SAMPLES = 1000  # at most this many generated images are scored (50 per class at most)
@@ -261,57 +261,13 @@ def train_tokenizer_stage(out: Path, split: SplitImages, budgets: Budgets, seed:
 def train_classifier_stage(out: Path, split: SplitImages, budgets: Budgets, seed: int, progress: bool) -> Any:
     """The scorer, trained on the training split only; saved as ``train-classifier`` saves one (with
     the held-out features' statistics), so ``rargen evaluate --classifier`` and ``sweep`` take it."""
-    from rargen.checkpoint import load, save
-    from rargen.evaluation.classifier import (
-        HELDOUT_STATS_NAME,
-        ImageClassifier,
-        ImageClassifierConfig,
-        classifier_accuracy,
-        feature_stats,
-        fit_classifier,
-    )
+    from rargen.checkpoint import load
+    from rargen.evaluation.classifier import ClassifierTrainConfig, fit_scorer
 
-    if (out / "classifier").exists():
-        return load(out / "classifier").eval().requires_grad_(False)
-    train_x, held_x = split.train_images, split.heldout_images
-    if budgets.image_channels == 1:
-        train_x, held_x = train_x[:, :1].contiguous(), held_x[:, :1].contiguous()
-    config = ImageClassifierConfig(
-        image_size=budgets.image_size, image_channels=budgets.image_channels, num_classes=budgets.num_classes
-    )
-    batch = min(64, len(train_x))
-    model = fit_classifier(
-        lambda: ImageClassifier(config),
-        train_x,
-        split.train_labels,
-        budgets.classifier_epochs,
-        batch,
-        2e-3,
-        seed,
-        progress,
-        desc="classifier",
-    )
-    stats = feature_stats(model, held_x)
-    gaussian = stats.gaussian()
-    report = {
-        "class_names": list(split.class_names),
-        "image_size": budgets.image_size,
-        "image_channels": budgets.image_channels,
-        "num_train": len(train_x),
-        "num_heldout": len(held_x),
-        "heldout_accuracy": classifier_accuracy(model, held_x, split.heldout_labels),
-        "seed": seed,
-        "epochs": budgets.classifier_epochs,
-        "split": split.split,  # evaluate/sweep re-read the baselines' real images through it
-    }
-    weights = {
-        HELDOUT_STATS_NAME: {
-            "mu": torch.from_numpy(gaussian.mu),
-            "sigma": torch.from_numpy(gaussian.sigma),
-            "count": torch.tensor([stats.count], dtype=torch.int64),
-        }
-    }
-    save(model, out / "classifier", extra=report, extra_weights=weights)
+    if not (out / "classifier").exists():
+        config = ClassifierTrainConfig(epochs=budgets.classifier_epochs, seed=seed, split_seed=seed)
+        data = split.split["source"]
+        fit_scorer(split, budgets.image_size, out / "classifier", config, progress=progress, data=data)
     return load(out / "classifier").eval().requires_grad_(False)
 
 
@@ -399,6 +355,7 @@ def run_own_demo(
     from rargen.evaluation.classifier import classifier_scores
     from rargen.evaluation.metrics import GaussianStats
     from rargen.sampling.images import save_grid, to_uint8
+    from rargen.train.gates import classifier_verdict
     from rargen.train.run_state import check_settings_record
     from rargen.weight_files import read_weights_file
 
@@ -429,6 +386,7 @@ def run_own_demo(
         "images "
         f"{real['heldout_accuracy']:.1%}, on their reconstructions {real['reconstruction_accuracy']:.1%}"
     )
+    log("   classifier " + classifier_verdict(classifier.checkpoint_extra))
     with timer.section("3/6 pretokenize the training and held-out splits"):
         store, heldout_store = write_stores(out, split, tokenizer, size, progress)
         evaluator = Evaluator(StudyData(store, heldout_store, out / "tokenizer"))

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from rargen.train.recipe import format_duration
@@ -75,15 +74,17 @@ def render_own_report(summary: dict[str, Any]) -> str:
     ]
     chosen = set(budgets["chosen"])
     rows = [
-        ("tokenizer_steps", budgets["tokenizer_steps"]),
-        ("classifier_epochs", budgets["classifier_epochs"]),
+        ("tokenizer_steps (the cap)", budgets["tokenizer_steps"]),
+        ("classifier_epochs (the cap)", budgets["classifier_epochs"]),
         ("train.preset", train["preset"]),
         ("train.steps", train["steps"]),
         ("train.batch_size", train["batch_size"]),
         ("train.lr", train["lr"]),
         ("eval_per_class", budgets["eval_per_class"]),
     ]
-    lines += [f"| {name} | {value} | {'chosen' if name in chosen else 'given'} |" for name, value in rows]
+    marks = {name: "chosen" if name.split()[0] in chosen else "given" for name, _ in rows}
+    lines += [f"| {name} | {value} | {marks[name]} |" for name, value in rows]
+    lines += [f"| {name} | {value} | {marks[name]} |" for name, value in rows]
     lines += [
         "",
         "## Timings",
@@ -98,5 +99,6 @@ def render_own_report(summary: dict[str, Any]) -> str:
             f"Skipped {len(summary['skipped'])} unreadable file(s): "
             + ", ".join(item["name"] for item in summary["skipped"][:10]),
         ]
-    lines += ["", "```json", json.dumps(summary["config"], indent=2, default=str), "```"]
+    # Not the command's own settings (their defaults are what the chosen budgets replaced).
+    lines += ["", "Every setting as it applied: budgets.json; the command's flags: demo_config.json."]
     return "\n".join(lines) + "\n"
