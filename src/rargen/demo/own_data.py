@@ -366,7 +366,7 @@ def run_own_demo(
     check_settings_record(
         out / "budgets.json",
         json.loads(json.dumps(dataclasses.asdict(budgets), default=str)),
-        "a demo run whose data gave other budgets (the data changed)",
+        "a demo run whose data gave other budgets (the data, or the rules that choose budgets, changed)",
         "delete it or pass another --out",
     )
     threads = torch.get_num_threads()
