@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 import rargen
 from rargen.cli.main import main as rargen_main
@@ -33,20 +34,23 @@ def run(argv: list[str], threads: int) -> float:
     return time.perf_counter() - start
 
 
-def scores(run_folder: Path, work: Path, per_class: int, seed: int) -> dict[str, float]:
+def scores(run_folder: Path, work: Path, per_class: int, seed: int) -> tuple[dict[str, float], Tensor]:
+    """Held-out NLL and class accuracy of ``per_class`` samples of every class (guidance 2), and the
+    samples ((N, 3, 64, 64) in [0, 1], class after class)."""
     from rargen.evaluation.classifier import classifier_accuracy, load_scorer
     from rargen.evaluation.likelihood import raster_nll_bits, store_tokens
     from rargen.sampling.engine import SampleConfig, generate_images
 
     model = rargen.load(run_folder / "final").eval()
     tokenizer = rargen.load(work / "tok" / "tokenizer").eval()
-    tokens, labels = store_tokens(work / "heldout64")
+    tokens, labels = store_tokens(work / "store64-heldout")
     nll = raster_nll_bits(model, tokens, labels)
     wanted = torch.arange(model.config.num_classes).repeat_interleave(per_class)
     seeds = [seed * 1_000_003 + i for i in range(len(wanted))]
     images = generate_images(model, tokenizer, wanted, SampleConfig(cfg_scale=2.0), seeds=seeds)
     scorer = load_scorer(work / "clf64")
-    return {"heldout_nll_bits": nll, "class_accuracy": classifier_accuracy(scorer.classifier, images, wanted)}
+    accuracy = classifier_accuracy(scorer.classifier, images, wanted)
+    return {"heldout_nll_bits": nll, "class_accuracy": accuracy}, images
 
 
 def main() -> None:
@@ -58,6 +62,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--per-class", type=int, default=20, help="samples per class for the accuracy")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--picture", type=Path, default=None, help="PNG: one sample per class and run")
     parser.add_argument("--smoke", action="store_true", help="a few steps of everything (checks the path)")
     args = parser.parse_args()
     work, t = args.work, args.threads
@@ -67,23 +72,22 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "tok").exists():
         run(["train-tokenizer", "--data", "digits", "--out", str(work / "tok"), "--steps", tok_steps], t)
-    for size in (32, 64):
-        for split, name in (("train", f"train{size}"), ("heldout", f"heldout{size}")):
-            if not (work / name).exists():
-                tokenizer = str(work / "tok" / "tokenizer")
-                run(["pretokenize", "--data", f"digits:{split}", "--tokenizer", tokenizer,
-                     "--out", str(work / name), "--image-size", str(size), "--device", "cpu",
-                     "--no-progress"], t)  # fmt: skip
+    for size in (32, 64):  # OUT and OUT-heldout: the tokenizer's split of the digits
+        if not (work / f"store{size}").exists():
+            run(["pretokenize", "--data", "digits", "--tokenizer", str(work / "tok" / "tokenizer"),
+                 "--out", str(work / f"store{size}"), "--image-size", str(size), "--device", "cpu",
+                 "--no-progress"], t)  # fmt: skip
     if not (work / "clf64").exists():
         run(["train-classifier", "--data", "digits", "--out", str(work / "clf64"), "--image-size", "64",
              "--epochs", clf_epochs], t)  # fmt: skip
     common = ["--preset", "rar-digits", "--batch-size", str(args.batch_size), "--no-progress"]
     rows: list[dict] = []
+    pictures: dict[str, Tensor] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         base = work / f"base32-s{seed}"
         base_s = 0.0
         if not (base / "final").exists():
-            base_s = run(["train", "--data", str(work / "train32"), "--out", str(base), *common,
+            base_s = run(["train", "--data", str(work / "store32"), "--out", str(base), *common,
                           "--steps", str(args.base_steps), "--seed", str(seed)], t)  # fmt: skip
         plans = {
             f"fine-tune {args.steps}": ["--init-from", str(base / "final"), "--steps", str(args.steps)],
@@ -94,21 +98,51 @@ def main() -> None:
             out = work / f"{name.replace(' ', '-')}-s{seed}"
             seconds = float("nan")  # a run already there (a rerun) is scored, not timed
             if not (out / "final").exists():
-                argv = ["train", "--data", str(work / "train64"), "--out", str(out), *common, *extra]
+                argv = ["train", "--data", str(work / "store64"), "--out", str(out), *common, *extra]
                 seconds = run([*argv, "--seed", str(seed)], t)
             row = {"run": name, "seed": seed, "train_s": seconds, "base32_s": base_s}
-            row |= scores(out, work, args.per_class, seed)
+            measured, images = scores(out, work, args.per_class, seed)
+            row |= measured
             rows.append(row)
+            pictures.setdefault(name, images[:: args.per_class])  # the first seed's: one per class
             print(json.dumps(row), flush=True)
     print("\n| run (64 px, 16x16 tokens) | seeds | class accuracy | held-out NLL (bits/token) | train s |")
     print("|---|---|---|---|---|")
     for name in dict.fromkeys(r["run"] for r in rows):
         mine = [r for r in rows if r["run"] == name]
-        mean = {
-            k: statistics.fmean(r[k] for r in mine) for k in ("class_accuracy", "heldout_nll_bits", "train_s")
-        }
-        print(f"| {name} | {len(mine)} | {mean['class_accuracy']:.3f} | {mean['heldout_nll_bits']:.3f} "
-              f"| {mean['train_s']:.0f} |")  # fmt: skip
+        cells = [f"{name} | {len(mine)}"]
+        for key, digits in (("class_accuracy", 3), ("heldout_nll_bits", 3), ("train_s", 0)):
+            values = [r[key] for r in mine]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.fmean(values):.{digits}f} ± {spread:.{digits}f}")
+        print(f"| {' | '.join(cells)} |")
+    base = [r["base32_s"] for r in rows if r["base32_s"] > 0]
+    if base:
+        print(f"\nthe 32-px models (--base-steps {args.base_steps}): {statistics.fmean(base):.0f} s each")
+    if args.picture is not None:
+        save_picture(args.picture, pictures)
+
+
+def save_picture(path: Path, pictures: dict[str, Tensor]) -> None:
+    """One row per run (the first seed's samples), one column per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = len(next(iter(pictures.values())))
+    fig, axes = plt.subplots(len(pictures), columns, figsize=(0.8 * columns + 1.2, 0.8 * len(pictures) + 0.2),
+                             squeeze=False)  # fmt: skip
+    for i, (name, images) in enumerate(pictures.items()):
+        for j in range(columns):
+            axes[i, j].imshow(images[j].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
+        axes[i, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+    fig.subplots_adjust(left=0.17, right=0.99, bottom=0.01, top=0.99, wspace=0.05, hspace=0.05)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    print(f"picture: {path}")
 
 
 if __name__ == "__main__":

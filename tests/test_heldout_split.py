@@ -188,3 +188,13 @@ def test_pretokenize_without_a_split_writes_one_store(tmp_path):
         pretokenize(tmp_path / "d", ValueTokenizer(), out, image_size=8, heldout_fraction=fraction)
         assert store_marks(out) == set(values.values()) and TokenStore(out).meta["split"] is None
         assert not (tmp_path / f"s{fraction}-heldout").exists()
+
+
+def test_the_nll_line_calls_memorisation_only_when_the_training_nll_is_far_lower() -> None:
+    from rargen.evaluation.likelihood import describe_nll
+
+    counts = {"num_heldout_images": 359, "num_train_images": 1438}
+    even = describe_nll({"heldout_nll": 6.936, "train_nll": 6.936} | counts)
+    assert "no sign of memorisation" in even and "6.936" in even
+    learnt = describe_nll({"heldout_nll": 5.632, "train_nll": 0.865} | counts)
+    assert "4.767 lower on the training images: memorisation" in learnt

@@ -125,8 +125,24 @@ def describe_training(config: Any, final: str | os.PathLike, store: str | os.Pat
     result = heldout_nll(final, store) if is_main_process() else None
     if result is None:
         return line
-    return line + (
-        f"\nheld-out NLL {result['heldout_nll']:.3f} bits/token on {result['num_heldout_images']} held-out "
-        f"images (training {result['train_nll']:.3f} on {result['num_train_images']}; far lower than the "
-        "held-out NLL: memorisation), also in heldout_nll.json"
+    return line + "\n" + describe_nll(result) + ", also in heldout_nll.json"
+
+
+# A training NLL this much (relative) below the held-out one is called memorisation: the digits
+# demo's models sit within a few percent; issue 27's colour folder, trained 120 epochs on 641
+# images, reached 0.87 bits/token on its training codes against 5.63 held out.
+MEMORISATION_GAP = 0.1
+
+
+def describe_nll(result: dict[str, Any]) -> str:
+    """Held-out and training NLL, and whether their gap says the model learnt its images by heart."""
+    heldout, train = result["heldout_nll"], result["train_nll"]
+    gap = heldout - train
+    if gap > MEMORISATION_GAP * heldout:
+        verdict = f"{gap:.3f} lower on the training images: memorisation (fewer steps or more images)"
+    else:
+        verdict = f"within {MEMORISATION_GAP:.0%} of the held-out NLL: no sign of memorisation"
+    return (
+        f"held-out NLL {heldout:.3f} bits/token on {result['num_heldout_images']} held-out images "
+        f"(training {train:.3f} on {result['num_train_images']}, {verdict})"
     )
