@@ -10,7 +10,9 @@ oneDNN-packed view (``prepare_for_decoding``) and the compiled one
 depth-24 dim-64 model (issue 30: the fixed cost per step, at most 2 ms). ``--attention`` times
 attention over the cache alone (all layers, the rows' exact prefix) as the eager step runs it
 (PyTorch's SDPA per layer) and compiled (the masked SDPA of the compiled step, one program over
-all layers), in GB/s of cache read against the streaming rate measured in the same rounds.
+all layers), in GB/s of cache read against the streaming rate measured in the same rounds,
+beside a compiled reduction (scores and weighted sums as loops over k and v; float32 sums).
+``--torchao`` times torchao's weight-only int8 compiled (optional: ``pip install torchao``).
 """
 
 from __future__ import annotations
@@ -173,6 +175,51 @@ def attention(args) -> None:
         print(f"# streaming read {rate / 1e9:.1f} GB/s (median)")
 
 
+def torchao_int8(args) -> None:
+    """torchao's weight-only int8 (an optional package: ``pip install torchao``) on the per-step
+    Linears, compiled as ``compile=True`` compiles, beside the eager dynamic int8 step
+    (``quantize="int8"``) and the compiled float32 step."""
+    import copy
+
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as error:
+        raise SystemExit(f"--torchao needs torchao: pip install torchao ({error})") from error
+    from rargen.sampling.compiled_cpu import CompiledCpuStep
+    from rargen.sampling.decoding import Decoder
+
+    model = random_model(ModelConfig.from_name("rar-b", dropout=0.0, attn_dropout=0.0), torch.float32)
+    quantized = copy.deepcopy(model)
+    per_step = ("qkv", "proj", "fc1", "fc2", "head")
+
+    def chosen(module, name):
+        return isinstance(module, torch.nn.Linear) and name.split(".")[-1] in per_step
+
+    quantize_(quantized, Int8WeightOnlyConfig(), filter_fn=chosen)
+    step = CompiledCpuStep(quantized)
+    decoders = {
+        "eager int8 (dynamic)": prepare_for_decoding(model, quantize="int8"),
+        "compiled fp32": prepare_for_decoding(model, compile=True),
+        "compiled torchao int8 weight-only": Decoder(step.model, compiled=True, cpu_step=step),
+    }
+    print("| rows | path | ms | first step s (compile) |")
+    print("|---|---|---|---|")
+    for rows in (int(r) for r in args.rows.split(",")):
+        with torch.inference_mode():
+            batches, first = {}, {}
+            for name, decoder in decoders.items():
+                start = time.perf_counter()
+                batches[name] = batch_at(decoder, rows, args.prefix)
+                time_steps(batches[name], args.prefix, 1)
+                first[name] = time.perf_counter() - start
+            best = dict.fromkeys(batches, float("inf"))
+            for _ in range(args.repeats):
+                for name, batch in batches.items():
+                    best[name] = min(best[name], time_steps(batch, args.prefix))
+        for name, seconds in best.items():
+            print(f"| {rows} | {name} | {seconds * 1e3:.1f} | {first[name]:.0f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precisions", default="fp32,bf16")
@@ -182,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--fixed-cost", action="store_true", help="also the depth-24 dim-64 model")
     parser.add_argument("--attention", action="store_true", help="attention over the cache only")
+    parser.add_argument("--torchao", action="store_true", help="torchao weight-only int8, compiled (RAR-B)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -189,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{torch.backends.cpu.get_cpu_capability()}"
     )
-    (attention if args.attention else steps)(args)
+    (attention if args.attention else torchao_int8 if args.torchao else steps)(args)
     return 0
 
 
