@@ -209,8 +209,9 @@ class Attention(nn.Module):
             slots = torch.arange(M, device=x.device) if at.slots is None else at.slots
             k_cache[slots, :, at.positions] = k
             v_cache[slots, :, at.positions] = v
-        if at.mask is not None:  # fixed shapes: attend over the whole cache with a mask
-            y = F.scaled_dot_product_attention(q[:, :, None], k_cache[:M], v_cache[:M], attn_mask=at.mask)
+        if at.mask is not None:  # fixed shapes: the cache's first mask.shape[-1] slots with a mask
+            keys, values = k_cache[:M, :, : at.mask.shape[-1]], v_cache[:M, :, : at.mask.shape[-1]]
+            y = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=at.mask)
             return self.proj(y.reshape(M, D))
         out, start = [], 0
         for window in at.eager_windows():

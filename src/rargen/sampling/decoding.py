@@ -1,7 +1,8 @@
 """The decoding batch: slots of one static KV cache, each row at its own position.
 
 ``prepare_for_decoding(model, bf16=..., compile=...)`` is the one place that decides how a model
-decodes: weights prepacked for oneDNN on CPUs (``rargen.sampling.cpu``), or the fixed-shape step
+decodes: weights prepacked for oneDNN on CPUs (``rargen.sampling.cpu``), the step compiled by
+Inductor with frozen weights on CPUs (``rargen.sampling.compiled_cpu``), or the fixed-shape step
 compiled (CUDA graphs on GPU). It runs once per model and weights (the decoder is kept with the
 model, ``rargen.sampling.prepared``); the loop never packs.
 
@@ -39,6 +40,7 @@ from torch import Tensor
 from rargen.kv_cache import CacheAt, CacheWindow, KVCache, cache_mask
 from rargen.model import RAR
 from rargen.orders import raster_orders
+from rargen.sampling.compiled_cpu import CompiledCpuStep
 from rargen.sampling.cpu import is_packed, packed_for_cpu_decoding
 from rargen.sampling.prepared import kept_or_made
 
@@ -77,9 +79,10 @@ def _compiled_step(device: torch.device) -> Callable:
 class Decoder:
     """A model prepared for decoding (``prepare_for_decoding``): what every sampler runs."""
 
-    model: RAR  # the model itself (compiled) or its oneDNN-packed view (CPU eager)
+    model: RAR  # the model itself (compiled on GPU), a view of it (CPU: oneDNN-packed, int8, compiled)
     compiled: bool = False
     quantize: str | None = None  # "int8": an int8 view (rargen.sampling.int8), inexact
+    cpu_step: CompiledCpuStep | None = None  # compiled on a CPU: the step (rargen.sampling.compiled_cpu)
 
     @property
     def config(self):
@@ -99,8 +102,10 @@ def prepare_for_decoding(
     """Prepare ``model`` once for decoding; the result is what ``generate`` and the server take.
 
     ``bf16`` runs a bf16 model (weights, activations and cache; guidance in float32): convert the
-    model with ``model.to(torch.bfloat16)`` first. ``compile`` compiles the fixed-shape step
-    (CUDA graphs on GPU; one graph per batch size). Otherwise, on a CPU, the Linear weights are
+    model with ``model.to(torch.bfloat16)`` first. ``compile`` compiles the step: on a CPU one
+    Inductor program with frozen weights (``rargen.sampling.compiled_cpu``: compiled and
+    autotuned at the first step of each row bucket, minutes for RAR-B), elsewhere the fixed-shape
+    step (CUDA graphs on GPU; one graph per batch size). Otherwise, on a CPU, the Linear weights are
     prepacked for oneDNN (a view sharing every other parameter). ``quantize="int8"`` (CPU,
     float32) multiplies the per-step Linears with int8 weights (``rargen.sampling.int8``):
     faster, and not exact. ``model`` is left untouched either way. The decoder made is kept for
@@ -128,8 +133,15 @@ def prepare_for_decoding(
         raise ValueError("bf16=True needs bf16 weights: call model.to(torch.bfloat16) first")
     if quantize is not None and (compile or bf16):
         raise ValueError("quantize='int8' runs eager float32 on a CPU: drop compile and bf16")
-    if compile:
+    if compile and model.device.type != "cpu":
         return Decoder(model, compiled=True)
+    if compile:
+
+        def compiled() -> Decoder:
+            step = CompiledCpuStep(model)
+            return Decoder(step.model, compiled=True, cpu_step=step)
+
+        return kept_or_made(model, "compiled", compiled, keep=lambda decoder: True)
 
     def make() -> Decoder:
         if quantize is None:
@@ -236,7 +248,8 @@ class DecodeBatch:
             model, decoder.modulation_chunk(rows if conditions is None else conditions)
         )
         self._labels_tensor: Tensor | None = None
-        self._step = _compiled_step(model.device) if self.compiled else None
+        self._cpu_step = decoder.cpu_step
+        self._step = _compiled_step(model.device) if self.compiled and self._cpu_step is None else None
         # Each row's generation order (rows, L), made when a row in another order joins and
         # dropped when the last one leaves; ``ordered`` marks those rows (raster rows hold arange).
         self._orders: Tensor | None = None
@@ -441,6 +454,10 @@ class DecodeBatch:
                 self._labels_tensor = torch.tensor(self.labels, device=self.model.device)
             extra = () if image_positions is None else (image_positions,)  # raster: the same call as ever
             logits = self._step(self.model, tokens, self._labels_tensor, positions, self.cache, *extra)
+        elif self._cpu_step is not None:
+            logits = self._cpu_step(
+                tokens, self._modulations(), positions, self.cache, max(self.positions), image_positions
+            )
         else:
             modulation = self._modulations()
             at = CacheAt(positions, runs=self.runs(), slots=self._slots[:n])
