@@ -7,7 +7,8 @@ run and seed, then a markdown table of means over the seeds.
 The demo tokenizer is trained at 32 px and tokenizes 64 px digits as it is (it is convolutional:
 a 64x64 image is a 16x16 grid). Everything goes through the ``rargen`` commands.
 
-    PYTHONPATH=src python benchmarks/bench_grid_finetune.py --work /tmp/grid-ft --seeds 0,1,2 --steps 500
+    PYTHONPATH=src python benchmarks/bench_grid_finetune.py --work /tmp/grid-ft --seeds 0,1,2 --steps 50 \
+        --base-steps 600 --batch-size 16 --per-class 10 --picture docs/grid_finetune_digits.png
     PYTHONPATH=src python benchmarks/bench_grid_finetune.py --work /tmp/grid-ft-smoke --smoke  # minutes
 """
 
