@@ -4,26 +4,20 @@ model's own forward in that order). No training: a tiny random-weight model."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_benchmark
 from rargen.model import RAR
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inpaint.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_inpaint", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_inpaint")
 
 
 def test_masks_regenerate_the_cells_they_name(bench) -> None:

@@ -3,14 +3,10 @@ counted by hand for a config small enough to count. No timing."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+from conftest import load_benchmark
 from rargen.model import ModelConfig
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sampling.py"
 
 # D 4, one block, MLP 8, V 5, L 3, one head.
 CONFIG = ModelConfig(
@@ -21,10 +17,7 @@ CONFIG = ModelConfig(
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_sampling", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_sampling")
 
 
 # Per-step Linears (out, in): qkv (12, 4), proj (4, 4), fc1 (8, 4), fc2 (4, 8), head (5, 4):

@@ -4,7 +4,6 @@ and a run killed mid-stage (twice) that, rerun, gives the uninterrupted run's mo
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,19 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_benchmark
 from rargen.checkpoint import checkpoint_hash
 from rargen.data.split import SplitImages
 from rargen.demo.own_data import choose_budgets
 from rargen.demo.pipeline import DemoConfig, check_demo_folder, run_demo
 
-COLOUR_FOLDER = Path(__file__).resolve().parents[1] / "benchmarks" / "colour_folder.py"
-
 
 def write_colour_folder(root: Path, per_class: int, size: int) -> Path:
-    spec = importlib.util.spec_from_file_location("colour_folder", COLOUR_FOLDER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_colour_folder(root, per_class=per_class, size=size)
+    return load_benchmark("colour_folder").write_colour_folder(root, per_class=per_class, size=size)
 
 
 def fake_split(num_train: int, num_heldout: int, classes: int, grey: bool) -> SplitImages:
