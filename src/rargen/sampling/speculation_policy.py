@@ -161,6 +161,22 @@ class SpeculationPolicy:
             self.steps += 1
         return pays
 
+    def measure(self, capacity: int) -> None:
+        """Measure now the cost of every bucket up to ``capacity`` rows that speculation could
+        ever pay at: up to the first where a pass costs more plain steps than the ``drafts + 1``
+        tokens a pass makes at most (``speculate`` never walks past it). Measured lazily instead,
+        the first requests of a fresh server to reach a bucket waited on it (up to
+        ``MEASURE_BUDGET_S`` each: eight concurrent requests on the demo generator took 2.25 s
+        against 0.79 s with plain steps)."""
+        if not self.drafts or not speculation_is_exact(self.decoder):
+            return
+        bucket = 2
+        while True:
+            bucket = min(bucket, capacity)
+            if pass_cost(self.decoder, bucket, self.drafts).ratio >= self.drafts + 1 or bucket >= capacity:
+                return
+            bucket *= 2
+
     def ratio(self, bucket: int) -> float:
         """A pass in plain steps at ``bucket`` rows: from the times recorded in use when both
         kinds have some, else from the scratch measurement (``pass_cost``)."""

@@ -158,7 +158,7 @@ class BatchScheduler:
     def _run(self) -> None:
         try:  # the costs speculation is chosen by: measured once now, before any request waits on them
             with torch.inference_mode():
-                self.policy.speculate(2, 2 * self.max_rows)
+                self.policy.measure(2 * self.max_rows)
         except Exception as error:  # noqa: BLE001 - a failed measurement turns speculation off, no more
             log.warning("speculation off: measuring its cost failed: %r", error)
             self.policy.drafts = 0
