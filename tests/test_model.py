@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rargen.convert import count_params_official
 from rargen.kv_cache import CacheAt, KVCache, cache_mask
-from rargen.model import RAR, ModelConfig
+from rargen.model import RAR, ModelConfig, attend_masked
 from rargen.orders import raster_orders, sample_orders
 
 # Official totals (spec Sec. 1.7) minus exactly the never-used rows (MaskGIT mask-token row,
@@ -153,3 +154,22 @@ def test_bad_config_raises(overrides: dict, message: str) -> None:
 def test_unknown_preset_lists_choices() -> None:
     with pytest.raises(ValueError, match="rar-b"):
         ModelConfig.from_name("rar-huge")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_masked_attention_over_the_cache_is_sdpa_with_the_mask(dtype) -> None:
+    """The compiled CPU step's attention (sums Inductor fuses) against SDPA: exact in float64,
+    bf16 inputs summed in float32."""
+    generator = torch.Generator().manual_seed(0)
+    M, H, S, hd = 3, 4, 9, 8
+    shapes = ((M, H, hd), (M, H, S, hd), (M, H, S, hd))
+    q, keys, values = (torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes)
+    mask = (torch.arange(S) <= torch.tensor([0, 4, 8])[:, None])[:, None, None]  # rows' prefixes 1, 5, 9
+    want = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask)[:, :, 0]
+    got = attend_masked(q.to(dtype), keys.to(dtype), values.to(dtype), mask)
+    assert got.dtype == dtype and got.shape == (M, H, hd)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tolerance)
+    # a slot past a row's prefix changes nothing for that row
+    keys[0, :, 1:] += 100.0
+    torch.testing.assert_close(attend_masked(q, keys, values, mask)[0], want[0], rtol=0, atol=1e-12)

@@ -75,8 +75,9 @@ def test_no_import_circle() -> None:
     assert circles == []
 
 
-# The training loop stays short enough to read in one sitting.
-LINE_LIMITS = {"train/generator.py": 450}
+# The training loop stays short enough to read in one sitting; the model holds all of its arithmetic
+# (training, prefill, decoding, attention over the cache) in one file.
+LINE_LIMITS = {"train/generator.py": 450, "model.py": 520}
 
 
 def lines(path: Path) -> int:

@@ -157,6 +157,20 @@ def gated_residual(x: Tensor, gate: Tensor, update: Tensor, *, fused: bool = Fal
     return torch.addcmul(x, gate, update) if fused else x + gate * update
 
 
+def attend_masked(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """One query per row, q (M, H, hd), over the cache slots ``keys``/``values`` (M, H, S, hd) where
+    ``mask`` (M, 1, 1, S) holds: (M, H, hd). On a CPU it is written as sums, not SDPA, so that the
+    compiled step fuses it into one loop over each row's slots: the CPU SDPA kernel's overhead on
+    M x H one-query tasks made it 1.9x (fp32) to 3.4x (bf16) slower at decode shapes
+    (``benchmarks/bench_compiled_step.py --attention``). Sums in float32 at least, as SDPA's."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask)[:, :, 0]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = (q[:, :, None].to(acc) * keys.to(acc)).sum(-1) * q.shape[-1] ** -0.5  # (M, H, S)
+    weights = scores.masked_fill(~mask[:, 0], float("-inf")).softmax(-1)
+    return (weights[..., None] * values.to(acc)).sum(2).to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -211,8 +225,7 @@ class Attention(nn.Module):
             v_cache[slots, :, at.positions] = v
         if at.mask is not None:  # fixed shapes: the cache's first mask.shape[-1] slots with a mask
             keys, values = k_cache[:M, :, : at.mask.shape[-1]], v_cache[:M, :, : at.mask.shape[-1]]
-            y = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=at.mask)
-            return self.proj(y.reshape(M, D))
+            return self.proj(attend_masked(q, keys, values, at.mask).reshape(M, D))
         out, start = [], 0
         for window in at.eager_windows():
             n, length, end = window.count, window.length, window.first + window.length
