@@ -51,3 +51,27 @@ def test_compiled_cpu_step_matches_eager_at_every_position_with_one_program(
     assert batches["compiled"].positions == [14, 14, 10]
     # one program per row bucket (2, then 4), whatever the prefix length
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_float32_buckets_of_16_rows_run_the_eager_step(tiny_model: RAR) -> None:
+    """EAGER_FROM_ROWS: where the eager oneDNN step measured faster, a compiled decoder runs it
+    (the same logits as the eager decoder, bit for bit) and compiles nothing."""
+    assert compiled_cpu.EAGER_FROM_ROWS == {torch.float32: 16}
+    model = tiny_model.float()
+    batches = {
+        name: DecodeBatch(prepare_for_decoding(model, compile=name == "compiled"), 16)
+        for name in ("eager", "compiled")
+    }
+    assert not batches["compiled"]._cpu_step.compiles(9, 16) and batches["compiled"]._cpu_step.compiles(8, 16)
+    torch._dynamo.utils.counters.clear()
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for batch in batches.values():
+            batch.add(list(range(10)))  # 10 rows: the bucket of 16
+        for _ in range(3):
+            tokens = torch.randint(0, 32, (10,), generator=generator)
+            for batch in batches.values():
+                batch.feed[:10] = tokens
+            logits = {name: batch.step() for name, batch in batches.items()}
+            assert torch.equal(logits["compiled"], logits["eager"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0

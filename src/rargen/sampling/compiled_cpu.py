@@ -38,6 +38,13 @@ from rargen.sampling.cpu import decoding_view
 # Inductor settings of the compiled CPU step: frozen weights, C++ GEMM templates under max-autotune.
 INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 RECOMPILE_LIMIT = 64
+# Row buckets from which a dtype's steps run eager (the oneDNN-packed step) instead: measured on
+# the 2-vCPU host, RAR-B at prefix 130 (benchmarks/bench_compiled_step.py), float32 at 16 rows
+# took 123 ms compiled against 76 ms eager, because max-autotune times each product with its
+# weight hot in cache and picks MKL's, which streams slower from memory (130 ms with ATEN only,
+# 87 ms with the C++ template only); at 2 rows compiled took 17 ms against 34. bf16 compiled is
+# faster at both (24 vs 35 ms at 2 rows, 39 vs 73 at 16).
+EAGER_FROM_ROWS = {torch.float32: 16}
 
 
 class CacheLists(NamedTuple):
@@ -73,6 +80,11 @@ class CompiledCpuStep:
         dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         self._compiled = torch.compile(_step, fullgraph=True, dynamic=False)
 
+    def compiles(self, live: int, capacity: int) -> bool:
+        """Whether a step of ``live`` rows (of a cache of ``capacity``) runs this program, or the
+        eager step (``EAGER_FROM_ROWS``)."""
+        return rows_for(live, capacity) < EAGER_FROM_ROWS.get(self.model.dtype, capacity + 1)
+
     def __call__(
         self, tokens: Tensor, modulation: Tensor, positions: Tensor, cache, longest: int, image_positions=None
     ) -> Tensor:
@@ -99,4 +111,4 @@ class CompiledCpuStep:
         return out[:n]
 
 
-__all__ = ["INDUCTOR_OPTIONS", "CacheLists", "CompiledCpuStep", "rows_for"]
+__all__ = ["EAGER_FROM_ROWS", "INDUCTOR_OPTIONS", "CacheLists", "CompiledCpuStep", "rows_for"]

@@ -40,7 +40,7 @@ from torch import Tensor
 from rargen.kv_cache import CacheAt, CacheWindow, KVCache, cache_mask
 from rargen.model import RAR
 from rargen.orders import raster_orders
-from rargen.sampling.compiled_cpu import CompiledCpuStep
+from rargen.sampling.compiled_cpu import EAGER_FROM_ROWS, CompiledCpuStep
 from rargen.sampling.cpu import is_packed, packed_for_cpu_decoding
 from rargen.sampling.prepared import kept_or_made
 
@@ -104,7 +104,8 @@ def prepare_for_decoding(
     ``bf16`` runs a bf16 model (weights, activations and cache; guidance in float32): convert the
     model with ``model.to(torch.bfloat16)`` first. ``compile`` compiles the step: on a CPU one
     Inductor program with frozen weights (``rargen.sampling.compiled_cpu``: compiled and
-    autotuned at the first step of each row bucket, minutes for RAR-B), elsewhere the fixed-shape
+    autotuned at the first step of each row bucket, minutes for RAR-B; float32 steps of 16 rows
+    or more run the eager oneDNN step, measured faster there), elsewhere the fixed-shape
     step (CUDA graphs on GPU; one graph per batch size). Otherwise, on a CPU, the Linear weights are
     prepacked for oneDNN (a view sharing every other parameter). ``quantize="int8"`` (CPU,
     float32) multiplies the per-step Linears with int8 weights (``rargen.sampling.int8``):
@@ -139,7 +140,10 @@ def prepare_for_decoding(
 
         def compiled() -> Decoder:
             step = CompiledCpuStep(model)
-            return Decoder(step.model, compiled=True, cpu_step=step)
+            # The eager parts (prefills, and the row buckets left to eager: EAGER_FROM_ROWS) run
+            # on the oneDNN-packed view where some bucket is left to eager.
+            eager = packed_for_cpu_decoding(model) if model.dtype in EAGER_FROM_ROWS else step.model
+            return Decoder(eager, compiled=True, cpu_step=step)
 
         return kept_or_made(model, "compiled", compiled, keep=lambda decoder: True)
 
@@ -454,7 +458,7 @@ class DecodeBatch:
                 self._labels_tensor = torch.tensor(self.labels, device=self.model.device)
             extra = () if image_positions is None else (image_positions,)  # raster: the same call as ever
             logits = self._step(self.model, tokens, self._labels_tensor, positions, self.cache, *extra)
-        elif self._cpu_step is not None:
+        elif self._cpu_step is not None and self._cpu_step.compiles(n, self.capacity):
             logits = self._cpu_step(
                 tokens, self._modulations(), positions, self.cache, max(self.positions), image_positions
             )
