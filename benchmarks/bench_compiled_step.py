@@ -9,9 +9,10 @@ oneDNN-packed view (``prepare_for_decoding``) and the compiled one
 ``--repeats``, with the time to compile (and autotune) the program. ``--fixed-cost`` adds the
 depth-24 dim-64 model (issue 30: the fixed cost per step, at most 2 ms). ``--attention`` times
 attention over the cache alone (all layers, the rows' exact prefix) as the eager step runs it
-(PyTorch's SDPA per layer) and compiled (the masked SDPA of the compiled step, one program over
-all layers), in GB/s of cache read against the streaming rate measured in the same rounds,
-beside a compiled reduction (scores and weighted sums as loops over k and v; float32 sums).
+(PyTorch's SDPA per layer), compiled as masked SDPA (one program over all layers), and compiled
+as the compiled step runs it (``rargen.model.attend_masked``: scores and weighted sums that
+Inductor fuses into loops over k and v), in GB/s of cache read against the streaming rate
+measured in the same rounds.
 ``--torchao`` times torchao's weight-only int8 compiled (optional: ``pip install torchao``).
 """
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from rargen.kv_cache import KVCache
-from rargen.model import RAR, ModelConfig
+from rargen.model import RAR, ModelConfig, attend_masked
 from rargen.sampling.compiled_cpu import INDUCTOR_OPTIONS
 from rargen.sampling.decoding import DecodeBatch, prepare_for_decoding
 
@@ -137,14 +138,11 @@ def attention(args) -> None:
             with torch._inductor.config.patch(INDUCTOR_OPTIONS), torch.no_grad():
                 program(q, cache.k, cache.v, mask)
 
-        def reduction(q, ks, vs, mask):  # scores and sums as reductions Inductor fuses into loops over k, v
-            out = []
-            for k, v in zip(ks, vs, strict=True):
-                keys, values = k[:, :, : mask.shape[-1]].float(), v[:, :, : mask.shape[-1]].float()
-                scores = (q.float() * keys).sum(-1, keepdim=True) * hd**-0.5  # (rows, H, length, 1)
-                scores = scores.masked_fill(~mask[:, 0, 0, :, None, None].transpose(1, 2), float("-inf"))
-                out.append((scores.softmax(2) * values).sum(2, keepdim=True).to(q.dtype))
-            return out
+        def reduction(q, ks, vs, mask):  # the compiled step's attention (rargen.model.attend_masked)
+            return [
+                attend_masked(q[:, :, 0], k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]], mask)
+                for k, v in zip(ks, vs, strict=True)
+            ]
 
         fused = torch.compile(reduction, fullgraph=True, dynamic=False)
 
@@ -155,10 +153,10 @@ def attention(args) -> None:
         with torch.no_grad():
             compiled()
             compiled_reduction()
-            reference = masked(q, cache.k, cache.v, mask)[0].float()
+            reference = masked(q, cache.k, cache.v, mask)[0][:, :, 0].float()
             got = fused(q, cache.k, cache.v, mask)[0].float()
             assert (got - reference).abs().max() < 0.05, (got - reference).abs().max()
-            paths = ("eager SDPA", "compiled (masked)", "compiled reduction")
+            paths = ("eager SDPA", "compiled (masked SDPA)", "compiled attend_masked")
             best, rates = dict.fromkeys(paths, float("inf")), []
             for _ in range(args.repeats):
                 rates.append(streaming_rate())
