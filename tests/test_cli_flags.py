@@ -187,7 +187,8 @@ def test_help_is_the_comment_beside_the_field() -> None:
     parsers = command_parsers(build_parser())
     helps = {(name, s): a.help for name, p in parsers.items() for a in p._actions for s in a.option_strings}
     assert helps["sample", "--top-k"] == "0 = off; default 0"  # SampleConfig.top_k's comment
-    assert helps["demo", "--steps"] == "optimizer steps; default 500"  # TrainConfig's, the demo's default
+    # TrainConfig's comment, the demo's default, and what --data does to it
+    assert helps["demo", "--steps"].startswith("optimizer steps; default 500 on the digits; with --data")
     assert helps["serve", "--max-rows"].startswith("images decoding at once in the shared batch")
     assert helps["ablate", "--budgets"] == "optimizer steps per run, e.g. 500,1500; default 1500"
     assert helps["train", "--betas"] == "default 0.9 0.96"

@@ -9,6 +9,7 @@ import io
 import pytest
 
 from rargen.cli.main import main
+from rargen.demo import own_data
 from rargen.train.recipe import SMALL_DATA_IMAGES, TrainConfig, small_data_recipe
 
 
@@ -108,3 +109,20 @@ def test_the_readme_sets_up_before_bare_commands_and_says_what_downloads():
     assert readme.count("## Set-up, and what downloads when") == 1
     for name in ("README.md", "docs/evaluation.md"):  # the first example downloads: never say it does not
         assert "never downloads anything" not in (root / name).read_text(), name
+
+
+def test_demo_help_names_the_digits_default_and_the_rule_of_data():
+    """--data chooses the budgets from the folder; the help showed only the digits values."""
+    text = help_of("demo")
+    grey, colour = own_data.TOKENIZER_STEPS[1], own_data.TOKENIZER_STEPS[3]
+    assert (
+        f"--tokenizer-steps TOKENIZER_STEPS tokenizer steps; default 300 on the digits; with --data, "
+        f"chosen from the folder: {grey} for grey images, {colour} for colour, a cap" in text
+    )
+    assert (
+        "--classifier-epochs CLASSIFIER_EPOCHS classifier epochs; default 12 on the digits; with --data"
+        in text
+    )
+    steps = "--steps STEPS optimizer steps; default 500 on the digits; with --data, chosen from the folder: "
+    assert f"{steps}{own_data.GENERATOR_EPOCHS} epochs" in text
+    assert "--eval-per-class EVAL_PER_CLASS generated images per class for the scores; default 50" in text

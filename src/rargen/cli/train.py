@@ -16,6 +16,7 @@ from rargen.data.preprocess import AUGMENTS
 from rargen.data.split import HELDOUT_FRACTION
 from rargen.data.store import pretokenize
 from rargen.demo.ablation import PER_RUN, StudyConfig, StudyData, parse_windows, run_study
+from rargen.demo.own_data import data_budget_help
 from rargen.demo.pipeline import DemoConfig, prepare_digits, run_demo
 from rargen.demo.stages import training_precision
 from rargen.demo.study_report import format_table
@@ -103,7 +104,9 @@ def _demo(parser: argparse.ArgumentParser) -> Callable:
     Trains a VQ tokenizer, a classifier (the scorer) and a small RAR on scikit-learn's digits (~10
     min) or --data (budgets from it), samples a labelled grid and writes report.md. Every DemoConfig
     field is a flag, TrainConfig's and SampleConfig's too (--steps, --cfg-scale, ...)."""
-    add_flags(parser, run_demo, precision={"help": training_precision.__doc__})
+    add_flags(
+        parser, run_demo, precision={"help": training_precision.__doc__}, **data_budget_help(DemoConfig())
+    )
     parser.add_argument(
         "--quick", action="store_true", help="a reduced budget (about a minute; a smoke test)"
     )

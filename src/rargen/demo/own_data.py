@@ -55,6 +55,44 @@ SECONDS_PER = {
 }
 
 
+def data_budget_help(digits: DemoConfig) -> dict[str, dict[str, str]]:
+    """``rargen demo --help`` for the budgets ``--data`` chooses (``choose_budgets``): the digits
+    default (``digits``, the demo's config) and the rule, where the help showed only the digits
+    value (300 tokenizer steps beside a colour folder's 1,200)."""
+    grey, colour = TOKENIZER_STEPS[1], TOKENIZER_STEPS[3]
+    rules = {
+        "tokenizer_steps": (
+            "tokenizer steps",
+            digits.tokenizer_steps,
+            f"{grey} for grey images, {colour} for colour, a cap (it stops when held-out PSNR levels off)",
+        ),
+        "classifier_epochs": (
+            "classifier epochs",
+            digits.classifier_epochs,
+            f"the epochs of {CLASSIFIER_STEPS} steps of 64 images, within {CLASSIFIER_EPOCHS}, a cap "
+            "(it stops on validation loss)",
+        ),
+        "steps": (
+            "optimizer steps",
+            digits.train.steps,
+            f"{GENERATOR_EPOCHS} epochs of the folder's training images, within {GENERATOR_STEPS}, "
+            "with the small-data recipe's batch and learning rate",
+        ),
+        "eval_per_class": (
+            "generated images per class for the scores",
+            digits.eval_per_class,
+            f"{EVAL_SAMPLES} over the classes, 2 to 50 each",
+        ),
+    }
+    return {
+        name: {
+            "help": f"{what}; default {value} on the digits; with --data, chosen from the folder: "
+            f"{rule} (a value other than {value} is kept)"
+        }
+        for name, (what, value, rule) in rules.items()
+    }
+
+
 @dataclass(frozen=True)
 class Budgets:
     """What the run will do, chosen from the data (``choose_budgets``) and recorded in budgets.json."""
@@ -450,4 +488,4 @@ def run_own_demo(
     return summary
 
 
-__all__ = ["Budgets", "choose_budgets", "run_own_demo", "split_source"]
+__all__ = ["Budgets", "choose_budgets", "data_budget_help", "run_own_demo", "split_source"]
