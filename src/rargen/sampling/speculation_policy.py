@@ -26,6 +26,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -106,10 +107,18 @@ def pass_cost(decoder: Decoder, rows: int, drafts: int) -> PassCost:
 
 def _bucket(rows: int, capacity: int) -> int:
     """The power of two (from 2) at or above ``rows``, at most ``capacity``."""
+    return next((bucket for bucket in _buckets(capacity) if bucket >= rows), capacity)
+
+
+def _buckets(last: int) -> Iterator[int]:
+    """The buckets from 2 (one guided sample: its cond and null rows) doubling up to ``last`` (a
+    bucket), the order in which a pass's costs grow."""
     bucket = 2
-    while bucket < rows and bucket < capacity:
+    while True:
+        yield min(bucket, last)
+        if bucket >= last:
+            return
         bucket *= 2
-    return min(bucket, capacity)
 
 
 def speculation_is_exact(decoder: Decoder) -> bool:
@@ -142,13 +151,11 @@ class SpeculationPolicy:
         kind at a bucket one of the other runs, so both times stay measured."""
         if not self.drafts or not speculation_is_exact(self.decoder):
             return False
-        target, bucket = _bucket(rows, capacity), 2  # 2: one guided sample, its cond and null rows
-        while True:
-            bucket = min(bucket, capacity)
+        target = _bucket(rows, capacity)
+        for bucket in _buckets(target):
             pays = self.ratio(bucket) < self.tokens_per_pass
-            if not pays or bucket >= target:
+            if not pays:
                 break
-            bucket *= 2
         if not pays:  # tokens per pass relax towards the prior while no pass runs
             self.tokens_per_pass += 0.02 * (PRIOR_TOKENS_PER_PASS - self.tokens_per_pass)
         if bucket == target:
@@ -170,12 +177,9 @@ class SpeculationPolicy:
         against 0.79 s with plain steps)."""
         if not self.drafts or not speculation_is_exact(self.decoder):
             return
-        bucket = 2
-        while True:
-            bucket = min(bucket, capacity)
-            if pass_cost(self.decoder, bucket, self.drafts).ratio >= self.drafts + 1 or bucket >= capacity:
+        for bucket in _buckets(capacity):
+            if pass_cost(self.decoder, bucket, self.drafts).ratio >= self.drafts + 1:
                 return
-            bucket *= 2
 
     def ratio(self, bucket: int) -> float:
         """A pass in plain steps at ``bucket`` rows: from the times recorded in use when both
