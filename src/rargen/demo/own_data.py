@@ -39,11 +39,13 @@ MAX_IMAGE_SIZE = 32  # larger images are downscaled: 8x8 codes keep the generato
 # Budget rules, from issue 27's colour folder (8 classes x 100 crops of 32x32): the tokenizer
 # reached 16.8 dB held-out PSNR at 300 steps and 24.6 dB at 1200; grey digits reach 34 dB at 300.
 TOKENIZER_STEPS = {1: 400, 3: 1200}  # by image channels
-CLASSIFIER_STEPS = 1000  # the cap, in optimizer steps of batch 64 (it stops when it levels off) ...
+CLASSIFIER_STEPS = 1000  # the cap, in optimizer steps (it stops when it levels off) ...
+CLASSIFIER_BATCH = 64  # ... of ClassifierTrainConfig's batch ...
 CLASSIFIER_EPOCHS = (30, 100)  # ... in the epochs those steps make, clamped
 GENERATOR_EPOCHS = 120  # passes over the training store ...
 GENERATOR_STEPS = (300, 1500)  # ... clamped to these optimizer steps (1200 for 640 images)
-EVAL_SAMPLES = 1000  # at most this many generated images are scored (50 per class at most)
+EVAL_SAMPLES = 1000  # at most this many generated images are scored ...
+EVAL_PER_CLASS = (2, 50)  # ... per class, clamped
 
 # Seconds per unit on the 2-core host of BENCHMARKS.md ("The demo"), at 2 threads, for 32x32
 # images, 64 tokens, batch 64: the expected time is these scaled by size and threads.
@@ -69,8 +71,8 @@ def data_budget_help(digits: DemoConfig) -> dict[str, dict[str, str]]:
         "classifier_epochs": (
             "classifier epochs",
             digits.classifier_epochs,
-            f"the epochs of {CLASSIFIER_STEPS} steps of 64 images, within {CLASSIFIER_EPOCHS}, a cap "
-            "(it stops on validation loss)",
+            f"the epochs of {CLASSIFIER_STEPS} steps of {CLASSIFIER_BATCH} images, within "
+            f"{CLASSIFIER_EPOCHS}, a cap (it stops on validation loss)",
         ),
         "steps": (
             "optimizer steps",
@@ -81,7 +83,7 @@ def data_budget_help(digits: DemoConfig) -> dict[str, dict[str, str]]:
         "eval_per_class": (
             "generated images per class for the scores",
             digits.eval_per_class,
-            f"{EVAL_SAMPLES} over the classes, 2 to 50 each",
+            f"{EVAL_SAMPLES} over the classes, {EVAL_PER_CLASS[0]} to {EVAL_PER_CLASS[1]} each",
         ),
     }
     return {
@@ -155,7 +157,8 @@ def choose_budgets(config: DemoConfig, split: SplitImages, image_size: int) -> B
         chosen.append(name)
         return value
 
-    epochs = min(max(round(CLASSIFIER_STEPS * 64 / num_train), CLASSIFIER_EPOCHS[0]), CLASSIFIER_EPOCHS[1])
+    epochs = round(CLASSIFIER_STEPS * CLASSIFIER_BATCH / num_train)
+    epochs = min(max(epochs, CLASSIFIER_EPOCHS[0]), CLASSIFIER_EPOCHS[1])
     recipe = small_data_recipe(num_train)
     steps = round(GENERATOR_EPOCHS * num_train / recipe["batch_size"])
     recipe |= {
@@ -176,7 +179,7 @@ def choose_budgets(config: DemoConfig, split: SplitImages, image_size: int) -> B
         config.train.checkpoint_every,
         default.train.checkpoint_every,
     )
-    per_class = max(2, min(50, EVAL_SAMPLES // max(1, classes)))
+    per_class = max(EVAL_PER_CLASS[0], min(EVAL_PER_CLASS[1], EVAL_SAMPLES // max(1, classes)))
     return Budgets(
         image_size=image_size,
         image_channels=channels,
